@@ -1,0 +1,124 @@
+"""Shared test helpers: small MiniCPM-SALA configs and randomly initialised reference models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from sala_sglang.config import MiniCPMSALAConfig
+
+S, L = "minicpm4", "lightning-attn"
+
+# Scaled-down InfLLM-v2 geometry: r = 2 windows per block, w = 4 local blocks, n_sel = 10 blocks,
+# so sparse attention equals dense up to 160 tokens and drops blocks beyond.
+TINY_SPARSE_CONFIG: dict[str, Any] = {
+    "kernel_size": 16,
+    "kernel_stride": 8,
+    "block_size": 16,
+    "window_size": 64,
+    "topk": 6,
+    "init_blocks": 1,
+    "use_nope": False,
+    "dense_len": 256,
+}
+
+
+def tiny_config(**overrides: Any) -> MiniCPMSALAConfig:
+    """Small config: hidden 64, 6 layers (first, last sparse), 8 q / 2 kv heads, lightning 4x16."""
+    fields: dict[str, Any] = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+        lightning_nh=4,
+        lightning_nkv=4,
+        lightning_head_dim=16,
+        mixer_types=[S, L, L, S, L, S],
+        sparse_config=dict(TINY_SPARSE_CONFIG),
+        dim_model_base=16,  # logit divisor 4
+        eos_token_id=[2],
+    )
+    fields.update(overrides)
+    if "mixer_types" not in overrides and fields["num_hidden_layers"] != 6:
+        n = fields["num_hidden_layers"]
+        fields["mixer_types"] = [S if i in (0, n - 1) else L for i in range(n)]
+    return MiniCPMSALAConfig(**fields)
+
+
+def random_state_dict(config: MiniCPMSALAConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Checkpoint-named random weights keeping activations O(1) and logits of order 1-10 (fp64)."""
+    from sala_sglang.reference import ReferenceModel
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in ReferenceModel(config).state_dict().items()}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            w = 1.0 + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        elif name == "model.embed_tokens.weight":
+            w = 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        elif name == "lm_head.weight":
+            w = torch.randn(shape, generator=gen, dtype=torch.float64)
+        else:
+            w = torch.randn(shape, generator=gen, dtype=torch.float64) / shape[1] ** 0.5
+        out[name] = w
+    return out
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, NaN-proof (a NaN anywhere gives inf)."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+@pytest.fixture
+def make_tiny_config() -> Callable[..., MiniCPMSALAConfig]:
+    return tiny_config
+
+
+@pytest.fixture
+def make_reference_model() -> Callable[..., Any]:
+    """Factory: (config=None, seed=0, dtype=float64, **model kwargs) -> ReferenceModel."""
+    from sala_sglang.reference import ReferenceModel
+
+    def make(
+        config: MiniCPMSALAConfig | None = None,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float64,
+        **kwargs: Any,
+    ) -> ReferenceModel:
+        config = config or tiny_config()
+        return ReferenceModel.from_state_dict(
+            config, random_state_dict(config, seed), dtype=dtype, **kwargs
+        )
+
+    return make
+
+
+@pytest.fixture
+def make_state_dict() -> Callable[[MiniCPMSALAConfig, int], dict[str, torch.Tensor]]:
+    """Factory: (config, seed) -> checkpoint-named random fp64 weights."""
+    return random_state_dict
+
+
+@pytest.fixture
+def relative_error() -> Callable[[torch.Tensor, torch.Tensor], float]:
+    return rel_err
+
+
+@pytest.fixture
+def single_thread():
+    """Small CPU ops run fastest on one thread (and do not fight other jobs on a 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
