@@ -1,0 +1,363 @@
+"""MiniCPM-SALA as an SGLang model: 8 sparse (InfLLM-v2) and 24 Lightning layers (SPEC section 2).
+
+The layers only project, normalise and gate; the attention itself (sparse or linear) runs in the
+`minicpm_flashinfer` backend, which SGLang's hybrid dispatcher picks per layer id.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from sglang.srt.distributed import tensor_model_parallel_all_reduce
+from sglang.srt.layers.activation import SiluAndMul
+from sglang.srt.layers.layernorm import RMSNorm
+from sglang.srt.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from sglang.srt.layers.logits_processor import LogitsProcessor, LogitsProcessorOutput
+from sglang.srt.layers.quantization.base_config import QuantizationConfig
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.layers.rotary_embedding import get_rope
+from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.model_loader.weight_utils import default_weight_loader
+from sglang.srt.runtime_context import get_parallel
+from sglang.srt.utils import add_prefix
+
+from sala_sglang.config import SPARSE_MIXER, MiniCPMSALAConfig
+
+
+class MiniCPMSALAMLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate x) * up x)."""
+
+    def __init__(
+        self, config: MiniCPMSALAConfig, quant_config: Optional[QuantizationConfig], prefix: str
+    ) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size,
+            [config.intermediate_size] * 2,
+            bias=False,
+            quant_config=quant_config,
+            prefix=add_prefix("gate_up_proj", prefix),
+        )
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size,
+            config.hidden_size,
+            bias=False,
+            quant_config=quant_config,
+            prefix=add_prefix("down_proj", prefix),
+        )
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        out, _ = self.down_proj(self.act_fn(gate_up))
+        return out
+
+
+class MiniCPMSALASparseAttention(nn.Module):
+    """InfLLM-v2 layer: NoPE GQA attention (dense or block-sparse, in the backend), sigmoid gate."""
+
+    def __init__(
+        self,
+        config: MiniCPMSALAConfig,
+        layer_id: int,
+        quant_config: Optional[QuantizationConfig],
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        tp_size = get_parallel().tp_size
+        self.head_dim = config.head_dim
+        _check_divisible("num_attention_heads", config.num_attention_heads, tp_size)
+        if not (
+            config.num_key_value_heads % tp_size == 0 or tp_size % config.num_key_value_heads == 0
+        ):
+            raise ValueError(
+                f"--tp-size {tp_size} cannot split num_key_value_heads = "
+                f"{config.num_key_value_heads}: use a tp size that divides it or is a multiple"
+            )
+        self.num_heads = config.num_attention_heads // tp_size
+        self.num_kv_heads = max(1, config.num_key_value_heads // tp_size)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            self.head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            bias=False,
+            quant_config=quant_config,
+            prefix=add_prefix("qkv_proj", prefix),
+        )
+        self.o_gate = ColumnParallelLinear(
+            config.hidden_size,
+            config.num_attention_heads * self.head_dim,
+            bias=False,
+            quant_config=quant_config,
+            prefix=add_prefix("o_gate", prefix),
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim,
+            config.hidden_size,
+            bias=False,
+            quant_config=quant_config,
+            prefix=add_prefix("o_proj", prefix),
+        )
+        self.attn = RadixAttention(
+            self.num_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            num_kv_heads=self.num_kv_heads,
+            layer_id=layer_id,
+            quant_config=quant_config,
+            prefix=add_prefix("attn", prefix),
+        )
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, forward_batch: ForwardBatch
+    ) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        attn = self.attn(q, k, v, forward_batch)
+        gate, _ = self.o_gate(hidden_states)
+        out, _ = self.o_proj(attn * torch.sigmoid(gate))
+        return out
+
+
+class MiniCPMSALALightningAttention(nn.Module):
+    """Lightning layer: q/k RMSNorm + RoPE, decayed linear recurrence (backend), norm, gate."""
+
+    def __init__(
+        self,
+        config: MiniCPMSALAConfig,
+        layer_id: int,
+        quant_config: Optional[QuantizationConfig],
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        self.tp_size = get_parallel().tp_size
+        _check_divisible("lightning_nh", config.lightning_nh, self.tp_size)
+        self.head_dim = config.lightning_head_dim
+        self.num_heads = config.lightning_nh // self.tp_size
+        self.inner_size = self.num_heads * self.head_dim
+        self.eps = config.rms_norm_eps
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            self.head_dim,
+            config.lightning_nh,
+            config.lightning_nkv,
+            bias=False,
+            quant_config=quant_config,
+            prefix=add_prefix("qkv_proj", prefix),
+        )
+        self.z_proj = ColumnParallelLinear(
+            config.hidden_size,
+            config.lightning_nh * self.head_dim,
+            bias=False,
+            quant_config=quant_config,
+            prefix=add_prefix("z_proj", prefix),
+        )
+        self.o_proj = RowParallelLinear(
+            config.lightning_nh * self.head_dim,
+            config.hidden_size,
+            bias=False,
+            quant_config=quant_config,
+            prefix=add_prefix("o_proj", prefix),
+        )
+        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        # One RMSNorm over all heads of the layer; each TP rank holds its heads' slice.
+        self.o_norm_weight = nn.Parameter(torch.ones(self.inner_size))
+        tp_rank = get_parallel().tp_rank
+        self.o_norm_weight.weight_loader = _slice_loader(tp_rank * self.inner_size, self.inner_size)
+        self.rotary_emb = get_rope(
+            self.head_dim,
+            rotary_dim=self.head_dim,
+            max_position=config.max_position_embeddings,
+            base=config.rope_theta,
+            is_neox_style=True,
+        )
+        self.attn = RadixAttention(
+            self.num_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            num_kv_heads=self.num_heads,
+            layer_id=layer_id,
+            quant_config=quant_config,
+            prefix=add_prefix("attn", prefix),
+        )
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, forward_batch: ForwardBatch
+    ) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.inner_size] * 3, dim=-1)
+        q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.inner_size)
+        k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.inner_size)
+        q, k = self.rotary_emb(positions, q, k)
+        o = self.attn(q, k, v, forward_batch)
+        o = self._output_norm(o.view(-1, self.inner_size))
+        z, _ = self.z_proj(hidden_states)
+        out, _ = self.o_proj(o * torch.sigmoid(z))
+        return out
+
+    def _output_norm(self, o: torch.Tensor) -> torch.Tensor:
+        of = o.float()
+        sq_sum = of.pow(2).sum(-1, keepdim=True)
+        if self.tp_size > 1:
+            sq_sum = tensor_model_parallel_all_reduce(sq_sum)
+        rms = torch.rsqrt(sq_sum / (self.inner_size * self.tp_size) + self.eps)
+        return (of * rms).to(o.dtype) * self.o_norm_weight
+
+
+class MiniCPMSALADecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config: MiniCPMSALAConfig,
+        layer_id: int,
+        quant_config: Optional[QuantizationConfig],
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        self.residual_scale = config.residual_scale
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        mixer_cls = (
+            MiniCPMSALASparseAttention
+            if config.mixer_types[layer_id] == SPARSE_MIXER
+            else MiniCPMSALALightningAttention
+        )
+        self.self_attn = mixer_cls(config, layer_id, quant_config, add_prefix("self_attn", prefix))
+        self.mlp = MiniCPMSALAMLP(config, quant_config, add_prefix("mlp", prefix))
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, forward_batch: ForwardBatch
+    ) -> torch.Tensor:
+        mixed = self.self_attn(positions, self.input_layernorm(hidden_states), forward_batch)
+        hidden_states = hidden_states + mixed * self.residual_scale
+        mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + mlp_out * self.residual_scale
+
+
+class MiniCPMSALAModel(nn.Module):
+    def __init__(
+        self, config: MiniCPMSALAConfig, quant_config: Optional[QuantizationConfig], prefix: str
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, prefix=add_prefix("embed_tokens", prefix)
+        )
+        self.layers = nn.ModuleList(
+            MiniCPMSALADecoderLayer(config, i, quant_config, add_prefix(f"layers.{i}", prefix))
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        forward_batch: ForwardBatch,
+        input_embeds: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        if input_embeds is None:
+            input_embeds = self.embed_tokens(input_ids)
+        hidden_states = input_embeds * self.config.scale_emb
+        for layer in self.layers:
+            hidden_states = layer(positions, hidden_states, forward_batch)
+        return self.norm(hidden_states)
+
+
+class MiniCPMSALAForCausalLM(nn.Module):
+    # Checkpoint names -> fused SGLang parameters.
+    stacked_params_mapping = (
+        (".qkv_proj", ".q_proj", "q"),
+        (".qkv_proj", ".k_proj", "k"),
+        (".qkv_proj", ".v_proj", "v"),
+        (".gate_up_proj", ".gate_proj", 0),
+        (".gate_up_proj", ".up_proj", 1),
+    )
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+
+    def __init__(
+        self,
+        config: MiniCPMSALAConfig,
+        quant_config: Optional[QuantizationConfig] = None,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.model = MiniCPMSALAModel(config, quant_config, add_prefix("model", prefix))
+        self.lm_head = ParallelLMHead(
+            config.vocab_size,
+            config.hidden_size,
+            quant_config=quant_config,
+            prefix=add_prefix("lm_head", prefix),
+        )
+        self.logits_processor = LogitsProcessor(config)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        forward_batch: ForwardBatch,
+        input_embeds: Optional[torch.Tensor] = None,
+        **kwargs,
+    ) -> LogitsProcessorOutput:
+        hidden_states = self.model(input_ids, positions, forward_batch, input_embeds)
+        hidden_states = hidden_states / self.config.logit_divisor
+        return self.logits_processor(input_ids, hidden_states, self.lm_head, forward_batch)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb." in name:
+                continue
+            name = name.replace(".self_attn.o_norm.weight", ".self_attn.o_norm_weight")
+            for fused, part, shard in self.stacked_params_mapping:
+                if part in name:
+                    target = name.replace(part, fused)
+                    param = params[target]
+                    param.weight_loader(param, tensor, shard)
+                    break
+            else:
+                if name not in params:
+                    raise KeyError(
+                        f"checkpoint tensor {name!r} matches no MiniCPM-SALA parameter; "
+                        "is this a MiniCPM-SALA checkpoint?"
+                    )
+                target = name
+                param = params[target]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(target)
+        return loaded
+
+
+def _check_divisible(field: str, value: int, tp_size: int) -> None:
+    if value % tp_size:
+        raise ValueError(
+            f"--tp-size {tp_size} does not divide {field} = {value}: choose a tp size that does"
+        )
+
+
+def _slice_loader(start: int, length: int):
+    def load(param: nn.Parameter, loaded: torch.Tensor) -> None:
+        param.data.copy_(loaded[start : start + length])
+
+    return load
+
+
+EntryClass = MiniCPMSALAForCausalLM

@@ -1,0 +1,105 @@
+"""Server options for MiniCPM-SALA: defaults it needs and options it cannot serve with.
+
+Runs before SGLang's own `ServerArgs.__post_init__` (a plugin hook), so a bad option fails at
+startup, in the launching process, with a message that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURE = "MiniCPMSALAForCausalLM"
+# The second name is what command lines written for OpenBMB's fork and upstream SGLang use.
+BACKEND_NAMES = ("minicpm_flashinfer", "minicpm_flashattn")
+
+
+class UnsupportedServerOption(ValueError):
+    """A server option MiniCPM-SALA cannot be served with."""
+
+
+def is_minicpm_sala(model_path: str | None) -> bool:
+    """Whether `model_path` is a local MiniCPM-SALA checkpoint directory."""
+    if not model_path:
+        return False
+    path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return raw.get("model_type") == "minicpm_sala" or ARCHITECTURE in (
+        raw.get("architectures") or []
+    )
+
+
+def adjust_server_args(args: Any) -> None:
+    """Fill MiniCPM-SALA's required defaults and reject unsupported options, in place."""
+    if not is_minicpm_sala(getattr(args, "model_path", None)):
+        return
+    _reject_unsupported(args)
+    if args.attention_backend is None:
+        args.attention_backend = BACKEND_NAMES[0]
+        logger.info("MiniCPM-SALA: using --attention-backend %s", BACKEND_NAMES[0])
+    elif args.attention_backend not in BACKEND_NAMES:
+        raise UnsupportedServerOption(
+            f"--attention-backend {args.attention_backend}: MiniCPM-SALA's sparse layers need "
+            f"--attention-backend {BACKEND_NAMES[0]} (or its alias {BACKEND_NAMES[1]})"
+        )
+    if not args.disable_radix_cache:
+        # The recurrent state of the linear layers and the compressed keys of the sparse layers
+        # cannot be restored from a shared prefix, so a prefix hit would compute wrong tokens.
+        args.disable_radix_cache = True
+        logger.warning(
+            "MiniCPM-SALA: prefix (radix) caching is not supported; serving with "
+            "--disable-radix-cache"
+        )
+
+
+def _reject_unsupported(args: Any) -> None:
+    page_size = getattr(args, "page_size", None)
+    if page_size not in (None, 1):
+        raise UnsupportedServerOption(
+            f"--page-size {page_size}: MiniCPM-SALA serves with page size 1 only "
+            "(its sparse kernels address the KV cache token by token); drop --page-size"
+        )
+    if getattr(args, "speculative_algorithm", None):
+        raise UnsupportedServerOption(
+            f"--speculative-algorithm {args.speculative_algorithm}: MiniCPM-SALA has no draft "
+            "model and its recurrent state cannot roll back rejected tokens; drop it"
+        )
+    kv_dtype = str(getattr(args, "kv_cache_dtype", "auto"))
+    if kv_dtype not in ("auto", "bfloat16", "bf16", "float16", "fp16"):
+        raise UnsupportedServerOption(
+            f"--kv-cache-dtype {kv_dtype}: MiniCPM-SALA keeps its KV cache in the model dtype "
+            "(no FP8 on the sparse path); drop --kv-cache-dtype"
+        )
+    if getattr(args, "enable_dp_attention", False):
+        raise UnsupportedServerOption(
+            "--enable-dp-attention: not supported for MiniCPM-SALA; use --dp-size with the router"
+        )
+    pp_size = getattr(args, "pp_size", 1) or 1
+    if pp_size > 1:
+        raise UnsupportedServerOption(
+            f"--pp-size {pp_size}: MiniCPM-SALA does not support pipeline parallelism; use --tp-size"
+        )
+    tp_size = getattr(args, "tp_size", 1) or 1
+    config = _read_config(args.model_path)
+    heads, kv_heads = config.get("num_attention_heads", 32), config.get("num_key_value_heads", 2)
+    lightning_heads = config.get("lightning_nh", 32)
+    if heads % tp_size or lightning_heads % tp_size or (kv_heads % tp_size and tp_size % kv_heads):
+        raise UnsupportedServerOption(
+            f"--tp-size {tp_size}: it must divide num_attention_heads ({heads}) and lightning_nh "
+            f"({lightning_heads}) and divide or be a multiple of num_key_value_heads ({kv_heads})"
+        )
+
+
+def _read_config(model_path: str) -> dict:
+    with open(os.path.join(model_path, "config.json")) as f:
+        return json.load(f)
