@@ -1,0 +1,1 @@
+"""The `minicpm_flashinfer` attention backend: sparse-layer side and lightning side."""

@@ -1,0 +1,99 @@
+"""Linear side of the hybrid backend: the 24 Lightning layers (SPEC 2.1).
+
+SGLang's `HybridLinearAttnBackend` routes every layer that is not a sparse layer here (we register
+this class through `register_linear_attn_model`). The per-request state lives in SGLang's
+`MambaPool` as `temporal[slot, head, key, value]` (fp32 by default); SGLang zeroes a slot when a
+request first gets it, and the kernels additionally start from zero when a request has no prefix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang.srt.layers.attention.hybrid_linear_attn_backend import MambaAttnBackendBase
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.runtime_context import get_parallel
+
+from sala_sglang.ops.lightning import lightning_decode, lightning_prefill
+from sala_sglang.reference.lightning import lightning_slopes
+
+
+class LightningBackend(MambaAttnBackendBase):
+    """Chunked varlen prefill and a fused decode step over the state pool, in place."""
+
+    def __init__(self, model_runner) -> None:
+        super().__init__(model_runner)
+        if self.topk > 1 or model_runner.server_args.speculative_algorithm:
+            raise NotImplementedError(
+                "MiniCPM-SALA does not support speculative decoding; drop --speculative-*"
+            )
+        config = model_runner.model_config.hf_config
+        tp_size, tp_rank = get_parallel().attn_tp_size, get_parallel().attn_tp_rank
+        heads = config.lightning_nh // tp_size
+        # Heads are split contiguously across TP ranks, so each rank takes its slice of slopes.
+        self.slopes = (
+            lightning_slopes(config.lightning_nh)[tp_rank * heads : (tp_rank + 1) * heads]
+            .to(torch.float32)
+            .to(self.device)
+        )
+        self.num_heads = heads
+        self.head_dim = config.lightning_head_dim
+        self.scale = self.head_dim**-0.5
+        self.has_initial_state: torch.Tensor | None = None
+
+    def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
+        super().init_forward_metadata(forward_batch)
+        if forward_batch.forward_mode.is_extend():
+            self.has_initial_state = (forward_batch.extend_prefix_lens > 0).to(torch.int32)
+
+    def _state(self, layer: RadixAttention) -> torch.Tensor:
+        return self.req_to_token_pool.mamba2_layer_cache(layer.layer_id).temporal
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(-1, self.num_heads, self.head_dim)
+
+    def forward_extend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        forward_batch: ForwardBatch,
+        save_kv_cache: bool = True,
+        **kwargs,
+    ) -> torch.Tensor:
+        meta = self.forward_metadata
+        out = lightning_prefill(
+            self._heads(q),
+            self._heads(k),
+            self._heads(v),
+            self._state(layer),
+            meta.mamba_cache_indices,
+            meta.query_start_loc,
+            self.has_initial_state,
+            self.slopes,
+            self.scale,
+        )
+        return out.view(-1, self.num_heads * self.head_dim)
+
+    def forward_decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        forward_batch: ForwardBatch,
+        save_kv_cache: bool = True,
+        **kwargs,
+    ) -> torch.Tensor:
+        out = lightning_decode(
+            self._heads(q),
+            self._heads(k),
+            self._heads(v),
+            self._state(layer),
+            self.forward_metadata.mamba_cache_indices,
+            self.slopes,
+            self.scale,
+        )
+        return out.view(-1, self.num_heads * self.head_dim)
