@@ -105,7 +105,11 @@ def main() -> None:
             results.append(row)
     finally:
         server.stop()
-        log_tail = server.tail(4000)
+        log_text = server.tail(10**8)
+    memory_lines = [
+        line for line in log_text.splitlines()
+        if "MiniCPM-SALA memory" in line or "max_total_num_tokens" in line
+    ]
     record = {
         "benchmark": "serve_latency",
         "tag": args.tag,
@@ -117,7 +121,7 @@ def main() -> None:
         "model": "MiniCPM-SALA released config, random weights (--load-format dummy)",
         "startup_s": round(startup_s, 1),
         "results": results,
-        "server_log_tail": log_tail.splitlines()[-40:],
+        "server_memory_log": memory_lines,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.tag}.json"

@@ -97,9 +97,9 @@ class Server:
 def served_vs_reference(reference: Any, prompt: list[int], result: dict) -> dict:
     """Compare one served greedy generation with the reference, teacher-forced (SPEC section 4).
 
-    Returns the worst logprob error, the number of positions where the served choice differs
-    from the reference's argmax although the reference's top-1/top-2 margin is >= 0.1, and the
-    count of positions checked.
+    Returns the worst and mean logprob errors, the number of positions where the
+    served choice differs from the reference's argmax although the reference's top-1/top-2
+    margin is >= 0.1, and the count of positions checked.
     """
     import torch
 
@@ -112,13 +112,19 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict) -> dict
     # Served entry j (j >= 1) scores token j given tokens < j: reference row j - 1.
     served = [e for e in meta["input_token_logprobs"][1:]] + list(meta["output_token_logprobs"])
     served_top = [e for e in meta["input_top_logprobs"][1:]] + list(meta["output_top_logprobs"])
-    worst, flips = 0.0, 0
+    errors, flips = [], 0
     for j, (entry, top) in enumerate(zip(served, served_top), start=1):
         lp, token = entry[0], entry[1]
         assert token == sequence[j]
         row = j - 1
-        worst = max(worst, abs(lp - float(logprobs[row, token])))
+        errors.append(abs(lp - float(logprobs[row, token])))
         confident = float(top2[row, 0] - top2[row, 1]) >= 0.1
         if confident and top[0][1] != int(logits[row].argmax()):
             flips += 1
-    return {"max_logprob_err": worst, "confident_flips": flips, "positions": len(served)}
+    errs = torch.tensor(errors, dtype=torch.float64)
+    return {
+        "max_logprob_err": float(errs.max()),
+        "mean_logprob_err": float(errs.mean()),
+        "confident_flips": flips,
+        "positions": len(served),
+    }
