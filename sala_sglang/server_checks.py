@@ -63,11 +63,16 @@ def adjust_server_args(args: Any) -> None:
 
 
 def _reject_unsupported(args: Any) -> None:
+    block_size = _read_config(args.model_path).get("sparse_config", {}).get("block_size", 64)
     page_size = getattr(args, "page_size", None)
-    if page_size not in (None, 1):
+    if page_size is None:
+        # A KV page is one InfLLM-v2 block: blocks are gathered whole and their compressed keys
+        # live beside their page.
+        args.page_size = block_size
+    elif page_size != block_size:
         raise UnsupportedServerOption(
-            f"--page-size {page_size}: MiniCPM-SALA serves with page size 1 only "
-            "(its sparse kernels address the KV cache token by token); drop --page-size"
+            f"--page-size {page_size}: MiniCPM-SALA pages its KV cache by sparse_config.block_size "
+            f"= {block_size}; drop --page-size or set it to {block_size}"
         )
     if getattr(args, "speculative_algorithm", None):
         raise UnsupportedServerOption(

@@ -94,37 +94,79 @@ class Server:
         return r.json()
 
 
-def served_vs_reference(reference: Any, prompt: list[int], result: dict) -> dict:
+LOGPROB_TOL = 5e-2
+
+
+def _reference_logprobs(reference: Any, sequence: list[int], prompt_len: int,
+                        q_noise: float = 0.0, seed: int = 0):
+    """Reference log-probabilities [len, vocab]; with q_noise, the stage-1 queries and the
+    compressed keys of every sparse layer are scaled by (1 + q_noise * N(0, 1)) to see how
+    rounding-sized changes move block selection (the tie structure of shared windows is kept)."""
+    import torch
+
+    from sala_sglang.reference import sparse
+
+    original = sparse.block_scores
+    gen = torch.Generator().manual_seed(seed)
+
+    def noisy(q, k1, positions, cfg):
+        q = q * (1 + q_noise * torch.randn(q.shape, generator=gen, dtype=q.dtype))
+        k1 = k1 * (1 + q_noise * torch.randn(k1.shape, generator=gen, dtype=k1.dtype))
+        return original(q, k1, positions, cfg)
+
+    if q_noise:
+        sparse.block_scores = noisy
+    try:
+        logits = reference.forward(sequence, reference.new_cache(prompt_len=prompt_len))
+    finally:
+        sparse.block_scores = original
+    return logits.double(), torch.log_softmax(logits.double(), dim=-1)
+
+
+def served_vs_reference(reference: Any, prompt: list[int], result: dict,
+                        q_noise: float = 1e-3, trials: int = 16) -> dict:
     """Compare one served greedy generation with the reference, teacher-forced (SPEC section 4).
 
-    Returns the worst and mean logprob errors, the number of positions where the
-    served choice differs from the reference's argmax although the reference's top-1/top-2
-    margin is >= 0.1, and the count of positions checked.
+    Block selection is discrete (SPEC section 4 tests it with a score tolerance), so near ties
+    between blocks can select differently under fp16/bf16 rounding. A position that misses
+    LOGPROB_TOL (or flips a confident token) is excused only where the reference itself moves
+    by more than LOGPROB_TOL / 2 when its stage-1 queries get rounding-sized noise (q_noise);
+    excused positions are counted ("selection_excused") and left out of the maxima.
+    Returns the worst and mean logprob errors, the number of confident token flips (reference
+    top-1/top-2 margin >= 0.1 but a different served choice), and the count of positions.
     """
     import torch
 
     meta = result["meta_info"]
-    output = list(result["output_ids"])
-    sequence = prompt + output
-    logits = reference.forward(sequence, reference.new_cache(prompt_len=len(prompt)))
-    logprobs = torch.log_softmax(logits.double(), dim=-1)
-    top2 = logits.double().topk(2, dim=-1).values
+    sequence = prompt + list(result["output_ids"])
+    logits, logprobs = _reference_logprobs(reference, sequence, len(prompt))
+    top2 = logits.topk(2, dim=-1).values
     # Served entry j (j >= 1) scores token j given tokens < j: reference row j - 1.
     served = [e for e in meta["input_token_logprobs"][1:]] + list(meta["output_token_logprobs"])
     served_top = [e for e in meta["input_top_logprobs"][1:]] + list(meta["output_top_logprobs"])
-    errors, flips = [], 0
-    for j, (entry, top) in enumerate(zip(served, served_top), start=1):
-        lp, token = entry[0], entry[1]
-        assert token == sequence[j]
-        row = j - 1
-        errors.append(abs(lp - float(logprobs[row, token])))
-        confident = float(top2[row, 0] - top2[row, 1]) >= 0.1
-        if confident and top[0][1] != int(logits[row].argmax()):
-            flips += 1
-    errs = torch.tensor(errors, dtype=torch.float64)
+    rows = torch.arange(len(served))
+    tokens = torch.tensor(sequence[1:])
+    assert [e[1] for e in served] == sequence[1:]
+    err = (torch.tensor([e[0] for e in served], dtype=torch.float64)
+           - logprobs[rows, tokens]).abs()
+    confident = (top2[rows, 0] - top2[rows, 1]) >= 0.1
+    flip = confident & (torch.tensor([t[0][1] for t in served_top]) != logits[rows].argmax(-1))
+    bad = (err > LOGPROB_TOL) | flip
+    excused = torch.zeros_like(bad)
+    if bad.any():
+        spread = torch.zeros_like(err)
+        for seed in range(trials):
+            _, noisy = _reference_logprobs(reference, sequence, len(prompt), q_noise, seed)
+            spread = torch.maximum(spread, (noisy[rows, tokens] - logprobs[rows, tokens]).abs())
+        excused = bad & (spread > LOGPROB_TOL / 2)
+    kept = ~excused
+    worst = (err * kept).topk(min(3, len(served))).indices.tolist()
     return {
-        "max_logprob_err": float(errs.max()),
-        "mean_logprob_err": float(errs.mean()),
-        "confident_flips": flips,
+        "worst_rows": [(r, round(float(err[r]), 4), r >= len(prompt) - 1) for r in worst],
+        "max_logprob_err": float(err[kept].max()),
+        "mean_logprob_err": float(err[kept].mean()),
+        "confident_flips": int((flip & kept).sum()),
         "positions": len(served),
+        "selection_excused": int(excused.sum()),
+        "excused_worst_err": float(err[excused].max()) if excused.any() else 0.0,
     }

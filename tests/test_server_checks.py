@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -44,10 +45,16 @@ def test_our_backend_is_the_default(tiny_dir: Path) -> None:
     assert server_args(tiny_dir).attention_backend == "minicpm_flashinfer"
 
 
+def test_kv_pages_are_sparse_blocks(tiny_dir: Path) -> None:
+    block_size = json.loads((tiny_dir / "config.json").read_text())["sparse_config"]["block_size"]
+    assert server_args(tiny_dir).page_size == block_size
+    assert server_args(tiny_dir, "--page-size", str(block_size)).page_size == block_size
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--page-size", "16"], "--page-size 16"),
+        (["--page-size", "1"], "--page-size 1"),
         (["--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
         (["--speculative-algorithm", "EAGLE"], "--speculative-algorithm EAGLE"),
         (["--tp-size", "3"], "--tp-size 3"),

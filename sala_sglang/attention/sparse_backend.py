@@ -1,49 +1,254 @@
-"""Sparse-layer side of the hybrid backend: the 8 InfLLM-v2 layers and their KV cache.
+"""Sparse-layer side of the hybrid backend: the InfLLM-v2 layers, their KV cache and their
+compressed-key cache (SPEC 2.2).
 
 SGLang's `HybridLinearAttnBackend` routes the sparse layers (the config's
-`full_attention_layer_ids`) here. Dense causal GQA attention over SGLang's paged KV cache runs in
-SGLang's Triton attention kernels; InfLLM-v2 block selection builds on top of this class.
+`full_attention_layer_ids`) here. The KV pool is paged with page size = block_size, so a block is
+a page and the compressed keys K1/K2 of a block live in buffers indexed by that page: they are
+allocated, freed and reused together with the KV cache (see `sala_sglang.ops.sparse`).
+
+Per forward, `init_forward_metadata_in_graph` builds per-token metadata once (request slot,
+position, mode) with device ops only, so decode runs under CUDA graphs with no host sync; every
+sparse layer reuses it. Mode switch (SPEC, DECIDED): a token at position p of a request whose
+prompt has P tokens is sparse iff max(P, p + 1) >= dense_len, with max(P, seq_len) taken from
+SGLang's `orig_seq_lens`. Tokens below n_sel * block_size attend to every block either way
+(identical result), so they skip selection.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 
-from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+import torch
+
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.runtime_context import get_parallel
+
+from sala_sglang.ops.sparse import block_sparse_attention, compress_new_windows, select_blocks
+from sala_sglang.plugin import dense_as_sparse
 
 logger = logging.getLogger(__name__)
 
+# Bytes of selection scratch (window probabilities + block keys) one prefill slice may use.
+SELECTION_SCRATCH_BYTES = 512 << 20
+DECODE_SPLITS = 8
 
-class SparseLayerBackend(TritonAttnBackend):
-    """Attention of the sparse layers over the KV cache of those layers only."""
+
+@dataclass
+class TokenMetadata:
+    """Per-token view of one forward, shared by every sparse layer."""
+
+    token_req: torch.Tensor  # [T] int32 row of req_to_token
+    token_pos: torch.Tensor  # [T] int32 absolute position
+    token_sparse: torch.Tensor  # [T] int32: 1 = attend to the selected blocks
+    req_slots: torch.Tensor  # [B] int32
+    old_lens: torch.Tensor  # [B] keys cached before this forward
+    new_lens: torch.Tensor  # [B] keys cached after it
+    max_new_tokens: int  # bound on new keys per request (grid sizes)
+    select: bool  # whether any token can need selection
+    width: int  # blocks of the longest sequence (selection width)
+
+
+class SparseLayerBackend(AttentionBackend):
+    """Dense and InfLLM-v2 sparse attention of the sparse layers over SGLang's paged KV cache."""
+
+    needs_cpu_seq_lens = False
 
     def __init__(self, model_runner) -> None:
-        super().__init__(model_runner)
-        _log_memory_split(model_runner)
+        super().__init__()
+        config = model_runner.model_config.hf_config
+        self.sparse = config.sparse
+        self.device = model_runner.device
+        self.token_to_kv_pool = model_runner.token_to_kv_pool
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.max_context_len = model_runner.model_config.context_len
+        self.page_size = model_runner.server_args.page_size
+        if self.page_size != self.sparse.block_size:
+            raise ValueError(
+                f"--page-size {self.page_size}: MiniCPM-SALA's sparse layers need the page size "
+                f"to equal sparse_config.block_size = {self.sparse.block_size}"
+            )
+        self.dense_len = 0 if dense_as_sparse(model_runner.server_args) else self.sparse.dense_len
+        self.num_heads = config.num_attention_heads // get_parallel().attn_tp_size
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.max_blocks = math.ceil(self.max_context_len / self.sparse.block_size)
+        self.k1, self.k2 = self._allocate_compressed_keys(config)
+        self.meta: TokenMetadata | None = None
+        _log_memory_split(model_runner, self)
+
+    def _allocate_compressed_keys(self, config) -> tuple[dict, dict]:
+        k_buffer = self.token_to_kv_pool.get_key_buffer(config.sparse_layer_ids[0])
+        pages = k_buffer.shape[0] // self.sparse.block_size
+        groups, dim, dtype = k_buffer.shape[1], k_buffer.shape[2], k_buffer.dtype
+
+        def per_page(stride: int) -> int:
+            return math.ceil(self.sparse.block_size / stride)
+
+        k1 = {
+            i: torch.zeros(pages, per_page(self.sparse.kernel_stride), groups, dim,
+                           dtype=dtype, device=self.device)
+            for i in config.sparse_layer_ids
+        }
+        k2 = {
+            i: torch.zeros(pages, per_page(self.sparse.k2_kernel_stride), groups, dim,
+                           dtype=dtype, device=self.device)
+            for i in config.sparse_layer_ids
+        }
+        return k1, k2
+
+    def compressed_key_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k1.values(), *self.k2.values()))
+
+    # ---- metadata ------------------------------------------------------------------------------
+    def init_forward_metadata_out_graph(self, forward_batch: ForwardBatch, in_capture: bool = False):
+        pass  # everything is derived on the device in _in_graph
+
+    def init_forward_metadata_in_graph(self, forward_batch: ForwardBatch) -> None:
+        mode = forward_batch.forward_mode
+        if mode.is_decode_or_idle():
+            self.meta = self._decode_metadata(forward_batch)
+        elif mode.is_extend():
+            self.meta = self._extend_metadata(forward_batch)
+        else:
+            raise NotImplementedError(f"MiniCPM-SALA: forward mode {mode} is not supported")
+
+    def _is_sparse(self, prompt_or_len: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        longest = torch.maximum(prompt_or_len, pos + 1)
+        return ((longest >= self.dense_len) & (pos >= self.sparse.max_sparse_keys)).to(torch.int32)
+
+    def _decode_metadata(self, fb: ForwardBatch) -> TokenMetadata:
+        seq_lens = fb.seq_lens.to(torch.int32)
+        pos = seq_lens - 1
+        req = fb.req_pool_indices.to(torch.int32)
+        return TokenMetadata(
+            token_req=req,
+            token_pos=pos,
+            token_sparse=self._is_sparse(seq_lens, pos),
+            req_slots=req,
+            old_lens=pos,
+            new_lens=seq_lens,
+            max_new_tokens=1,
+            select=True,  # static shapes under CUDA graphs
+            width=self.max_blocks,
+        )
+
+    def _extend_metadata(self, fb: ForwardBatch) -> TokenMetadata:
+        tokens = int(fb.extend_num_tokens)
+        req = fb.req_pool_indices.to(torch.int32)
+        token_req = torch.repeat_interleave(req, fb.extend_seq_lens, output_size=tokens)
+        pos = fb.positions.to(torch.int32)
+        orig = fb.orig_seq_lens if fb.orig_seq_lens is not None else fb.seq_lens
+        token_orig = torch.repeat_interleave(
+            orig.to(torch.int32), fb.extend_seq_lens, output_size=tokens
+        )
+        longest = max(
+            p + n for p, n in zip(fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)
+        )
+        return TokenMetadata(
+            token_req=token_req,
+            token_pos=pos,
+            token_sparse=self._is_sparse(token_orig, pos),
+            req_slots=req,
+            old_lens=fb.extend_prefix_lens.to(torch.int32),
+            new_lens=fb.seq_lens.to(torch.int32),
+            max_new_tokens=max(fb.extend_seq_lens_cpu),
+            select=longest > self.sparse.max_sparse_keys,
+            width=math.ceil(longest / self.sparse.block_size),
+        )
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
+        pass  # metadata is recomputed inside the graph from SGLang's static inputs
+
+    def get_cuda_graph_seq_len_fill_value(self) -> int:
+        return 1
+
+    # ---- layers --------------------------------------------------------------------------------
+    def _compress(self, layer_id: int, k_buffer: torch.Tensor, meta: TokenMetadata) -> None:
+        sp = self.sparse
+        rt = self.req_to_token_pool.req_to_token
+        for out, size, stride in (
+            (self.k1[layer_id], sp.kernel_size, sp.kernel_stride),
+            (self.k2[layer_id], sp.k2_kernel_size, sp.k2_kernel_stride),
+        ):
+            compress_new_windows(
+                k_buffer, out, rt, meta.req_slots, meta.old_lens, meta.new_lens, size, stride,
+                sp.block_size, max_new_windows=meta.max_new_tokens // stride + 2,
+            )
+
+    def _select(self, layer_id: int, q: torch.Tensor, meta: TokenMetadata, splits: int) -> torch.Tensor:
+        sp = self.sparse
+        tokens = q.shape[0]
+        if not meta.select:
+            return torch.full((tokens, 1, 1), -1, dtype=torch.int32, device=q.device)
+        groups = self.k1[layer_id].shape[2]
+        ratio = sp.block_size // sp.kernel_stride
+        per_token = groups * meta.width * (4 * ratio + 8)
+        rows = max(1, SELECTION_SCRATCH_BYTES // per_token)
+        pieces = [
+            select_blocks(
+                q[s : s + rows], self.k1[layer_id], self.req_to_token_pool.req_to_token,
+                meta.token_req[s : s + rows], meta.token_pos[s : s + rows],
+                sp.kernel_size, sp.kernel_stride, sp.block_size, sp.init_blocks,
+                sp.local_blocks, sp.num_selected_blocks, meta.width, self.scale, splits,
+            )
+            for s in range(0, tokens, rows)
+        ]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _attend(
+        self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache: bool,
+        splits: int,
+    ) -> torch.Tensor:
+        if save_kv_cache:
+            self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        meta = self.meta
+        k_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_buffer = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        self._compress(layer.layer_id, k_buffer, meta)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        selected = self._select(layer.layer_id, q, meta, splits)
+        out = block_sparse_attention(
+            q, k_buffer, v_buffer, self.req_to_token_pool.req_to_token, meta.token_req,
+            meta.token_pos, meta.token_sparse, selected, self.sparse.block_size, self.scale,
+            num_splits=splits,
+        )
+        return out.reshape(-1, self.num_heads * self.head_dim)
+
+    def forward_extend(self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch,
+                       save_kv_cache: bool = True, **kwargs) -> torch.Tensor:
+        return self._attend(q, k, v, layer, forward_batch, save_kv_cache, splits=1)
+
+    def forward_decode(self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch,
+                       save_kv_cache: bool = True, **kwargs) -> torch.Tensor:
+        return self._attend(q, k, v, layer, forward_batch, save_kv_cache, splits=DECODE_SPLITS)
 
 
-def _log_memory_split(runner) -> None:
+def _log_memory_split(runner, backend: SparseLayerBackend) -> None:
     config = runner.model_config.hf_config
     kv_pool = runner.token_to_kv_pool
-    req_pool = runner.req_to_token_pool
+    mamba_pool = runner.req_to_token_pool.mamba_pool
     kv_heads = runner.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
     kv_bytes_per_token = (
         2 * len(config.sparse_layer_ids) * kv_heads * config.head_dim * kv_pool.dtype.itemsize
     )
-    mamba_pool = req_pool.mamba_pool
     state_bytes = config.mamba2_cache_params.mamba_cache_per_req
     logger.info(
         "MiniCPM-SALA memory: KV %d B/token for %d sparse layers, %d tokens (%.2f GiB); "
-        "recurrent state %.1f MiB/request for %d linear layers, %d state slots (%.2f GiB); "
-        "max concurrent requests %d",
+        "compressed keys K1/K2 %.2f GiB; recurrent state %.1f MiB/request for %d linear "
+        "layers, %d state slots (%.2f GiB); max concurrent requests %d; dense_len %d",
         kv_bytes_per_token,
         len(config.sparse_layer_ids),
         kv_pool.size,
         kv_bytes_per_token * kv_pool.size / 2**30,
+        backend.compressed_key_bytes() / 2**30,
         state_bytes / 2**20,
         len(config.linear_layer_ids),
         mamba_pool.size,
         state_bytes * mamba_pool.size / 2**30,
-        min(req_pool.size, mamba_pool.size),
+        min(runner.req_to_token_pool.size, mamba_pool.size),
+        backend.dense_len,
     )
