@@ -6,14 +6,13 @@ tests repeat the comparison in bf16 on real hardware.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 pytest.importorskip("triton")
+
+from triton_interpreter import run_interpreted  # noqa: E402
 
 SCRIPT = textwrap.dedent(
     """
@@ -58,12 +57,5 @@ SCRIPT = textwrap.dedent(
 
 
 def test_interpreted_kernels_match_the_recurrence() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
+    last_line = run_interpreted(SCRIPT)
+    assert float(last_line) < 1e-5

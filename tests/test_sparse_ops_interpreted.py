@@ -6,14 +6,13 @@ A paged KV cache with shuffled pages, two requests, compressed keys written in t
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 pytest.importorskip("triton")
+
+from triton_interpreter import run_interpreted  # noqa: E402
 
 SCRIPT = textwrap.dedent(
     """
@@ -84,15 +83,8 @@ SCRIPT = textwrap.dedent(
 def test_interpreted_sparse_kernels_match_the_reference() -> None:
     import json
 
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    last_line = run_interpreted(SCRIPT)
+    result = json.loads(last_line)
     assert result["compress_err"] < 1e-5, result
     assert result["selection_equal"], result
     assert result["sparse_err"] < 1e-5 and result["dense_err"] < 1e-5, result
