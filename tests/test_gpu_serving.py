@@ -39,7 +39,8 @@ FP16_Q_NOISE = 1e-3
 BF16_Q_NOISE = 8e-3
 BF16_MEAN_LOGPROB_ERR = 0.02
 SHORT_AND_LONG = [40, 250, 300, 700]
-CONCURRENT = [5, 64, 65, 131, 257, 520, 777, 1000]
+CONCURRENT = [5, 33, 64, 65, 100, 131, 200, 257]
+CONCURRENT_LONG = [250, 300, 520, 777, 1000, 64, 131, 700]  # several drop blocks
 NEW_TOKENS = 12
 
 COMMON = ["--chunked-prefill-size", str(CHUNK), "--max-running-requests", "8"]
@@ -115,13 +116,21 @@ def test_single_request_matches_reference(server, reference, length: int) -> Non
     _check(server, reference, prompt, server.generate(prompt, NEW_TOKENS))
 
 
-def test_concurrent_requests_of_different_lengths_match_reference(server, reference) -> None:
-    rng = random.Random(7)
-    prompts = [_prompt(rng, n, reference.config.vocab_size) for n in CONCURRENT]
+def _concurrent(server, reference, lengths: list[int], seed: int) -> None:
+    rng = random.Random(seed)
+    prompts = [_prompt(rng, n, reference.config.vocab_size) for n in lengths]
     with ThreadPoolExecutor(len(prompts)) as pool:
         results = list(pool.map(lambda p: server.generate(p, NEW_TOKENS), prompts))
     for prompt, result in zip(prompts, results):
         _check(server, reference, prompt, result)
+
+
+def test_concurrent_requests_of_different_lengths_match_reference(server, reference) -> None:
+    _concurrent(server, reference, CONCURRENT, seed=7)
+
+
+def test_concurrent_long_sparse_requests_match_reference(server, reference) -> None:
+    _concurrent(server, reference, CONCURRENT_LONG, seed=11)
 
 
 def test_pools_are_free_after_requests(server) -> None:
