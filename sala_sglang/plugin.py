@@ -130,7 +130,14 @@ def _register_server_hooks() -> None:
     HookRegistry.register(
         "sglang.srt.server_args.ServerArgs.__post_init__", _before_post_init, HookType.BEFORE
     )
+    from sala_sglang.memory import add_compressed_keys_to_cell_size
     from sala_sglang.pool_checks import check_state_slots_when_idle
+
+    HookRegistry.register(
+        "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
+        add_compressed_keys_to_cell_size,
+        HookType.AFTER,
+    )
 
     HookRegistry.register(
         "sglang.srt.managers.scheduler_components.invariant_checker."
