@@ -146,7 +146,14 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
     served_top = [e for e in meta["input_top_logprobs"][1:]] + list(meta["output_top_logprobs"])
     rows = torch.arange(len(served))
     tokens = torch.tensor(sequence[1:])
-    assert [e[1] for e in served] == sequence[1:]
+    served_tokens = [e[1] for e in served]
+    if served_tokens != sequence[1:]:
+        first = next((i for i, (a, b) in enumerate(zip(served_tokens, sequence[1:])) if a != b),
+                     min(len(served_tokens), len(sequence) - 1))
+        raise AssertionError(
+            f"served logprob entries do not line up with the sequence: {len(served_tokens)} "
+            f"entries for {len(sequence) - 1} positions, first difference at row {first}"
+        )
     err = (torch.tensor([e[0] for e in served], dtype=torch.float64)
            - logprobs[rows, tokens]).abs()
     confident = (top2[rows, 0] - top2[rows, 1]) >= 0.1

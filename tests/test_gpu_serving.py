@@ -98,7 +98,12 @@ def _check(server, reference, prompt: list[int], result: dict) -> dict:
     from server_harness import served_vs_reference
 
     noise = BF16_Q_NOISE if server.mode.endswith("bf16") else FP16_Q_NOISE
-    report = served_vs_reference(reference, prompt, result, q_noise=noise)
+    try:
+        report = served_vs_reference(reference, prompt, result, q_noise=noise)
+    except Exception as exc:
+        print(json.dumps({"mode": server.mode, "prompt_len": len(prompt), "error": repr(exc),
+                          "meta_keys": sorted(result.get("meta_info", {}))}))
+        raise
     print(json.dumps({"mode": server.mode, "prompt_len": len(prompt), **report}))
     assert report["confident_flips"] == 0, report
     assert report["selection_excused"] <= 0.1 * report["positions"], report
