@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shlex
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+# OpenBMB's serving flags for MiniCPM-SALA (SPEC section 3). The plugin itself turns the radix
+# cache off and pages the KV cache by the InfLLM-v2 block size, so those flags are not needed.
+RECOMMENDED_SERVE_FLAGS = (
+    "--attention-backend", "minicpm_flashinfer",
+    "--chunked-prefill-size", "8192",
+    "--max-running-requests", "32",
+    "--skip-server-warmup",
+)
 
 
 def _run_make_tiny(args: argparse.Namespace) -> int:
@@ -40,6 +53,58 @@ def _add_make_tiny(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_make_tiny)
 
 
+def default_tiny_dir() -> Path:
+    """Where `serve` keeps the tiny checkpoint it serves when no model is given."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "sala-sglang" / "tiny-seed0"
+
+
+def serve_command(model: str, dense_as_sparse: bool, sglang_args: Sequence[str]) -> list[str]:
+    """The `sglang.launch_server` command line; later flags (the user's) override earlier ones."""
+    flags = [*RECOMMENDED_SERVE_FLAGS, *(["--dense-as-sparse"] if dense_as_sparse else [])]
+    return [sys.executable, "-m", "sglang.launch_server", "--model-path", model, *flags,
+            *sglang_args]
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    model = args.model
+    if model is None:
+        from sala_sglang.tiny import make_tiny
+
+        model = str(default_tiny_dir())
+        if not (Path(model) / "config.json").is_file():
+            make_tiny(model)
+    cmd = serve_command(model, not args.no_dense_as_sparse, args.sglang_args)
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        print("sala-sglang serve: no CUDA GPU is visible (torch.cuda.is_available() is False); "
+              "SGLang needs one to serve", file=sys.stderr)
+        return 2
+    print(f"sala-sglang serve: {shlex.join(cmd)}", flush=True)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve MiniCPM-SALA with SGLang (the tiny checkpoint when no model is given)",
+        description="Launch `python -m sglang.launch_server` with the minicpm_flashinfer "
+        "backend and OpenBMB's recommended flags (" + " ".join(RECOMMENDED_SERVE_FLAGS)
+        + " --dense-as-sparse). Any other SGLang flag passes through and overrides these.",
+    )
+    p.add_argument("--model", default=None, help="checkpoint directory (default: a tiny random "
+                   f"checkpoint written once to {default_tiny_dir()})")
+    p.add_argument("--no-dense-as-sparse", action="store_true",
+                   help="keep the dense_len switch (dense attention for short prompts)")
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.set_defaults(func=_run_serve, takes_sglang_args=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sala-sglang` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -47,10 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_make_tiny(subparsers)
+    _add_serve(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_sglang_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.sglang_args = extra
     return args.func(args)
