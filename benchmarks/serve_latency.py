@@ -23,8 +23,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from server_harness import Server  # noqa: E402
+from sala_sglang.served_check import Server  # noqa: E402
 
 RELEASED_CONFIG = ROOT / "tests" / "fixtures" / "minicpm_sala_config.json"
 

@@ -105,6 +105,40 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_serve, takes_sglang_args=True)
 
 
+def _run_check(args: argparse.Namespace) -> int:
+    import torch
+
+    from sala_sglang.self_check import check_reference, check_served
+    from sala_sglang.tiny import make_tiny
+
+    model = Path(args.model) if args.model else default_tiny_dir()
+    if not (model / "config.json").is_file():
+        make_tiny(model)
+    problems = check_reference(model)
+    if torch.cuda.is_available() and not args.cpu_only:
+        problems += check_served(model)
+    else:
+        print("no CUDA GPU visible (or --cpu-only): skipped the served comparison")
+    for problem in problems:
+        print(f"FAILED: {problem}", file=sys.stderr)
+    print("check: " + ("all good" if not problems else f"{len(problems)} problem(s)"))
+    return 1 if problems else 0
+
+
+def _add_check(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "check",
+        help="run the reference model on the tiny checkpoint; compare with SGLang on a GPU",
+        description="Runs the plain-PyTorch reference on the tiny checkpoint on the CPU (chunked "
+        "prefill equals one shot, incremental decode equals a full forward) and, where a CUDA "
+        "GPU is visible, serves the checkpoint with SGLang and compares teacher-forced.",
+    )
+    p.add_argument("--model", default=None, help="a tiny-layout checkpoint (default: the cached "
+                   "tiny checkpoint)")
+    p.add_argument("--cpu-only", action="store_true", help="skip the served comparison")
+    p.set_defaults(func=_run_check)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sala-sglang` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -113,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_make_tiny(subparsers)
     _add_serve(subparsers)
+    _add_check(subparsers)
     return parser
 
 

@@ -92,7 +92,8 @@ def _reject_unsupported(args: Any) -> None:
     pp_size = getattr(args, "pp_size", 1) or 1
     if pp_size > 1:
         raise UnsupportedServerOption(
-            f"--pp-size {pp_size}: MiniCPM-SALA does not support pipeline parallelism; use --tp-size"
+            f"--pp-size {pp_size}: MiniCPM-SALA does not support pipeline parallelism; "
+            "use --tp-size"
         )
     tp_size = getattr(args, "tp_size", 1) or 1
     config = _read_config(args.model_path)

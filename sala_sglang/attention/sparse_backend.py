@@ -104,7 +104,9 @@ class SparseLayerBackend(AttentionBackend):
         return sum(t.numel() * t.element_size() for t in (*self.k1.values(), *self.k2.values()))
 
     # ---- metadata ------------------------------------------------------------------------------
-    def init_forward_metadata_out_graph(self, forward_batch: ForwardBatch, in_capture: bool = False):
+    def init_forward_metadata_out_graph(
+        self, forward_batch: ForwardBatch, in_capture: bool = False
+    ) -> None:
         pass  # everything is derived on the device in _in_graph
 
     def init_forward_metadata_in_graph(self, forward_batch: ForwardBatch) -> None:
@@ -179,7 +181,9 @@ class SparseLayerBackend(AttentionBackend):
                 sp.block_size, max_new_windows=meta.max_new_tokens // stride + 2,
             )
 
-    def _select(self, layer_id: int, q: torch.Tensor, meta: TokenMetadata, splits: int) -> torch.Tensor:
+    def _select(
+        self, layer_id: int, q: torch.Tensor, meta: TokenMetadata, splits: int
+    ) -> torch.Tensor:
         sp = self.sparse
         tokens = q.shape[0]
         if not meta.select:

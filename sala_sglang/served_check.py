@@ -1,4 +1,7 @@
-"""Launch an SGLang server with the plugin for GPU tests, and talk to it."""
+"""Serve a checkpoint with SGLang and the plugin, and compare what it serves with the reference.
+
+Used by the GPU tests, the benchmarks and `sala-sglang check`.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +28,9 @@ def free_port() -> int:
 class Server:
     """`python -m sglang.launch_server` in its own process group, log kept in a file."""
 
-    def __init__(self, model_dir: Path, log_path: Path, *flags: str, env: dict | None = None):
+    def __init__(
+        self, model_dir: Path, log_path: Path, *flags: str, env: dict | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path

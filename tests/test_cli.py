@@ -53,3 +53,12 @@ def test_without_a_gpu_serve_says_so_in_one_line(
 def test_other_commands_reject_unknown_flags() -> None:
     with pytest.raises(SystemExit):
         main(["make-tiny", "/tmp/x", "--port", "1"])
+
+
+def test_check_runs_the_reference_on_the_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert main(["check", "--cpu-only"]) == 0
+    out = capsys.readouterr().out
+    assert "300-token prompt" in out and "check: all good" in out
