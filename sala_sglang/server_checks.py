@@ -22,28 +22,38 @@ class UnsupportedServerOption(ValueError):
     """A server option MiniCPM-SALA cannot be served with."""
 
 
-def is_minicpm_sala(model_path: str | None) -> bool:
-    """Whether `model_path` is a local MiniCPM-SALA checkpoint directory."""
+def _local_config(model_path: str | None) -> dict | None:
+    """config.json of a local checkpoint directory, or None (not local, missing, unreadable)."""
     if not model_path:
-        return False
+        return None
     path = os.path.join(model_path, "config.json")
     if not os.path.isfile(path):
-        return False
+        return None
     try:
         with open(path) as f:
             raw = json.load(f)
     except (OSError, ValueError):
-        return False
-    return raw.get("model_type") == "minicpm_sala" or ARCHITECTURE in (
-        raw.get("architectures") or []
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def _is_minicpm_sala_config(raw: dict | None) -> bool:
+    return raw is not None and (
+        raw.get("model_type") == "minicpm_sala" or ARCHITECTURE in (raw.get("architectures") or [])
     )
+
+
+def is_minicpm_sala(model_path: str | None) -> bool:
+    """Whether `model_path` is a local MiniCPM-SALA checkpoint directory."""
+    return _is_minicpm_sala_config(_local_config(model_path))
 
 
 def adjust_server_args(args: Any) -> None:
     """Fill MiniCPM-SALA's required defaults and reject unsupported options, in place."""
-    if not is_minicpm_sala(getattr(args, "model_path", None)):
+    config = _local_config(getattr(args, "model_path", None))
+    if not _is_minicpm_sala_config(config):
         return
-    _reject_unsupported(args)
+    _reject_unsupported(args, config)
     if args.attention_backend is None:
         args.attention_backend = BACKEND_NAMES[0]
         logger.info("MiniCPM-SALA: using --attention-backend %s", BACKEND_NAMES[0])
@@ -62,8 +72,8 @@ def adjust_server_args(args: Any) -> None:
         )
 
 
-def _reject_unsupported(args: Any) -> None:
-    block_size = _read_config(args.model_path).get("sparse_config", {}).get("block_size", 64)
+def _reject_unsupported(args: Any, config: dict) -> None:
+    block_size = config.get("sparse_config", {}).get("block_size", 64)
     page_size = getattr(args, "page_size", None)
     if page_size is None:
         # A KV page is one InfLLM-v2 block: blocks are gathered whole and their compressed keys
@@ -96,7 +106,6 @@ def _reject_unsupported(args: Any) -> None:
             "use --tp-size"
         )
     tp_size = getattr(args, "tp_size", 1) or 1
-    config = _read_config(args.model_path)
     heads, kv_heads = config.get("num_attention_heads", 32), config.get("num_key_value_heads", 2)
     lightning_heads = config.get("lightning_nh", 32)
     if heads % tp_size or lightning_heads % tp_size or (kv_heads % tp_size and tp_size % kv_heads):
@@ -105,7 +114,3 @@ def _reject_unsupported(args: Any) -> None:
             f"({lightning_heads}) and divide or be a multiple of num_key_value_heads ({kv_heads})"
         )
 
-
-def _read_config(model_path: str) -> dict:
-    with open(os.path.join(model_path, "config.json")) as f:
-        return json.load(f)
