@@ -189,6 +189,11 @@ class SparseConfig:
         """Most keys one query sees in sparse mode; shorter sequences are exactly dense."""
         return self.num_selected_blocks * self.block_size
 
+    def rows_per_block(self, stride: int) -> int:
+        """Compressed keys (of a given stride) whose window starts inside one block; the KV cache
+        stores that many rows beside each block-sized page."""
+        return math.ceil(self.block_size / stride)
+
     def num_k1(self, length: int) -> int:
         """Complete K1 windows over `length` cached keys."""
         return _num_windows(length, self.kernel_size, self.kernel_stride)

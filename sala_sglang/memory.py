@@ -11,8 +11,8 @@ from sala_sglang.config import MiniCPMSALAConfig, SparseConfig
 
 def compressed_key_bytes_per_token(sparse: SparseConfig, kv_bytes_per_token: int) -> int:
     """Bytes of K1 + K2 per cached token, given the KV bytes per token (K and V halves)."""
-    rows_per_page = math.ceil(sparse.block_size / sparse.kernel_stride) + math.ceil(
-        sparse.block_size / sparse.k2_kernel_stride
+    rows_per_page = sparse.rows_per_block(sparse.kernel_stride) + sparse.rows_per_block(
+        sparse.k2_kernel_stride
     )
     return math.ceil(kv_bytes_per_token / 2 * rows_per_page / sparse.block_size)
 

@@ -113,4 +113,3 @@ def _reject_unsupported(args: Any, config: dict) -> None:
             f"--tp-size {tp_size}: it must divide num_attention_heads ({heads}) and lightning_nh "
             f"({lightning_heads}) and divide or be a multiple of num_key_value_heads ({kv_heads})"
         )
-

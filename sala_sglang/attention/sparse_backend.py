@@ -83,22 +83,16 @@ class SparseLayerBackend(AttentionBackend):
     def _allocate_compressed_keys(self, config) -> tuple[dict, dict]:
         k_buffer = self.token_to_kv_pool.get_key_buffer(config.sparse_layer_ids[0])
         pages = k_buffer.shape[0] // self.sparse.block_size
-        groups, dim, dtype = k_buffer.shape[1], k_buffer.shape[2], k_buffer.dtype
 
-        def per_page(stride: int) -> int:
-            return math.ceil(self.sparse.block_size / stride)
+        def per_layer(stride: int) -> dict[int, torch.Tensor]:
+            rows = self.sparse.rows_per_block(stride)
+            return {
+                i: torch.zeros(pages, rows, *k_buffer.shape[1:], dtype=k_buffer.dtype,
+                               device=self.device)
+                for i in config.sparse_layer_ids
+            }
 
-        k1 = {
-            i: torch.zeros(pages, per_page(self.sparse.kernel_stride), groups, dim,
-                           dtype=dtype, device=self.device)
-            for i in config.sparse_layer_ids
-        }
-        k2 = {
-            i: torch.zeros(pages, per_page(self.sparse.k2_kernel_stride), groups, dim,
-                           dtype=dtype, device=self.device)
-            for i in config.sparse_layer_ids
-        }
-        return k1, k2
+        return per_layer(self.sparse.kernel_stride), per_layer(self.sparse.k2_kernel_stride)
 
     def compressed_key_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k1.values(), *self.k2.values()))
@@ -189,8 +183,8 @@ class SparseLayerBackend(AttentionBackend):
         if not meta.select:
             return torch.full((tokens, 1, 1), -1, dtype=torch.int32, device=q.device)
         groups = self.k1[layer_id].shape[2]
-        ratio = sp.block_size // sp.kernel_stride
-        per_token = groups * meta.width * (4 * ratio + 8)
+        # fp32 window probabilities plus one int64 key per block, per token and kv head
+        per_token = groups * meta.width * (4 * sp.windows_per_block + 8)
         rows = max(1, SELECTION_SCRATCH_BYTES // per_token)
         pieces = [
             select_blocks(

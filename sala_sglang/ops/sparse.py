@@ -89,6 +89,13 @@ def compress_new_windows(
     )
 
 
+def _group_heads(query_heads: int, groups: int) -> tuple[int, int]:
+    """Query heads per kv head, and that count padded to a power of two of at least 16 (the
+    smallest tl.dot tile), so one program packs a whole GQA group."""
+    per_group = query_heads // groups
+    return per_group, max(16, triton.next_power_of_2(per_group))
+
+
 @triton.jit
 def _load_group_queries(q_ptr, t, g, stride_qt, stride_qh, HG: tl.constexpr, HGP: tl.constexpr,
                         D: tl.constexpr):
@@ -208,8 +215,7 @@ def select_blocks(
     Each window's probability is computed once, so equal block scores are exactly equal."""
     tokens, hq, dim = q.shape
     groups = k1.shape[2]
-    hg = hq // groups
-    hgp = max(16, triton.next_power_of_2(hg))
+    hg, hgp = _group_heads(hq, groups)
     width = max(width, num_selected)
     ratio = block_size // kernel_stride
     m = torch.empty(tokens, groups, num_splits, hgp, device=q.device, dtype=torch.float32)
@@ -302,7 +308,7 @@ def block_sparse_attention(
     selected [T, G, n_sel] (-1 = none) -> [T, Hq, D]."""
     tokens, hq, dim = q.shape
     groups = k_buffer.shape[1]
-    hg = hq // groups
+    hg, hgp = _group_heads(hq, groups)
     n_sel = selected.shape[-1]
     if num_splits == 1:
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -316,7 +322,7 @@ def block_sparse_attention(
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0),
         v_buffer.stride(1), req_to_token.stride(0), selected.stride(0), selected.stride(1),
         scale,
-        HG=hg, HGP=max(16, triton.next_power_of_2(hg)), D=dim, BS=block_size, NSEL=n_sel,
+        HG=hg, HGP=hgp, D=dim, BS=block_size, NSEL=n_sel,
         NSPLIT=num_splits,
     )
     if num_splits == 1:
