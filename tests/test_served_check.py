@@ -1,0 +1,92 @@
+"""The served-vs-reference comparison itself, on a fake SGLang /generate answer built from the
+reference: it must pass an exact answer (including SGLang's clipped last-vocabulary id), catch a
+wrong logprob and a confident token flip, and refuse entries that do not line up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sala_sglang.served_check import LOGPROB_TOL, served_vs_reference
+
+
+def _fake_answer(reference, prompt: list[int], new_tokens: int) -> dict:
+    """What SGLang 0.5.16 returns for a greedy run with logprob_start_len 0, top_logprobs_num 2."""
+    sequence = list(prompt)
+    for _ in range(new_tokens):
+        logits = reference.forward(sequence, reference.new_cache(prompt_len=len(prompt)))
+        sequence.append(int(logits[-1].argmax()))
+    logits = reference.forward(sequence, reference.new_cache(prompt_len=len(prompt))).double()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    clip = reference.config.vocab_size - 1
+    entries, tops = [], []
+    for j in range(1, len(sequence)):
+        token = sequence[j]
+        shown = 0 if (token >= clip and j < len(prompt)) else token
+        entries.append([float(logprobs[j - 1, token]), shown, None])
+        values, ids = logprobs[j - 1].topk(2)
+        tops.append([[float(v), int(i), None] for v, i in zip(values, ids)])
+    n_in = len(prompt) - 1
+    return {
+        "output_ids": sequence[len(prompt):],
+        "meta_info": {
+            "input_token_logprobs": [[None, prompt[0], None]] + entries[:n_in],
+            "input_top_logprobs": [None] + tops[:n_in],
+            "output_token_logprobs": entries[n_in:],
+            "output_top_logprobs": tops[n_in:],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def setup(request):
+    from tests.conftest import random_state_dict, tiny_config
+
+    from sala_sglang.reference import ReferenceModel
+
+    config = tiny_config()
+    reference = ReferenceModel.from_state_dict(config, random_state_dict(config, 3),
+                                               dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    prompt = [1] + torch.randint(5, config.vocab_size, (40,), generator=gen).tolist()
+    prompt[17] = config.vocab_size - 1  # SGLang reports this prompt id as 0
+    return reference, prompt, _fake_answer(reference, prompt, 4)
+
+
+def test_an_exact_answer_passes(setup) -> None:
+    reference, prompt, answer = setup
+    report = served_vs_reference(reference, prompt, answer)
+    assert report["max_logprob_err"] < 1e-9
+    assert report["confident_flips"] == 0 and report["selection_excused"] == 0
+    assert report["positions"] == len(prompt) + 3
+
+
+def test_a_wrong_logprob_is_reported(setup) -> None:
+    reference, prompt, answer = setup
+    bad = {**answer, "meta_info": {**answer["meta_info"]}}
+    entries = [list(e) for e in bad["meta_info"]["input_token_logprobs"]]
+    entries[10][0] += 3 * LOGPROB_TOL
+    bad["meta_info"]["input_token_logprobs"] = entries
+    report = served_vs_reference(reference, prompt, bad, trials=2)
+    assert report["max_logprob_err"] == pytest.approx(3 * LOGPROB_TOL, rel=1e-6)
+    assert report["worst_rows"][0][0] == 9  # entry 10 scores token 10: reference row 9
+
+
+def test_a_confident_flip_is_counted(setup) -> None:
+    reference, prompt, answer = setup
+    logits = reference.forward(prompt, reference.new_cache(prompt_len=len(prompt))).double()
+    top2 = logits.topk(2, dim=-1)
+    row = int(((top2.values[:, 0] - top2.values[:, 1]) >= 0.1).nonzero()[0])
+    bad = {**answer, "meta_info": {**answer["meta_info"]}}
+    tops = [None if t is None else [list(x) for x in t] for t in bad["meta_info"]["input_top_logprobs"]]
+    tops[row + 1][0][1] = int(top2.indices[row, 1])
+    bad["meta_info"]["input_top_logprobs"] = tops
+    assert served_vs_reference(reference, prompt, bad, trials=2)["confident_flips"] == 1
+
+
+def test_entries_that_do_not_line_up_are_refused(setup) -> None:
+    reference, prompt, answer = setup
+    short = {**answer, "meta_info": {**answer["meta_info"]}}
+    short["meta_info"]["input_token_logprobs"] = answer["meta_info"]["input_token_logprobs"][:-1]
+    with pytest.raises(AssertionError, match="do not line up"):
+        served_vs_reference(reference, prompt, short)
