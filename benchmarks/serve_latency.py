@@ -9,9 +9,7 @@ writes JSON (device, versions, date, command, numbers) under benchmarks/results/
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -21,23 +19,10 @@ from pathlib import Path
 import requests
 import torch
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RELEASED_CONFIG, RESULTS, header, write_result  # noqa: E402
+
 from sala_sglang.served_check import Server  # noqa: E402
-
-RELEASED_CONFIG = ROOT / "tests" / "fixtures" / "minicpm_sala_config.json"
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("sglang", "sglang-kernel", "flashinfer-python", "triton", "sala-sglang"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def model_dir(config: Path, workdir: Path, overrides: dict) -> Path:
@@ -78,7 +63,7 @@ def main() -> None:
     p.add_argument("--tag", default="serving")
     p.add_argument("--config", type=Path, default=RELEASED_CONFIG)
     p.add_argument("--server-args", default="", help="extra flags for sglang.launch_server")
-    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="sala-bench-"))
@@ -110,22 +95,14 @@ def main() -> None:
         if "MiniCPM-SALA memory" in line or "max_total_num_tokens" in line
     ]
     record = {
-        "benchmark": "serve_latency",
-        "tag": args.tag,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "versions": versions(),
-        "command": " ".join([sys.executable, *sys.argv]),
+        **header("serve_latency", args.tag),
         "server_flags": flags,
         "model": "MiniCPM-SALA released config, random weights (--load-format dummy)",
         "startup_s": round(startup_s, 1),
         "results": results,
         "server_memory_log": memory_lines,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.tag}.json"
-    path.write_text(json.dumps(record, indent=2))
-    print(f"wrote {path}")
+    write_result(record, args.tag, args.out)
     shutil.rmtree(work, ignore_errors=True)
 
 
