@@ -139,6 +139,27 @@ def _add_check(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_check)
 
 
+def _run_bench(args: argparse.Namespace) -> int:
+    from sala_sglang.benchmarking import bench
+
+    return bench(args)
+
+
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    from sala_sglang.benchmarking import add_arguments
+
+    p = subparsers.add_parser(
+        "bench",
+        help="long-context benchmark: TTFT, decode speed and memory, 32K to 1M tokens",
+        description="Serves the released MiniCPM-SALA config (or the dense Qwen3-8B-shaped "
+        "baseline) with random weights and measures TTFT, decode tokens/s and GPU memory at "
+        "batch 1 for each length, then sglang.bench_serving at fixed and unlimited concurrency. "
+        "Writes JSON after every point.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=_run_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sala-sglang` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -148,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_tiny(subparsers)
     _add_serve(subparsers)
     _add_check(subparsers)
+    _add_bench(subparsers)
     return parser
 
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 try:  # transformers 5 renamed the base class; both names exist in 5.x
     from transformers import PreTrainedConfig as _BaseConfig
 except ImportError:  # pragma: no cover - transformers 4.x
     from transformers import PretrainedConfig as _BaseConfig
+
+# The released checkpoint's config.json, shipped for benchmarks on random weights and for tests.
+RELEASED_CONFIG_PATH = Path(__file__).resolve().parent / "data" / "minicpm_sala_config.json"
 
 SPARSE_MIXER = "minicpm4"
 LINEAR_MIXER = "lightning-attn"

@@ -12,10 +12,11 @@ from sala_sglang.config import (
     LINEAR_MIXER,
     SPARSE_MIXER,
     ConfigError,
+    RELEASED_CONFIG_PATH,
     MiniCPMSALAConfig,
 )
 
-RELEASED = json.loads((Path(__file__).parent / "fixtures" / "minicpm_sala_config.json").read_text())
+RELEASED = json.loads(RELEASED_CONFIG_PATH.read_text())
 
 
 def released(**changes) -> dict:

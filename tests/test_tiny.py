@@ -13,11 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from sala_sglang.cli import main
-from sala_sglang.config import LINEAR_MIXER, SPARSE_MIXER, MiniCPMSALAConfig
+from sala_sglang.config import LINEAR_MIXER, RELEASED_CONFIG_PATH, SPARSE_MIXER, MiniCPMSALAConfig
 from sala_sglang.tiny import DATA_DIR, TINY_CONFIG, make_tiny
 
 REPO = Path(__file__).resolve().parents[1]
-RELEASED_CONFIG = REPO / "tests" / "fixtures" / "minicpm_sala_config.json"
 CHECKPOINT_FILES = {
     "config.json",
     "generation_config.json",
@@ -73,7 +72,7 @@ def test_different_seed_changes_every_weight_and_nothing_else(tiny, weights, tmp
 
 def test_config_has_every_field_of_the_released_config(tiny):
     written = json.loads((tiny / "config.json").read_text())
-    released = json.loads(RELEASED_CONFIG.read_text())
+    released = json.loads(RELEASED_CONFIG_PATH.read_text())
     assert written == TINY_CONFIG
     assert set(written) == set(released)
     assert written["architectures"] == ["MiniCPMSALAForCausalLM"]

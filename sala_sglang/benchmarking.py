@@ -1,0 +1,421 @@
+"""Long-context serving benchmark: MiniCPM-SALA (real config, random weights) and a dense model of
+Qwen3-8B's shape, each served by SGLang at batch 1 (TTFT, decode speed, GPU memory) and under
+`sglang.bench_serving` at fixed and unlimited concurrency.
+
+`sala-sglang bench` and `benchmarks/long_context.py` run it; results are JSON (device, versions,
+date, command) written after every measured point, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata as md
+import json
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from sala_sglang.cli import RECOMMENDED_SERVE_FLAGS
+from sala_sglang.config import RELEASED_CONFIG_PATH, MiniCPMSALAConfig
+from sala_sglang.served_check import Server
+from sala_sglang.tiny import TOKENIZER_CONFIG, TOKENIZER_PATH
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+QWEN3_8B_CONFIG_PATH = DATA_DIR / "qwen3_8b_config.json"
+DEFAULT_LENGTHS = [32768, 65536, 131072, 262144, 524288, 1048576]
+PACKAGES = ("sglang", "sglang-kernel", "flashinfer-python", "flash-linear-attention", "triton",
+            "sala-sglang")
+# OpenBMB's flags for both models (the dense one's --attention-backend comes later and wins).
+COMMON_FLAGS = [*RECOMMENDED_SERVE_FLAGS, "--load-format", "dummy", "--mem-fraction-static", "0.85"]
+
+
+# ---- result records --------------------------------------------------------------------------
+def versions() -> dict:
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda}
+    for name in PACKAGES:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def header(benchmark: str, tag: str) -> dict:
+    """The fields every result file starts with: what ran, where, when, with what."""
+    import torch
+
+    return {
+        "benchmark": benchmark,
+        "tag": tag,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "versions": versions(),
+        "command": " ".join([sys.executable, *sys.argv]),
+    }
+
+
+def write_result(record: dict, name: str, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+# ---- the two models ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShape:
+    """What the FLOP and memory counts need: matmul parameters per token and attention work."""
+
+    name: str
+    config_path: Path
+    server_flags: tuple[str, ...]
+
+    def raw_config(self) -> dict:
+        return json.loads(self.config_path.read_text())
+
+    def matmul_params(self) -> int:
+        """Parameters multiplied per prompt token (all but the embedding and the LM head, which
+        SGLang applies to the last token only)."""
+        c = self.raw_config()
+        h, inter, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+        mlp = 3 * h * inter
+        if self.name == "sala":
+            cfg = MiniCPMSALAConfig(**c)
+            q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+            sparse = h * q + 2 * h * kv + q * h + h * h  # q, k, v, o, output gate
+            lin = c["lightning_nh"] * c["lightning_head_dim"]
+            linear = 3 * h * lin + lin * h + h * lin  # q, k, v, o, z gate
+            return (len(cfg.sparse_layer_ids) * (sparse + mlp)
+                    + len(cfg.linear_layer_ids) * (linear + mlp))
+        q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+        return c["num_hidden_layers"] * (2 * h * q + 2 * h * kv + mlp)
+
+    def attention_flops(self, n: int) -> float:
+        """Attention FLOPs of an n-token prefill (QK^T and PV over the keys each token needs)."""
+        c = self.raw_config()
+        per_key = 4 * c["num_attention_heads"] * c["head_dim"]
+        if self.name == "sala":
+            cfg = MiniCPMSALAConfig(**c)
+            keys_cap = cfg.sparse.max_sparse_keys
+            dense_part = min(n, keys_cap)
+            keys = dense_part * (dense_part + 1) / 2 + max(0, n - keys_cap) * keys_cap
+            # stage-1 scoring: QK^T against the compressed keys (one per kernel_stride tokens)
+            stage1 = 2 * c["num_attention_heads"] * c["head_dim"] * n * n / 2 / cfg.sparse.kernel_stride
+            lin = c["lightning_nh"] * c["lightning_head_dim"] * c["lightning_head_dim"]
+            return (len(cfg.sparse_layer_ids) * (per_key * keys + stage1)
+                    + len(cfg.linear_layer_ids) * 4 * lin * n)
+        return c["num_hidden_layers"] * per_key * n * (n + 1) / 2
+
+    def prefill_flops(self, n: int) -> float:
+        return 2 * self.matmul_params() * n + self.attention_flops(n)
+
+    def cache_bytes_per_token(self) -> int:
+        """KV-cache bytes per token in bf16 (SALA: the 8 sparse layers plus K1/K2)."""
+        c = self.raw_config()
+        if self.name == "sala":
+            cfg = MiniCPMSALAConfig(**c)
+            kv = len(cfg.sparse_layer_ids) * 2 * c["num_key_value_heads"] * c["head_dim"] * 2
+            k = kv // 2
+            sp = cfg.sparse
+            compressed = k * (sp.rows_per_block(sp.kernel_stride)
+                              + sp.rows_per_block(sp.k2_kernel_stride)) // sp.block_size
+            return kv + compressed
+        return c["num_hidden_layers"] * 2 * c["num_key_value_heads"] * c["head_dim"] * 2
+
+    def state_bytes_per_request(self) -> int:
+        if self.name == "sala":
+            return MiniCPMSALAConfig(**self.raw_config()).linear_state_bytes_per_request()
+        return 0
+
+
+MODELS = {
+    "sala": ModelShape("sala", RELEASED_CONFIG_PATH, ("--dense-as-sparse",)),  # OpenBMB's flags
+    "qwen3-8b": ModelShape("qwen3-8b", QWEN3_8B_CONFIG_PATH, ()),
+}
+
+
+def prepare_model_dir(shape: ModelShape, workdir: Path) -> tuple[Path, Path]:
+    """A checkpoint directory with the config only (weights: --load-format dummy), and a separate
+    tokenizer directory (the tiny BPE, smaller than either vocabulary) for the server and for
+    bench_serving's random-id prompts."""
+    model, tok = workdir / shape.name, workdir / "tokenizer"
+    model.mkdir(parents=True, exist_ok=True)
+    tok.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shape.config_path, model / "config.json")
+    for directory in (model, tok):
+        shutil.copy(TOKENIZER_PATH, directory / "tokenizer.json")
+        (directory / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
+    return model, tok
+
+
+# ---- measurements ---------------------------------------------------------------------------
+class GpuMemoryPeak:
+    """Highest `nvidia-smi` memory.used (MiB) on GPU 0 while the block runs (the whole server
+    process: weights, the preallocated pools, activations and CUDA graphs)."""
+
+    def __init__(self, period_s: float = 0.25) -> None:
+        self.period_s = period_s
+        self.peak_mib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                capture_output=True, text=True, check=False,
+            ).stdout.strip()
+            if out.isdigit():
+                self.peak_mib = max(self.peak_mib, int(out))
+            self._stop.wait(self.period_s)
+
+    def __enter__(self) -> GpuMemoryPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def stream_one(url: str, ids: list[int], new_tokens: int, timeout_s: float = 7200) -> dict:
+    """One greedy streamed request: TTFT from send to first chunk, decode rate over the rest."""
+    body = {
+        "input_ids": ids,
+        "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True},
+        "stream": True,
+    }
+    t0 = time.perf_counter()
+    stamps = []
+    with requests.post(url + "/generate", json=body, stream=True, timeout=timeout_s) as r:
+        if r.status_code != 200:
+            return {"error": f"HTTP {r.status_code}: {r.text[:300]}"}
+        for line in r.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                stamps.append(time.perf_counter())
+    if not stamps:
+        return {"error": "no tokens streamed"}
+    decode_s = stamps[-1] - stamps[0]
+    return {
+        "ttft_s": round(stamps[0] - t0, 3),
+        "decode_tok_per_s": round((len(stamps) - 1) / decode_s, 2) if len(stamps) > 1 else None,
+        "streamed_chunks": len(stamps),
+    }
+
+
+def bench_serving(url: str, tokenizer: Path, input_len: int, range_ratio: float, output_len: int,
+                  num_prompts: int, concurrency: int | None, workdir: Path) -> dict:
+    """`python -m sglang.bench_serving` on random token ids; its summary line as a dict."""
+    out = workdir / f"bench_serving_{concurrency or 'inf'}.jsonl"
+    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang",
+           "--base-url", url, "--dataset-name", "random-ids", "--tokenize-prompt",
+           "--tokenizer", str(tokenizer), "--random-input-len", str(input_len),
+           "--random-range-ratio", str(range_ratio), "--random-output-len", str(output_len),
+           "--num-prompts", str(num_prompts), "--request-rate", "inf", "--seed", "1",
+           "--output-file", str(out), "--disable-tqdm", "--warmup-requests", "0"]
+    if concurrency:
+        cmd += ["--max-concurrency", str(concurrency)]
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not out.exists():
+        return {"command": cmd, "error": (proc.stdout + proc.stderr)[-2000:]}
+    summary = json.loads(out.read_text().strip().splitlines()[-1])
+    keep = ("completed", "duration", "total_input_tokens", "total_output_tokens",
+            "request_throughput", "input_throughput", "output_throughput", "mean_ttft_ms",
+            "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "mean_e2e_latency_ms",
+            "concurrency")
+    return {"command": cmd, **{k: summary[k] for k in keep if k in summary}}
+
+
+def _random_ids(n: int, vocab: int, seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(5, vocab) for _ in range(n)]
+
+
+def run(args: argparse.Namespace) -> Path:
+    import torch
+
+    shape = MODELS[args.model]
+    backend = args.backend or ("minicpm_flashinfer" if shape.name == "sala" else "fa3")
+    tag = args.tag or f"long_context_{shape.name}_{backend}"
+    work = Path(tempfile.mkdtemp(prefix="sala-bench-"))
+    model_dir, tok_dir = prepare_model_dir(shape, work)
+    context = max([*args.lengths, args.serving_input_len]) + max(args.decode_tokens, args.serving_output_len) + 64
+    flags = [*COMMON_FLAGS, *shape.server_flags, "--attention-backend", backend,
+             "--context-length", str(context), "--tokenizer-path", str(tok_dir),
+             *args.server_args.split()]
+    record = {
+        **header("long_context", tag),
+        "model": f"{shape.name}: {shape.config_path.name}, random weights (--load-format dummy)",
+        "attention_backend": backend,
+        "server_flags": flags,
+        "decode_tokens": args.decode_tokens,
+        "cache_bytes_per_token": shape.cache_bytes_per_token(),
+        "state_bytes_per_request": shape.state_bytes_per_request(),
+        "matmul_params": shape.matmul_params(),
+        "peaks": args.peaks,
+        "batch1": [],
+        "bench_serving": [],
+    }
+    if torch.cuda.is_available():
+        record["gpu_total_mib"] = torch.cuda.get_device_properties(0).total_memory // 2**20
+    save = lambda: write_result(record, tag, args.out)  # noqa: E731
+    print(f"[bench] starting SGLang for {shape.name} ({backend}), context {context}", flush=True)
+    server = Server(model_dir, work / "server.log", *flags,
+                    env={"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"})
+    started = time.perf_counter()
+    try:
+        server.wait_ready()
+        record["startup_s"] = round(time.perf_counter() - started, 1)
+        record["max_total_num_tokens"] = _pool_tokens(server.url)
+        vocab = 1280  # the tiny tokenizer's size: every id is valid for both models
+        stream_one(server.url, _random_ids(1024, vocab, 0), 8)
+        for n in args.lengths:
+            print(f"[bench] {shape.name}: {n} input tokens, {args.decode_tokens} output", flush=True)
+            with GpuMemoryPeak() as mem:
+                row = {"input_tokens": n, **stream_one(server.url, _random_ids(n, vocab, n),
+                                                      args.decode_tokens)}
+            row["gpu_mem_peak_mib"] = mem.peak_mib
+            row["context_cache_gib"] = round(
+                ((n + args.decode_tokens) * shape.cache_bytes_per_token()
+                 + shape.state_bytes_per_request()) / 2**30, 3)
+            if "ttft_s" in row:
+                row["prefill_tflop"] = round(shape.prefill_flops(n) / 1e12, 1)
+                if args.peaks:
+                    row["mfu"] = round(shape.prefill_flops(n) / row["ttft_s"]
+                                       / (args.peaks["bf16_tflops"] * 1e12), 4)
+            print("[bench] " + json.dumps(row), flush=True)
+            record["batch1"].append(row)
+            save()
+            if "error" in row and not server.alive():
+                break
+        for conc in args.concurrency:
+            if not server.alive():
+                break
+            print(f"[bench] bench_serving, concurrency {conc or 'unlimited'}", flush=True)
+            res = bench_serving(server.url, tok_dir, args.serving_input_len, args.serving_range,
+                                args.serving_output_len, args.serving_prompts, conc, work)
+            print("[bench] " + json.dumps({k: v for k, v in res.items() if k != "command"}),
+                  flush=True)
+            record["bench_serving"].append({"max_concurrency": conc, **res})
+            save()
+    finally:
+        server.stop()
+        log = server.tail(10**8)
+        record["server_log_memory"] = [
+            line[-300:] for line in log.splitlines()
+            if "max_total_num_tokens" in line or "MiniCPM-SALA memory" in line
+            or "KV Cache is allocated" in line or "Memory pool end" in line
+        ][:20]
+        if not record["batch1"] or args.keep_log:
+            record["server_log_tail"] = log[-4000:]
+        path = save()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"[bench] wrote {path}", flush=True)
+    return path
+
+
+def _pool_tokens(url: str) -> int | None:
+    """The KV pool's size in tokens, as the server reports it (None if it does not)."""
+    try:
+        info = requests.get(url + "/server_info", timeout=30).json()
+    except (requests.RequestException, ValueError):
+        return None
+    states = [info, *(s for s in info.get("internal_states") or [] if isinstance(s, dict))]
+    return next((s["max_total_num_tokens"] for s in states if "max_total_num_tokens" in s), None)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=sorted(MODELS), default="sala",
+                   help="sala: MiniCPM-SALA's released config; qwen3-8b: the dense baseline")
+    p.add_argument("--backend", default=None,
+                   help="attention backend (default: minicpm_flashinfer for sala, fa3 for qwen3-8b)")
+    p.add_argument("--lengths", type=int, nargs="*", default=DEFAULT_LENGTHS,
+                   help="batch-1 input lengths (none: only the bench_serving runs)")
+    p.add_argument("--decode-tokens", type=int, default=1024)
+    p.add_argument("--concurrency", type=int, nargs="*", default=[8, 0],
+                   help="bench_serving runs: max concurrency each, 0 = unlimited (none: skip)")
+    p.add_argument("--serving-input-len", type=int, default=131072)
+    p.add_argument("--serving-range", type=float, default=0.25,
+                   help="bench_serving inputs are uniform in [len * range, len]")
+    p.add_argument("--serving-output-len", type=int, default=256)
+    p.add_argument("--serving-prompts", type=int, default=16)
+    p.add_argument("--server-args", default="", help="extra flags for sglang.launch_server")
+    p.add_argument("--tag", default=None, help="result file name (default from model/backend)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--no-peaks", dest="measure_peaks", action="store_false",
+                   help="skip measuring the GPU's bf16 peak (MFU then not reported)")
+    p.add_argument("--keep-log", action="store_true", help="keep the server log tail in the JSON")
+
+
+def gpu_time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds of fn() over iters runs, each timed with CUDA events."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def measure_bf16_peak() -> dict:
+    """bf16 matmul TFLOP/s on this GPU now (8192^3 products): the MFU denominator."""
+    import torch
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = gpu_time_ms(lambda: a @ b)
+    del a, b
+    torch.cuda.empty_cache()
+    return {"bf16_tflops": round(2 * n**3 / ms / 1e9, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return bench(args)
+
+
+def bench(args: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("sala-sglang bench: no CUDA GPU visible; the benchmark serves the real config on a GPU.",
+              file=sys.stderr)
+        return 2
+    # A SIGTERM (e.g. from `timeout`) must still stop the server through run()'s finally:
+    # left running, it holds the GPU memory the next run needs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    args.peaks = measure_bf16_peak() if args.measure_peaks else None
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
