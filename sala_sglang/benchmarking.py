@@ -207,6 +207,8 @@ def stream_one(url: str, ids: list[int], new_tokens: int, timeout_s: float = 720
         for line in r.iter_lines():
             if line.startswith(b"data: ") and line != b"data: [DONE]":
                 stamps.append(time.perf_counter())
+                if b'"error"' in line[:200]:  # SGLang streams a rejection as a data chunk
+                    return {"error": json.loads(line[6:]).get("error")}
     if not stamps:
         return {"error": "no tokens streamed"}
     decode_s = stamps[-1] - stamps[0]
@@ -285,7 +287,9 @@ def run(args: argparse.Namespace) -> Path:
         record["startup_s"] = round(time.perf_counter() - started, 1)
         record["max_total_num_tokens"] = _pool_tokens(server.url)
         vocab = 1280  # the tiny tokenizer's size: every id is valid for both models
-        stream_one(server.url, _random_ids(1024, vocab, 0), 8)
+        # Warm-up: two full prefill chunks and a few decode steps, so that kernel JIT and
+        # autotuning are not charged to the first measured point.
+        stream_one(server.url, _random_ids(16384, vocab, 0), 16)
         for n in args.lengths:
             print(f"[bench] {shape.name}: {n} input tokens, {args.decode_tokens} output", flush=True)
             with GpuMemoryPeak() as mem:

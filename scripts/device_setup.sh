@@ -1,6 +1,13 @@
 # Source on the GPU machine from the repo root: offline SGLang kit + this project, editable.
 # (See ../shared/gpu-kit/README.md; the kit is carried as .device-kit/.)
+# A warm machine keeps processes from the previous call: a server left behind by a killed run
+# would hold the GPU's memory, so any GPU process found now is stale and is stopped.
+for pid in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null); do
+    pgid=$(ps -o pgid= -p "$pid" | tr -d ' ')
+    [ -n "$pgid" ] && kill -9 -- "-$pgid" 2>/dev/null
+    kill -9 "$pid" 2>/dev/null
+done
 source .device-kit/setup.sh || return 1
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null || return 1
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader
