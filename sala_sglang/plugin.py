@@ -145,6 +145,13 @@ def _register_server_hooks() -> None:
         check_state_slots_when_idle,
         HookType.AFTER,
     )
+    from sala_sglang.request_checks import reject_out_of_vocab_ids
+
+    HookRegistry.register(
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
+        reject_out_of_vocab_ids,
+        HookType.BEFORE,
+    )
     # Hooks registered outside load_plugins() (SGLANG_EXTERNAL_MODEL_PACKAGE, direct calls)
     # still need applying; already-applied targets are skipped.
     HookRegistry.apply_hooks()
