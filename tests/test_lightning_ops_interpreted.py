@@ -42,6 +42,20 @@ SCRIPT = textwrap.dedent(
                                           slopes.double(), D**-0.5, init)
         worst = max(worst, err(o[s:s+n], ref_o), err(state[slots[i]], ref_s))
     assert torch.equal(state[1], before[1]), "prefill wrote a slot no sequence owns"
+    split = before.clone()  # the 37-token sequence as 3 segments run in parallel
+    o_split = lightning_prefill(q, k, v, split, slots, cu, has, slopes, D**-0.5, chunk_size=16,
+                                segment_len=16)
+    worst = max(worst, err(o_split, o.double()), err(split, state.double()))
+    has2 = torch.tensor([0, 1, 1], dtype=torch.int32)  # the split sequence now carries state in
+    split2 = before.clone()
+    o2 = lightning_prefill(q, k, v, split2, slots, cu, has2, slopes, D**-0.5, chunk_size=16,
+                           segment_len=16)
+    for i, n in enumerate(lens):
+        s = int(cu[i])
+        init = before[slots[i]].double() if has2[i] else None
+        ref_o, ref_s = lightning_recurrent(q[s:s+n].double(), k[s:s+n].double(), v[s:s+n].double(),
+                                          slopes.double(), D**-0.5, init)
+        worst = max(worst, err(o2[s:s+n], ref_o), err(split2[slots[i]], ref_s))
     qd, kd, vd = (torch.randn(3, H, D) for _ in range(3))
     before = state.clone()
     dslots = torch.tensor([2, -1, 0], dtype=torch.int32)

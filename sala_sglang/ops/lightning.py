@@ -3,28 +3,118 @@
 Both read and write the per-request recurrent state in place in SGLang's state pool
 (`state[slot, head, key, value]`, fp32). Reference twins: `sala_sglang.reference.lightning`.
 Every decay factor is exp(-slope * d) with d >= 0, so the kernels stay finite for any slope.
+
+Decode runs the CUDA kernel of `sala_sglang._C` (csrc/lightning.cu) when it is built and the
+tensors are on a GPU, else the Triton kernel below. Prefill is Triton (tensor-core `tl.dot`).
+
+Prefill parallelism: one program per (sequence, head, value block) walks its chunks in order,
+which leaves most of the GPU idle for a single long prompt. So a long sequence is cut into
+segments that run in parallel, in three launches: (1) each segment's own state contribution from
+its keys and values, (2) a short scan over segments that turns those into each segment's initial
+state, (3) the chunked attention of every segment from its initial state. Keys and values are
+read twice instead of once; no per-chunk state is written to memory.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from sala_sglang.ops import _cuda
+
+# Head dims that csrc/lightning.cu instantiates; others take the Triton kernel.
+_CUDA_DECODE_HEAD_DIMS = (32, 64, 128, 256)
+
+
+@triton.jit
+def _segment_kv_kernel(
+    k_ptr, v_ptr, buf_ptr, cu_ptr, slopes_ptr,
+    seg_len,
+    stride_t, stride_h,  # k/v: [T, H, D] contiguous in D
+    stride_bb, stride_bs, stride_bh, stride_bk,  # buf: [B, segments, H, Dk, Dv] contiguous in Dv
+    D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+):
+    head = tl.program_id(0) // NV
+    vb = tl.program_id(0) % NV
+    seg = tl.program_id(1)
+    seq = tl.program_id(2)
+    start = tl.load(cu_ptr + seq)
+    length = tl.load(cu_ptr + seq + 1) - start
+    if (seg + 1) * seg_len >= length:  # only segments with a successor hand a state on
+        return
+    slope = tl.load(slopes_ptr + head)
+    dk = tl.arange(0, D)
+    dv = vb * BV + tl.arange(0, BV)
+    rows = tl.arange(0, C)
+    # such a segment is whole chunks: key j of a chunk decays C - 1 - j times to the chunk end
+    k_decay = tl.exp(-slope * (C - 1 - rows).to(tl.float32))
+    chunk_decay = tl.exp(-slope * C)
+    acc = tl.zeros((D, BV), dtype=tl.float32)
+    first = start + seg * seg_len
+    for c0 in range(0, seg_len, C):
+        offs = (first + c0 + rows).to(tl.int64) * stride_t + head * stride_h
+        k_t = tl.load(k_ptr + offs[None, :] + dk[:, None])  # [D, C]: keys as columns
+        v = tl.load(v_ptr + offs[:, None] + dv[None, :])
+        # the decay goes on the rows of v (C x BV) rather than on k (C x D): fewer products
+        acc = tl.dot(k_t, (v * k_decay[:, None]).to(v.dtype), acc * chunk_decay)
+    b_ptrs = (buf_ptr + seq.to(tl.int64) * stride_bb + seg * stride_bs + head * stride_bh
+              + dk[:, None] * stride_bk + dv[None, :])
+    tl.store(b_ptrs, acc)
+
+
+@triton.jit
+def _segment_scan_kernel(
+    state_ptr, buf_ptr, slots_ptr, cu_ptr, has_init_ptr, slopes_ptr,
+    seg_len,
+    stride_ss, stride_sh, stride_sk,
+    stride_bb, stride_bs, stride_bh, stride_bk,
+    D: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+):
+    head = tl.program_id(0) // NV
+    vb = tl.program_id(0) % NV
+    seq = tl.program_id(1)
+    length = tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)
+    segments = tl.maximum(tl.cdiv(length, seg_len), 1)
+    slot = tl.load(slots_ptr + seq).to(tl.int64)
+    init = tl.load(has_init_ptr + seq) != 0
+    dk = tl.arange(0, D)
+    dv = vb * BV + tl.arange(0, BV)
+    s_ptrs = state_ptr + slot * stride_ss + head * stride_sh + dk[:, None] * stride_sk + dv[None, :]
+    state = tl.load(s_ptrs, mask=init & (slot >= 0), other=0.0)
+    seg_decay = tl.exp(-tl.load(slopes_ptr + head) * seg_len)
+    b_ptrs = (buf_ptr + seq.to(tl.int64) * stride_bb + head * stride_bh + dk[:, None] * stride_bk
+              + dv[None, :])
+    # buf holds each segment's own contribution; replace it by the segment's initial state
+    for seg in range(0, segments - 1):
+        own = tl.load(b_ptrs + seg * stride_bs)
+        tl.store(b_ptrs + seg * stride_bs, state)
+        state = state * seg_decay + own
+    tl.store(b_ptrs + (segments - 1) * stride_bs, state)
+
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, state_ptr, slots_ptr, cu_ptr, has_init_ptr, slopes_ptr,
-    scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, state_ptr, slots_ptr, cu_ptr, has_init_ptr, slopes_ptr, buf_ptr,
+    scale, seg_len,
     stride_t, stride_h,  # q/k/v/o: [T, H, D] contiguous in D
     stride_ss, stride_sh, stride_sk,  # state: [slots, H, Dk, Dv] contiguous in Dv
-    D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+    stride_bb, stride_bs, stride_bh, stride_bk,  # buf (SPLIT): segment initial states
+    D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    vb = tl.program_id(2)
+    head = tl.program_id(0) // NV
+    vb = tl.program_id(0) % NV
+    seg = tl.program_id(1)
+    seq = tl.program_id(2)
     start = tl.load(cu_ptr + seq)
-    length = tl.load(cu_ptr + seq + 1) - start
+    total = tl.load(cu_ptr + seq + 1) - start
+    seg_start = seg * seg_len
+    # segment 0 always runs, so an empty sequence still leaves its (initial or zero) state
+    if (seg > 0) & (seg_start >= total):
+        return
+    length = tl.minimum(total - seg_start, seg_len)
     slot = tl.load(slots_ptr + seq).to(tl.int64)
     slope = tl.load(slopes_ptr + head)
 
@@ -32,32 +122,41 @@ def _prefill_kernel(
     dv = vb * BV + tl.arange(0, BV)
     rows = tl.arange(0, C)
     s_ptrs = state_ptr + slot * stride_ss + head * stride_sh + dk[:, None] * stride_sk + dv[None, :]
-    init = tl.load(has_init_ptr + seq) != 0
-    state = tl.load(s_ptrs, mask=init & (slot >= 0), other=0.0).to(tl.float32)
+    if SPLIT:
+        b_ptrs = (buf_ptr + seq.to(tl.int64) * stride_bb + seg * stride_bs + head * stride_bh
+                  + dk[:, None] * stride_bk + dv[None, :])
+        state = tl.load(b_ptrs)
+    else:
+        init = tl.load(has_init_ptr + seq) != 0
+        state = tl.load(s_ptrs, mask=init & (slot >= 0), other=0.0).to(tl.float32)
 
     # decay between query row i and key row j of one chunk: exp(-slope * (i - j)), i >= j
     diff = (rows[:, None] - rows[None, :]).to(tl.float32)
     intra_decay = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0.0)), 0.0)
     q_decay = tl.exp(-slope * (rows + 1).to(tl.float32))
 
+    first = start + seg_start
     for c0 in range(0, length, C):
         n = tl.minimum(length - c0, C)
         valid = rows < n
-        offs = (start + c0 + rows).to(tl.int64) * stride_t + head * stride_h
+        offs = (first + c0 + rows).to(tl.int64) * stride_t + head * stride_h
         q = tl.load(q_ptr + offs[:, None] + dk[None, :], mask=valid[:, None], other=0.0)
-        k = tl.load(k_ptr + offs[:, None] + dk[None, :], mask=valid[:, None], other=0.0)
+        k_t = tl.load(k_ptr + offs[None, :] + dk[:, None], mask=valid[None, :], other=0.0)
         v = tl.load(v_ptr + offs[:, None] + dv[None, :], mask=valid[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * intra_decay
-        out = tl.dot(scores.to(v.dtype), v)
-        out += tl.dot((q.to(tl.float32) * q_decay[:, None]), state)
+        # Tensor-core products in the input precision, accumulated in fp32 (the running state
+        # stays fp32; its copy in the product is rounded once per chunk). Row decays are
+        # applied to the smaller side of each product: q's to the output rows, k's to v's rows.
+        out = tl.dot(q, state.to(q.dtype)) * q_decay[:, None]
+        scores = tl.dot(q, k_t) * intra_decay
+        out = tl.dot(scores.to(v.dtype), v, out)
         tl.store(o_ptr + offs[:, None] + dv[None, :], (out * scale).to(o_ptr.dtype.element_ty),
                  mask=valid[:, None])
         # keys decay to the chunk's last valid row: exp(-slope * (n - 1 - j))
         k_decay = tl.where(valid, tl.exp(-slope * tl.maximum(n - 1 - rows, 0).to(tl.float32)), 0.0)
-        state = state * tl.exp(-slope * n.to(tl.float32))
-        state += tl.dot(tl.trans(k.to(tl.float32) * k_decay[:, None]), v.to(tl.float32))
+        state = tl.dot(k_t, (v * k_decay[:, None]).to(v.dtype),
+                       state * tl.exp(-slope * n.to(tl.float32)))
 
-    tl.store(s_ptrs, state, mask=slot >= 0)
+    tl.store(s_ptrs, state, mask=(slot >= 0) & (seg_start + seg_len >= total))
 
 
 @triton.jit
@@ -87,7 +186,7 @@ def _decode_kernel(
     tl.store(o_ptr + base + dv, out.to(o_ptr.dtype.element_ty))
 
 
-def _check(q: torch.Tensor, state: torch.Tensor) -> tuple[int, int]:
+def _check(q: torch.Tensor, state: torch.Tensor) -> int:
     _, heads, dim = q.shape
     if state.dtype != torch.float32 or state.shape[1:] != (heads, dim, dim):
         raise ValueError(
@@ -96,8 +195,29 @@ def _check(q: torch.Tensor, state: torch.Tensor) -> tuple[int, int]:
         )
     if state.stride(-1) != 1:
         raise ValueError("lightning state must be contiguous in its last dimension")
-    block_v = min(dim, 64)
-    return dim, block_v
+    return dim
+
+
+@functools.cache
+def _parallel_programs(device: torch.device) -> int:
+    """Programs that keep the device busy: a few per SM (one lane for the CPU interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _segment_len(tokens: int, batch: int, programs_per_segment: int, chunk: int,
+                 device: torch.device) -> int:
+    """Tokens per segment: enough segments to fill the device, each at least 4 chunks."""
+    wanted = triton.cdiv(_parallel_programs(device), batch * programs_per_segment)
+    if wanted <= 1:
+        return max(triton.cdiv(tokens, chunk), 1) * chunk
+    return max(triton.cdiv(triton.cdiv(tokens, wanted), chunk), 4) * chunk
+
+
+# Prefill launch shape: chunk rows, value columns per program, warps, software-pipeline stages.
+# The fastest of the shapes benchmarks/kernels/lightning.py sweeps, at 32K-512K tokens on an H100.
+PREFILL_LAUNCH = {"chunk": 64, "block_v": 64, "num_warps": 4, "num_stages": 2}
 
 
 def lightning_prefill(
@@ -110,22 +230,74 @@ def lightning_prefill(
     has_initial_state: torch.Tensor,
     slopes: torch.Tensor,
     scale: float,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
+    segment_len: int | None = None,
 ) -> torch.Tensor:
     """Varlen prefill. q,k,v [T, H, D]; state [slots, H, D, D] fp32, updated in place at
-    `state_slots` [B]; cu_seqlens [B+1] int32; has_initial_state [B] (False: start from zero).
-    Returns o [T, H, D]."""
-    dim, block_v = _check(q, state)
+    `state_slots` [B] (-1: no state kept); cu_seqlens [B+1] int32; has_initial_state [B]
+    (False: start from zero). chunk_size: tokens per chunk (default PREFILL_LAUNCH's);
+    segment_len: tokens per parallel segment, a multiple of chunk_size (default: chosen to fill
+    the GPU). Returns o [T, H, D]."""
+    launch = {**PREFILL_LAUNCH, **({"chunk": chunk_size} if chunk_size else {})}
+    return _prefill(q, k, v, state, state_slots, cu_seqlens, has_initial_state, slopes, scale,
+                    segment_len, **launch)
+
+
+def _prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    state_slots: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    slopes: torch.Tensor,
+    scale: float,
+    segment_len: int | None,
+    chunk: int,
+    block_v: int,
+    num_warps: int,
+    num_stages: int,
+) -> torch.Tensor:
+    """lightning_prefill with an explicit launch shape (the benchmark sweeps it)."""
+    dim = _check(q, state)
+    if segment_len is not None and (segment_len <= 0 or segment_len % chunk):
+        raise ValueError(f"lightning_prefill: segment_len = {segment_len}: expected a positive "
+                         f"multiple of chunk_size = {chunk}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
+    tokens, heads = q.shape[0], q.shape[1]
     batch = cu_seqlens.numel() - 1
-    grid = (batch, q.shape[1], dim // block_v)
-    _prefill_kernel[grid](
-        q, k, v, out, state, state_slots, cu_seqlens, has_initial_state, slopes,
-        scale,
+    block_v = min(dim, block_v)
+    nv = dim // block_v
+    seg = segment_len or _segment_len(tokens, batch, heads * nv, chunk, q.device)
+    segments = max(triton.cdiv(tokens, seg), 1)  # per sequence, at most
+    split = segments > 1
+    launch = {"num_warps": num_warps, "num_stages": num_stages}
+    buf = state
+    if split:
+        buf = torch.empty(batch, segments, heads, dim, dim, device=q.device, dtype=torch.float32)
+        _segment_kv_kernel[(heads * nv, segments - 1, batch)](
+            k, v, buf, cu_seqlens, slopes,
+            seg,
+            k.stride(0), k.stride(1),
+            *buf.stride()[:4],
+            D=dim, C=chunk, BV=block_v, NV=nv, **launch,
+        )
+        _segment_scan_kernel[(heads * nv, batch)](
+            state, buf, state_slots, cu_seqlens, has_initial_state, slopes,
+            seg,
+            state.stride(0), state.stride(1), state.stride(2),
+            *buf.stride()[:4],
+            D=dim, BV=block_v, NV=nv,
+        )
+    _prefill_kernel[(heads * nv, segments, batch)](
+        q, k, v, out, state, state_slots, cu_seqlens, has_initial_state, slopes, buf,
+        scale, seg,
         q.stride(0), q.stride(1),
         state.stride(0), state.stride(1), state.stride(2),
-        D=dim, C=chunk_size, BV=block_v,
+        *buf.stride()[:4],  # unused unless split (then buf is [B, segments, H, D, D])
+        D=dim, C=chunk, BV=block_v, NV=nv, SPLIT=split, **launch,
     )
     return out
 
@@ -141,7 +313,25 @@ def lightning_decode(
 ) -> torch.Tensor:
     """One token per request. q,k,v [B, H, D]; state [slots, H, D, D] fp32 updated in place at
     `state_slots` [B] (-1: padding, left alone). Returns o [B, H, D]."""
-    dim, block_v = _check(q, state)
+    dim = _check(q, state)
+    if dim in _CUDA_DECODE_HEAD_DIMS and _cuda.use_compiled("lightning_decode", q):
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        return torch.ops.sala_sglang.lightning_decode(q, k, v, state, state_slots, slopes, scale)
+    return _decode_triton(q, k, v, state, state_slots, slopes, scale)
+
+
+def _decode_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    state_slots: torch.Tensor,
+    slopes: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """lightning_decode on the Triton kernel (any device Triton runs on)."""
+    dim = _check(q, state)
+    block_v = min(dim, 64)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     grid = (q.shape[0], q.shape[1], dim // block_v)
