@@ -6,10 +6,15 @@ reference's n_sel-th score minus a small tolerance; attention is compared given 
 
 from __future__ import annotations
 
-import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# the paged-cache builder is shared with benchmarks/kernels/sparse_attention.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels"))
+from sparse_inputs import compressed_buffers, paged_cache  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,21 +27,6 @@ SCORE_TOL = 2e-2
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     assert torch.isfinite(out).all()
     return float((out.double() - ref.double()).norm() / ref.double().norm())
-
-
-def paged_cache(lengths: list[int], block: int, groups: int, dim: int, dev: str):
-    pages = sum(math.ceil(n / block) for n in lengths) + 3
-    perm = torch.randperm(pages, device=dev) + 1
-    rt = torch.zeros(len(lengths) + 1, max(lengths) + block, dtype=torch.int32, device=dev)
-    used = 0
-    for r, n in enumerate(lengths):
-        own = perm[used : used + math.ceil(n / block)]
-        used += own.numel()
-        pos = torch.arange(n, device=dev)
-        rt[r + 1, :n] = (own[pos // block] * block + pos % block).to(torch.int32)
-    k = torch.randn((pages + 2) * block, groups, dim, device=dev, dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    return rt, k, v
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +102,70 @@ def test_dense_mode_attends_to_every_block(released, splits: int) -> None:
     vals = v_buf[rt[1, :8000].long()].double().cpu()
     expect = ref.dense_attention(q.double().cpu(), keys, vals, pos.long().cpu(), D**-0.5)
     assert rel_err(out.cpu(), expect) < 1e-2
+
+
+def test_token_tiles_spanning_two_requests_select_like_the_reference(released) -> None:
+    """Prefill-shaped selection (no split-K, so tokens are tiled) over interleaved tokens of two
+    requests: every tile that holds both must sweep each request's own compressed keys."""
+    from sala_sglang.ops import sparse as ops
+    from sala_sglang.reference import sparse as ref
+
+    torch.manual_seed(1)
+    cfg, dev, G, HQ, D = released, "cuda", 2, 32, 128
+    lengths = [9000, 7001]
+    rt, k_buf, _ = paged_cache(lengths, cfg.block_size, G, D, dev)
+    k1, _ = compressed_buffers(k_buf, rt, lengths, cfg)
+    treq = torch.tensor([1, 2, 1, 1, 2, 2, 2, 1, 2, 1, 1, 2, 1], dtype=torch.int32, device=dev)
+    top = torch.tensor(lengths, device=dev)[treq.long() - 1]
+    pos = (6144 + torch.rand(treq.numel(), device=dev) * (top - 6144)).int()
+    q = torch.randn(treq.numel(), HQ, D, device=dev, dtype=torch.bfloat16)
+    sel = ops.select_blocks(
+        q, k1, rt, treq, pos, cfg.kernel_size, cfg.kernel_stride, cfg.block_size, cfg.init_blocks,
+        cfg.local_blocks, cfg.num_selected_blocks, max(lengths) // cfg.block_size + 1, D**-0.5,
+    )
+    assert (sel >= 0).all()
+    for r, n in enumerate(lengths):
+        mine = treq == r + 1
+        # the reference scores the same stored (bf16) K1, so only the selection is under test
+        start = torch.arange(cfg.num_k1(n), device=dev) * cfg.kernel_stride
+        page = rt[r + 1, (start // cfg.block_size) * cfg.block_size].long() // cfg.block_size
+        stored_k1 = k1[page, (start % cfg.block_size) // cfg.kernel_stride].double().cpu()
+        scores = ref.block_scores(q[mine].double().cpu(), stored_k1, pos[mine].long().cpu(), cfg)
+        nth = scores.sort(dim=-1, descending=True).values[..., cfg.num_selected_blocks - 1]
+        chosen = scores.gather(-1, sel[mine].long().cpu())
+        assert (chosen >= nth[..., None] * (1 - 1e-4)).all()
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_runs_of_tokens_sharing_blocks_attend_like_the_reference(released, sparse: bool) -> None:
+    """Prefill-shaped attention (no split-K): neighbouring tokens' shared blocks go through the
+    tiled kernel first; a run crossing block boundaries, plus a second request, must still match."""
+    from sala_sglang.ops import sparse as ops
+    from sala_sglang.reference import sparse as ref
+
+    torch.manual_seed(2 + sparse)
+    cfg, dev, G, HQ, D = released, "cuda", 2, 32, 128
+    lengths = [9000, 7001]
+    rt, k_buf, v_buf = paged_cache(lengths, cfg.block_size, G, D, dev)
+    k1, _ = compressed_buffers(k_buf, rt, lengths, cfg)
+    pos = torch.cat([torch.arange(8170, 8210), torch.arange(6990, 7001)]).int().to(dev)
+    treq = torch.tensor([1] * 40 + [2] * 11, dtype=torch.int32, device=dev)
+    q = torch.randn(pos.numel(), HQ, D, device=dev, dtype=torch.bfloat16)
+    sel = ops.select_blocks(
+        q, k1, rt, treq, pos, cfg.kernel_size, cfg.kernel_stride, cfg.block_size, cfg.init_blocks,
+        cfg.local_blocks, cfg.num_selected_blocks, max(lengths) // cfg.block_size + 1, D**-0.5,
+    )
+    mode = torch.full_like(pos, int(sparse))
+    out = ops.block_sparse_attention(q, k_buf, v_buf, rt, treq, pos, mode, sel, cfg.block_size,
+                                     D**-0.5)
+    for r, n in enumerate(lengths):
+        mine = (treq == r + 1).cpu()
+        keys = k_buf[rt[r + 1, :n].long()].double().cpu()
+        vals = v_buf[rt[r + 1, :n].long()].double().cpu()
+        qs, ps = q.cpu()[mine].double(), pos.cpu()[mine].long()
+        if sparse:
+            expect = ref.sparse_attention(qs, keys, vals, ps, sel.cpu()[mine].long(),
+                                          cfg.block_size, D**-0.5)
+        else:
+            expect = ref.dense_attention(qs, keys, vals, ps, D**-0.5)
+        assert rel_err(out.cpu()[mine], expect) < 1e-2

@@ -1,0 +1,115 @@
+"""Inputs for the InfLLM-v2 ops in the serving layout (sala_sglang/attention/sparse_backend.py):
+a paged KV cache with shuffled pages (page size = block size), its req_to_token table, the K1/K2
+compressed-key buffers beside the pages, and per-token query metadata. Shared by
+benchmarks/kernels/sparse_attention.py and tests/test_gpu_sparse_ops.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sala_sglang.config import SparseConfig
+from sala_sglang.ops.sparse import compress_new_windows
+
+
+def paged_cache(
+    lengths: list[int], block: int, groups: int, dim: int, dev: str,
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """req_to_token [len(lengths) + 1, max_len + block] (row r + 1 = request r, row 0 unused),
+    k, v [slots, groups, dim] random, each request's pages shuffled over the pool."""
+    pages = sum(math.ceil(n / block) for n in lengths) + 3
+    perm = torch.randperm(pages, device=dev) + 1
+    rt = torch.zeros(len(lengths) + 1, max(lengths) + block, dtype=torch.int32, device=dev)
+    used = 0
+    for r, n in enumerate(lengths):
+        own = perm[used : used + math.ceil(n / block)]
+        used += own.numel()
+        pos = torch.arange(n, device=dev)
+        rt[r + 1, :n] = (own[pos // block] * block + pos % block).to(torch.int32)
+    k = torch.randn((pages + 2) * block, groups, dim, device=dev, dtype=dtype)
+    v = torch.randn_like(k)
+    return rt, k, v
+
+
+@dataclass
+class SparseInputs:
+    """One sparse layer's state for requests of `lengths` keys and a batch of query tokens."""
+
+    cfg: SparseConfig
+    rt: torch.Tensor  # [requests + 1, max_len + block] int32
+    k: torch.Tensor  # [slots, G, D]
+    v: torch.Tensor
+    k1: torch.Tensor  # [pages, rows_per_block, G, D]
+    k2: torch.Tensor
+    lengths: list[int]
+    q: torch.Tensor  # [T, Hq, D]
+    token_req: torch.Tensor  # [T] int32 row of rt
+    token_pos: torch.Tensor  # [T] int32
+    token_sparse: torch.Tensor  # [T] int32 (all 1: every token takes the sparse path)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return torch.arange(1, len(self.lengths) + 1, dtype=torch.int32, device=self.rt.device)
+
+    def request_keys(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of request r (0-based) in position order: [len, G, D] each."""
+        idx = self.rt[r + 1, : self.lengths[r]].long()
+        return self.k[idx], self.v[idx]
+
+
+def compressed_buffers(
+    k: torch.Tensor, rt: torch.Tensor, lengths: list[int], cfg: SparseConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K1 and K2 of every request, written by the serving kernel from nothing to `lengths`."""
+    pages = k.shape[0] // cfg.block_size
+    slots = torch.arange(1, len(lengths) + 1, dtype=torch.int32, device=k.device)
+    new = torch.tensor(lengths, dtype=torch.int32, device=k.device)
+    out = []
+    for size, stride in ((cfg.kernel_size, cfg.kernel_stride),
+                         (cfg.k2_kernel_size, cfg.k2_kernel_stride)):
+        buf = torch.zeros(pages, cfg.rows_per_block(stride), *k.shape[1:], dtype=k.dtype,
+                          device=k.device)
+        compress_new_windows(k, buf, rt, slots, torch.zeros_like(new), new, size, stride,
+                             cfg.block_size, max_new_windows=max(lengths) // stride + 2)
+        out.append(buf)
+    return out[0], out[1]
+
+
+def correlated_queries(tokens: int, heads: int, dim: int, shared: float, dev: str) -> torch.Tensor:
+    """Unit-variance queries whose direction is `shared` (0..1) common to all tokens of a head:
+    neighbouring tokens then select overlapping blocks, as real queries tend to."""
+    common = torch.randn(1, heads, dim, device=dev)
+    own = torch.randn(tokens, heads, dim, device=dev)
+    return (shared**0.5 * common + (1 - shared) ** 0.5 * own).to(torch.bfloat16)
+
+
+def prefill_chunk(
+    cfg: SparseConfig, context: int, chunk: int, heads: int, groups: int, dim: int, dev: str,
+    shared: float = 0.0,
+) -> SparseInputs:
+    """One request of `context` cached keys; the queries are its last `chunk` tokens (the
+    chunked-prefill step that completes the prompt), all in sparse mode."""
+    rt, k, v = paged_cache([context], cfg.block_size, groups, dim, dev)
+    k1, k2 = compressed_buffers(k, rt, [context], cfg)
+    pos = torch.arange(context - chunk, context, dtype=torch.int32, device=dev)
+    q = correlated_queries(chunk, heads, dim, shared, dev)
+    ones = torch.ones_like(pos)
+    return SparseInputs(cfg, rt, k, v, k1, k2, [context], q, ones, pos, ones)
+
+
+def decode_batch(
+    cfg: SparseConfig, context: int, batch: int, heads: int, groups: int, dim: int, dev: str
+) -> SparseInputs:
+    """`batch` requests of `context` keys each, one decode query per request at its last position
+    (the new token's key is already cached, as in serving)."""
+    rt, k, v = paged_cache([context] * batch, cfg.block_size, groups, dim, dev)
+    k1, k2 = compressed_buffers(k, rt, [context] * batch, cfg)
+    req = torch.arange(1, batch + 1, dtype=torch.int32, device=dev)
+    pos = torch.full((batch,), context - 1, dtype=torch.int32, device=dev)
+    q = torch.randn(batch, heads, dim, device=dev, dtype=torch.bfloat16)
+    return SparseInputs(cfg, rt, k, v, k1, k2, [context] * batch, q, req, pos,
+                        torch.ones_like(pos))
