@@ -1,0 +1,101 @@
+"""The long-context benchmark's arithmetic (FLOPs, bytes per token) against SPEC section 3, its
+table and plots from result files, the soak plan, and `sala-sglang bench` without a GPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sala_sglang.benchmarking import MODELS, stream_one
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sala_counts_match_the_spec() -> None:
+    sala = MODELS["sala"]
+    assert sala.matmul_params() == pytest.approx(8.875e9, rel=1e-3)  # SPEC: 2 x 8.875 B per token
+    assert sala.prefill_flops(262144) == pytest.approx(5.1e15, rel=0.03)  # SPEC: ~5.1 PFLOP
+    kv = 8 * 2 * 2 * 128 * 2  # SPEC: 8 KiB/token of KV in the 8 sparse layers
+    assert kv < sala.cache_bytes_per_token() < kv * (1 + 1 / 16 + 1 / 64) + 1
+    assert sala.state_bytes_per_request() == 24 * 32 * 128 * 128 * 4
+
+
+def test_dense_baseline_counts() -> None:
+    dense = MODELS["qwen3-8b"]
+    assert dense.matmul_params() == pytest.approx(6.95e9, rel=1e-2)  # Qwen3-8B without embeddings
+    assert dense.cache_bytes_per_token() == 36 * 2 * 8 * 128 * 2
+    n = 65536  # causal attention grows as n^2: the dense model's long-context cost
+    assert dense.attention_flops(2 * n) / dense.attention_flops(n) == pytest.approx(4, rel=1e-3)
+    # SALA's quadratic term is only stage-1 scoring over compressed keys (1 per 16 tokens, 8 layers)
+    big = 1 << 20
+    assert MODELS["sala"].attention_flops(big) < dense.attention_flops(big) / 100
+
+
+def _record(model: str, backend: str, points: list[dict]) -> dict:
+    return {"model": f"{model}: config.json, random weights", "attention_backend": backend,
+            "device": "GPU", "batch1": points}
+
+
+def test_table_and_plots_from_result_files(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import plot_long_context as plot
+
+    sala = [{"input_tokens": n, "ttft_s": n / 2e4, "decode_tok_per_s": 90.0, "mfu": 0.4}
+            for n in (65536, 131072, 262144)]
+    dense = [{"input_tokens": 65536, "ttft_s": 5.0, "decode_tok_per_s": 99.0},
+             {"input_tokens": 131072, "ttft_s": 17.0, "note": "includes JIT"},
+             {"input_tokens": 262144, "error": "rejected"}]
+    (tmp_path / "long_context_sala_x.json").write_text(json.dumps(_record("sala", "m", sala)))
+    (tmp_path / "long_context_qwen3-8b_x.json").write_text(
+        json.dumps(_record("qwen3-8b", "flashinfer", dense)))
+    runs = plot.load_runs(tmp_path)
+    table = plot.table(runs)
+    assert "| 64K | 3.28 | 90.0 | 40% | 5.00 | 99.0 | 1.53x |" in table
+    assert "| 128K | 6.55 | 90.0 | 40% | - | - | - |" in table  # the noted point is left out
+    assert "does not fit" in table.splitlines()[-1]
+    pytest.importorskip("matplotlib")
+    assert all(path.stat().st_size > 0 for path in plot.plot(runs, tmp_path))
+
+
+def test_soak_plan_covers_both_modes_and_aborts() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import soak
+
+    plans = soak.make_plans(1000, 65536, 0.1, seed=0)
+    aborted = [p for p in plans if p.abort_after is not None]
+    assert 70 <= len(aborted) <= 130 and all(p.stream for p in aborted)
+    lengths = [p.prompt_len for p in plans]
+    assert min(lengths) >= 1 and max(lengths) <= 65536
+    assert sum(n <= 256 for n in lengths) > 200 and sum(n > 8192 for n in lengths) > 100
+    assert {p.api for p in plans} == {"native", "openai"}
+    assert soak.make_plans(1000, 65536, 0.1, seed=0) == plans
+
+
+def test_streamed_rejection_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Streamed:
+        status_code = 200
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def iter_lines(self):
+            yield b'data: {"error": {"message": "input is longer than the KV pool"}}'
+
+    monkeypatch.setattr("sala_sglang.benchmarking.requests.post", lambda *a, **k: Streamed())
+    assert stream_one("http://x", [1, 2, 3], 4) == {
+        "error": {"message": "input is longer than the KV pool"}}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_bench_without_a_gpu_says_so(capsys: pytest.CaptureFixture) -> None:
+    from sala_sglang.cli import main
+
+    assert main(["bench", "--lengths", "1024"]) == 2
+    assert "no CUDA GPU visible" in capsys.readouterr().err
