@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -141,9 +142,8 @@ class SparseLayerBackend(AttentionBackend):
         token_orig = torch.repeat_interleave(
             orig.to(torch.int32), fb.extend_seq_lens, output_size=tokens
         )
-        longest = max(
-            p + n for p, n in zip(fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)
-        )
+        # host-side lists SGLang already holds: no device sync, no per-request Python loop
+        longest = max(map(operator.add, fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu))
         return TokenMetadata(
             token_req=token_req,
             token_pos=pos,
