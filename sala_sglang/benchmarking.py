@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.metadata as md
 import json
 import platform
@@ -29,7 +30,7 @@ import requests
 from sala_sglang.cli import RECOMMENDED_SERVE_FLAGS
 from sala_sglang.config import RELEASED_CONFIG_PATH, MiniCPMSALAConfig
 from sala_sglang.served_check import Server
-from sala_sglang.tiny import TOKENIZER_CONFIG, TOKENIZER_PATH
+from sala_sglang.tiny import TINY_VOCAB_SIZE, TOKENIZER_CONFIG, TOKENIZER_PATH
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 QWEN3_8B_CONFIG_PATH = DATA_DIR / "qwen3_8b_config.json"
@@ -84,17 +85,22 @@ class ModelShape:
     config_path: Path
     server_flags: tuple[str, ...]
 
+    @functools.cached_property
     def raw_config(self) -> dict:
         return json.loads(self.config_path.read_text())
+
+    @functools.cached_property
+    def sala_config(self) -> MiniCPMSALAConfig:
+        return MiniCPMSALAConfig(**self.raw_config)
 
     def matmul_params(self) -> int:
         """Parameters multiplied per prompt token (all but the embedding and the LM head, which
         SGLang applies to the last token only)."""
-        c = self.raw_config()
+        c = self.raw_config
         h, inter, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
         mlp = 3 * h * inter
         if self.name == "sala":
-            cfg = MiniCPMSALAConfig(**c)
+            cfg = self.sala_config
             q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
             sparse = h * q + 2 * h * kv + q * h + h * h  # q, k, v, o, output gate
             lin = c["lightning_nh"] * c["lightning_head_dim"]
@@ -106,10 +112,10 @@ class ModelShape:
 
     def attention_flops(self, n: int) -> float:
         """Attention FLOPs of an n-token prefill (QK^T and PV over the keys each token needs)."""
-        c = self.raw_config()
+        c = self.raw_config
         per_key = 4 * c["num_attention_heads"] * c["head_dim"]
         if self.name == "sala":
-            cfg = MiniCPMSALAConfig(**c)
+            cfg = self.sala_config
             keys_cap = cfg.sparse.max_sparse_keys
             dense_part = min(n, keys_cap)
             keys = dense_part * (dense_part + 1) / 2 + max(0, n - keys_cap) * keys_cap
@@ -125,9 +131,9 @@ class ModelShape:
 
     def cache_bytes_per_token(self) -> int:
         """KV-cache bytes per token in bf16 (SALA: the 8 sparse layers plus K1/K2)."""
-        c = self.raw_config()
+        c = self.raw_config
         if self.name == "sala":
-            cfg = MiniCPMSALAConfig(**c)
+            cfg = self.sala_config
             kv = len(cfg.sparse_layer_ids) * 2 * c["num_key_value_heads"] * c["head_dim"] * 2
             k = kv // 2
             sp = cfg.sparse
@@ -138,7 +144,7 @@ class ModelShape:
 
     def state_bytes_per_request(self) -> int:
         if self.name == "sala":
-            return MiniCPMSALAConfig(**self.raw_config()).linear_state_bytes_per_request()
+            return self.sala_config.linear_state_bytes_per_request()
         return 0
 
 
@@ -207,8 +213,9 @@ def stream_one(url: str, ids: list[int], new_tokens: int, timeout_s: float = 720
         for line in r.iter_lines():
             if line.startswith(b"data: ") and line != b"data: [DONE]":
                 stamps.append(time.perf_counter())
-                if b'"error"' in line[:200]:  # SGLang streams a rejection as a data chunk
-                    return {"error": json.loads(line[6:]).get("error")}
+                chunk = json.loads(line[6:])
+                if "error" in chunk:  # SGLang streams a rejection as a data chunk (HTTP 200)
+                    return {"error": chunk["error"]}
     if not stamps:
         return {"error": "no tokens streamed"}
     decode_s = stamps[-1] - stamps[0]
@@ -286,7 +293,7 @@ def run(args: argparse.Namespace) -> Path:
         server.wait_ready()
         record["startup_s"] = round(time.perf_counter() - started, 1)
         record["max_total_num_tokens"] = _pool_tokens(server.url)
-        vocab = 1280  # the tiny tokenizer's size: every id is valid for both models
+        vocab = TINY_VOCAB_SIZE  # the tokenizer both servers get: every id is valid for both
         # Warm-up: two full prefill chunks and a few decode steps, so that kernel JIT and
         # autotuning are not charged to the first measured point.
         stream_one(server.url, _random_ids(16384, vocab, 0), 16)
