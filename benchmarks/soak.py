@@ -115,14 +115,14 @@ def run_one(url: str, plan: Plan, seed: int) -> dict:
     return outcome
 
 
-def loads(url: str) -> dict:
-    """The scheduler's load counters (/v1/loads, first DP rank)."""
-    r = requests.get(url + "/v1/loads", timeout=30)
-    r.raise_for_status()
-    row = r.json()["loads"][0]
-    keep = ("num_running_reqs", "num_waiting_reqs", "num_used_tokens", "num_total_tokens",
-            "max_total_num_tokens", "token_usage", "memory")
-    return {k: row[k] for k in keep if k in row}
+LOAD_KEYS = ("num_running_reqs", "num_waiting_reqs", "num_used_tokens", "num_total_tokens",
+             "max_total_num_tokens", "token_usage", "memory")
+
+
+def loads(server: Server) -> dict:
+    """The load counters the soak records before and after."""
+    row = server.load()
+    return {k: row[k] for k in LOAD_KEYS if k in row}
 
 
 def main() -> int:
@@ -148,7 +148,7 @@ def main() -> int:
     done: list[dict] = []
     try:
         server.wait_ready()
-        record["load_before"] = loads(server.url)
+        record["load_before"] = loads(server)
         print(f"[soak] {len(plans)} requests, {args.concurrency} at a time", flush=True)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.concurrency) as pool:
@@ -162,7 +162,7 @@ def main() -> int:
         record["server_alive_after_idle"] = server.alive()
         record["health_after"] = (requests.get(server.url + "/health", timeout=30).status_code
                                   if server.alive() else None)
-        record["load_after"] = loads(server.url) if server.alive() else None
+        record["load_after"] = loads(server) if server.alive() else None
     finally:
         server.stop()
         log = server.tail(10**8)

@@ -84,6 +84,13 @@ class Server:
                 self.proc.wait()
         self.log.close()
 
+    def load(self) -> dict:
+        """The scheduler's load counters from /v1/loads (first DP rank): running and waiting
+        requests, used and total KV tokens."""
+        r = requests.get(self.url + "/v1/loads", timeout=30)
+        r.raise_for_status()
+        return r.json()["loads"][0]
+
     def generate(self, input_ids: list[int], max_new_tokens: int, **extra: Any) -> dict:
         body = {
             "input_ids": input_ids,

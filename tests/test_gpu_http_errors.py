@@ -94,14 +94,12 @@ def test_bad_openai_request_gets_4xx_and_server_keeps_serving(server, case: str)
 
 
 def test_pools_free_after_bad_requests(server) -> None:
-    import requests
-
     time.sleep(3)  # idle: the strict pool checks run
     assert server.alive(), server.tail()
     assert "leak" not in server.tail(10**7).lower()
     deadline = time.time() + 20  # the load snapshot is published periodically
     while True:
-        row = requests.get(server.url + "/v1/loads", timeout=30).json()["loads"][0]
+        row = server.load()
         if (row["num_used_tokens"], row["num_running_reqs"]) == (0, 0) or time.time() > deadline:
             break
         time.sleep(1)
