@@ -87,37 +87,12 @@ class MiniCPMSALASparseAttention(nn.Module):
         self.num_kv_heads = max(1, config.num_key_value_heads // tp_size)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = QKVParallelLinear(
-            config.hidden_size,
-            self.head_dim,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            bias=False,
-            quant_config=quant_config,
-            prefix=add_prefix("qkv_proj", prefix),
+        self.qkv_proj, self.o_gate, self.o_proj = _gated_projections(
+            config, self.head_dim, config.num_attention_heads, config.num_key_value_heads,
+            "o_gate", quant_config, prefix,
         )
-        self.o_gate = ColumnParallelLinear(
-            config.hidden_size,
-            config.num_attention_heads * self.head_dim,
-            bias=False,
-            quant_config=quant_config,
-            prefix=add_prefix("o_gate", prefix),
-        )
-        self.o_proj = RowParallelLinear(
-            config.num_attention_heads * self.head_dim,
-            config.hidden_size,
-            bias=False,
-            quant_config=quant_config,
-            prefix=add_prefix("o_proj", prefix),
-        )
-        self.attn = RadixAttention(
-            self.num_heads,
-            self.head_dim,
-            self.head_dim**-0.5,
-            num_kv_heads=self.num_kv_heads,
-            layer_id=layer_id,
-            quant_config=quant_config,
-            prefix=add_prefix("attn", prefix),
+        self.attn = _radix_attention(
+            self.num_heads, self.head_dim, self.num_kv_heads, layer_id, quant_config, prefix
         )
 
     def forward(
@@ -148,28 +123,9 @@ class MiniCPMSALALightningAttention(nn.Module):
         self.num_heads = config.lightning_nh // self.tp_size
         self.inner_size = self.num_heads * self.head_dim
         self.eps = config.rms_norm_eps
-        self.qkv_proj = QKVParallelLinear(
-            config.hidden_size,
-            self.head_dim,
-            config.lightning_nh,
-            config.lightning_nkv,
-            bias=False,
-            quant_config=quant_config,
-            prefix=add_prefix("qkv_proj", prefix),
-        )
-        self.z_proj = ColumnParallelLinear(
-            config.hidden_size,
-            config.lightning_nh * self.head_dim,
-            bias=False,
-            quant_config=quant_config,
-            prefix=add_prefix("z_proj", prefix),
-        )
-        self.o_proj = RowParallelLinear(
-            config.lightning_nh * self.head_dim,
-            config.hidden_size,
-            bias=False,
-            quant_config=quant_config,
-            prefix=add_prefix("o_proj", prefix),
+        self.qkv_proj, self.z_proj, self.o_proj = _gated_projections(
+            config, self.head_dim, config.lightning_nh, config.lightning_nkv, "z_proj",
+            quant_config, prefix,
         )
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -184,14 +140,8 @@ class MiniCPMSALALightningAttention(nn.Module):
             base=config.rope_theta,
             is_neox_style=True,
         )
-        self.attn = RadixAttention(
-            self.num_heads,
-            self.head_dim,
-            self.head_dim**-0.5,
-            num_kv_heads=self.num_heads,
-            layer_id=layer_id,
-            quant_config=quant_config,
-            prefix=add_prefix("attn", prefix),
+        self.attn = _radix_attention(
+            self.num_heads, self.head_dim, self.num_heads, layer_id, quant_config, prefix
         )
 
     def forward(
@@ -344,6 +294,51 @@ class MiniCPMSALAForCausalLM(nn.Module):
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(target)
         return loaded
+
+
+def _gated_projections(
+    config: MiniCPMSALAConfig,
+    head_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    gate_name: str,
+    quant_config: Optional[QuantizationConfig],
+    prefix: str,
+) -> tuple[QKVParallelLinear, ColumnParallelLinear, RowParallelLinear]:
+    """Fused q/k/v, the sigmoid output gate and the output projection of either mixer, TP-sharded
+    by head (num_heads and num_kv_heads are the global counts)."""
+    linear = dict(bias=False, quant_config=quant_config)
+    inner = num_heads * head_dim
+    return (
+        QKVParallelLinear(
+            config.hidden_size, head_dim, num_heads, num_kv_heads,
+            prefix=add_prefix("qkv_proj", prefix), **linear,
+        ),
+        ColumnParallelLinear(
+            config.hidden_size, inner, prefix=add_prefix(gate_name, prefix), **linear
+        ),
+        RowParallelLinear(inner, config.hidden_size, prefix=add_prefix("o_proj", prefix), **linear),
+    )
+
+
+def _radix_attention(
+    num_heads: int,
+    head_dim: int,
+    num_kv_heads: int,
+    layer_id: int,
+    quant_config: Optional[QuantizationConfig],
+    prefix: str,
+) -> RadixAttention:
+    """The layer's handle on the backend (this rank's head counts; scale 1/sqrt(head_dim))."""
+    return RadixAttention(
+        num_heads,
+        head_dim,
+        head_dim**-0.5,
+        num_kv_heads=num_kv_heads,
+        layer_id=layer_id,
+        quant_config=quant_config,
+        prefix=add_prefix("attn", prefix),
+    )
 
 
 def _check_divisible(field: str, value: int, tp_size: int) -> None:

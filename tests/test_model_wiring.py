@@ -1,0 +1,121 @@
+"""The SGLang model class on the CPU: weights load by name, and the layers around attention match
+the reference model.
+
+The attention itself is delegated to a stand-in backend that runs the reference's attention
+functions (the real backends have their own tests), so any difference left is in the model's own
+code: fused projection splits, norms, RoPE, gates, residual and embedding scales, the logit
+divisor. The prompt crosses the tiny checkpoint's dense_len and is fed in two uneven chunks, then
+decoded token by token, so positions run on from an offset.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("sglang")
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, socket, sys, tempfile
+    from pathlib import Path
+    from types import SimpleNamespace
+    import torch
+
+    # SGLang picks a CUDA-only RoPE kernel on a machine that is neither CUDA nor its CPU engine.
+    import sglang.srt.layers.rotary_embedding.base as rope_base
+    rope_base._is_cpu = True
+    import sglang.srt.layers.radix_attention as radix_attention
+    from sglang.srt.distributed import parallel_state
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+
+    from sala_sglang import plugin
+    from sala_sglang.config import SPARSE_MIXER, MiniCPMSALAConfig
+    from sala_sglang.reference import ReferenceModel
+    from sala_sglang.reference.lightning import lightning_chunked, lightning_slopes
+    from sala_sglang.reference.sparse import compress_keys, sparse_layer_attention
+    from sala_sglang.tiny import make_tiny
+
+    torch.set_default_dtype(torch.float64)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    parallel_state.init_distributed_environment(
+        world_size=1, rank=0, local_rank=0, backend="gloo",
+        distributed_init_method=f"tcp://127.0.0.1:{port}")
+    parallel_state.initialize_model_parallel(1)
+    plugin.register()
+
+    path = make_tiny(Path(tempfile.mkdtemp()))
+    set_global_server_args_for_scheduler(
+        ServerArgs(model_path=str(path), device="cpu", attention_backend="minicpm_flashinfer"))
+    from sala_sglang.models.minicpm_sala import MiniCPMSALAForCausalLM
+
+    config = MiniCPMSALAConfig.from_pretrained(path)
+    model = MiniCPMSALAForCausalLM(config).eval()
+    reference = ReferenceModel.from_pretrained(path, dtype=torch.float64)
+    weights = {k: v.double() for k, v in reference.state_dict().items()}
+    loaded = model.load_weights(weights.items())
+    unloaded = sorted(set(dict(model.named_parameters())) - loaded)
+
+    class ReferenceAttention:
+        # Keeps one request's keys, values and recurrent states; attends as the reference does.
+        def __init__(self, prompt_len):
+            self.prompt_len, self.kv, self.state = prompt_len, {}, {}
+
+        def forward(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+            lid, pos = layer.layer_id, forward_batch.positions
+            q = q.view(len(pos), layer.tp_q_head_num, layer.head_dim)
+            if config.mixer_types[lid] == SPARSE_MIXER:
+                old_k, old_v = self.kv.get(lid, (k[:0], v[:0]))
+                keys, values = torch.cat([old_k, k]), torch.cat([old_v, v])
+                self.kv[lid] = keys, values
+                sp = config.sparse
+                k1 = compress_keys(keys, sp.kernel_size, sp.kernel_stride)
+                out = sparse_layer_attention(q, keys, values, k1, pos, self.prompt_len, sp,
+                                             sp.dense_len, layer.scaling)
+            else:
+                slopes = lightning_slopes(layer.tp_q_head_num)
+                out, self.state[lid] = lightning_chunked(q, k, v, slopes, layer.scaling,
+                                                         initial_state=self.state.get(lid))
+            return out.reshape(len(pos), -1)
+
+    torch.manual_seed(0)
+    prompt_len, new_tokens = 300, 3
+    ids = torch.randint(0, config.vocab_size, (prompt_len + new_tokens,))
+    steps = [(0, 131, ForwardMode.EXTEND), (131, prompt_len, ForwardMode.EXTEND)]
+    steps += [(t, t + 1, ForwardMode.DECODE) for t in range(prompt_len, prompt_len + new_tokens)]
+    backend = ReferenceAttention(prompt_len)
+    radix_attention.get_attn_backend = lambda: backend
+    logits = []
+    with torch.no_grad():
+        for start, end, mode in steps:
+            pos = torch.arange(start, end)
+            batch = SimpleNamespace(forward_mode=mode, positions=pos)
+            hidden = model.model(ids[start:end], pos, batch) / config.logit_divisor
+            logits.append(hidden @ model.lm_head.weight.T)
+        ours = torch.cat(logits)
+        cache = reference.new_cache(prompt_len)
+        ref = torch.cat([reference.forward(ids[:prompt_len], cache)]
+                        + [reference.forward(ids[t:t + 1], cache)
+                           for t in range(prompt_len, prompt_len + new_tokens)])
+    print(json.dumps({"unloaded": unloaded, "tokens": len(ours),
+                      "rel_err": float((ours - ref).norm() / ref.norm())}))
+    """
+)
+
+
+def test_sglang_model_matches_reference_around_attention() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["unloaded"] == [], result
+    assert result["tokens"] == 303, result
+    assert result["rel_err"] < 1e-5, result  # SGLang keeps RoPE tables and norms in fp32
