@@ -176,9 +176,9 @@ class MiniCPMSALADecoderLayer(nn.Module):
         prefix: str,
     ) -> None:
         super().__init__()
-        self.residual_scale = config.residual_scale
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        eps = _stream_norm_eps(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps)
         mixer_cls = (
             MiniCPMSALASparseAttention
             if config.mixer_types[layer_id] == SPARSE_MIXER
@@ -188,12 +188,22 @@ class MiniCPMSALADecoderLayer(nn.Module):
         self.mlp = MiniCPMSALAMLP(config, quant_config, add_prefix("mlp", prefix))
 
     def forward(
-        self, positions: torch.Tensor, hidden_states: torch.Tensor, forward_batch: ForwardBatch
-    ) -> torch.Tensor:
-        mixed = self.self_attn(positions, self.input_layernorm(hidden_states), forward_batch)
-        hidden_states = hidden_states + mixed * self.residual_scale
-        mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states + mlp_out * self.residual_scale
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: Optional[torch.Tensor],
+        forward_batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden_states: the previous sublayer's output (the scaled embedding for layer 0, whose
+        residual is None), to be added to the residual stream -> (this MLP's output, stream)."""
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states, forward_batch)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
 
 
 class MiniCPMSALAModel(nn.Module):
@@ -209,7 +219,7 @@ class MiniCPMSALAModel(nn.Module):
             MiniCPMSALADecoderLayer(config, i, quant_config, add_prefix(f"layers.{i}", prefix))
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=_stream_norm_eps(config))
 
     def forward(
         self,
@@ -220,10 +230,12 @@ class MiniCPMSALAModel(nn.Module):
     ) -> torch.Tensor:
         if input_embeds is None:
             input_embeds = self.embed_tokens(input_ids)
-        hidden_states = input_embeds * self.config.scale_emb
+        hidden_states = input_embeds * (self.config.scale_emb / self.config.residual_scale)
+        residual = None
         for layer in self.layers:
-            hidden_states = layer(positions, hidden_states, forward_batch)
-        return self.norm(hidden_states)
+            hidden_states, residual = layer(positions, hidden_states, residual, forward_batch)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
 
 
 class MiniCPMSALAForCausalLM(nn.Module):
@@ -294,6 +306,17 @@ class MiniCPMSALAForCausalLM(nn.Module):
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(target)
         return loaded
+
+
+def _stream_norm_eps(config: MiniCPMSALAConfig) -> float:
+    """eps of the norms that read the residual stream.
+
+    The model adds each sublayer's output times residual_scale s to the stream h. We keep h / s
+    instead, so outputs add unscaled and SGLang's fused add+RMSNorm does the add and the next norm
+    in one kernel; RMSNorm is then exact with eps / s^2: (h/s) / sqrt(mean((h/s)^2) + eps/s^2) =
+    h / sqrt(mean(h^2) + eps).
+    """
+    return config.rms_norm_eps / config.residual_scale**2
 
 
 def _gated_projections(
