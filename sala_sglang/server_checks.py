@@ -108,8 +108,15 @@ def _reject_unsupported(args: Any, config: dict) -> None:
     tp_size = getattr(args, "tp_size", 1) or 1
     heads, kv_heads = config.get("num_attention_heads", 32), config.get("num_key_value_heads", 2)
     lightning_heads = config.get("lightning_nh", 32)
-    if heads % tp_size or lightning_heads % tp_size or (kv_heads % tp_size and tp_size % kv_heads):
+    if heads % tp_size or lightning_heads % tp_size:
         raise UnsupportedServerOption(
             f"--tp-size {tp_size}: it must divide num_attention_heads ({heads}) and lightning_nh "
-            f"({lightning_heads}) and divide or be a multiple of num_key_value_heads ({kv_heads})"
+            f"({lightning_heads})"
+        )
+    if kv_heads % tp_size:
+        # A replicated kv head would leave each GPU part of its query group, and InfLLM-v2 picks
+        # blocks from scores summed over the whole group.
+        raise UnsupportedServerOption(
+            f"--tp-size {tp_size}: it must divide num_key_value_heads ({kv_heads}), so that the "
+            "sparse layers' block selection sees all query heads of a kv head on one GPU"
         )

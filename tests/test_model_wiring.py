@@ -5,15 +5,19 @@ The attention itself is delegated to a stand-in backend that runs the reference'
 functions (the real backends have their own tests), so any difference left is in the model's own
 code: fused projection splits, norms, RoPE, gates, residual and embedding scales, the logit
 divisor. The prompt crosses the tiny checkpoint's dense_len and is fed in two uneven chunks, then
-decoded token by token, so positions run on from an offset.
+decoded token by token, so positions run on from an offset. With tensor parallelism (gloo on the
+CPU) each rank attends over its own heads, and the logits gathered from the vocabulary shards
+must be the same.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +25,7 @@ pytest.importorskip("sglang")
 
 SCRIPT = textwrap.dedent(
     """
-    import json, socket, sys, tempfile
+    import json, sys
     from pathlib import Path
     from types import SimpleNamespace
     import torch
@@ -31,6 +35,7 @@ SCRIPT = textwrap.dedent(
     rope_base._is_cpu = True
     import sglang.srt.layers.radix_attention as radix_attention
     from sglang.srt.distributed import parallel_state
+    from sglang.srt.layers.dp_attention import initialize_dp_attention
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
     from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
 
@@ -39,24 +44,27 @@ SCRIPT = textwrap.dedent(
     from sala_sglang.reference import ReferenceModel
     from sala_sglang.reference.lightning import lightning_chunked, lightning_slopes
     from sala_sglang.reference.sparse import compress_keys, sparse_layer_attention
-    from sala_sglang.tiny import make_tiny
 
+    rank, tp, port, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
     torch.set_default_dtype(torch.float64)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # Plain gloo collectives: SGLang's NCCL and custom all-reduce communicators need GPUs.
+    make_group = parallel_state.init_model_parallel_group
+    parallel_state.init_model_parallel_group = lambda *args, **kwargs: make_group(
+        *args, **{**kwargs, "use_pynccl": False, "use_custom_allreduce": False})
     parallel_state.init_distributed_environment(
-        world_size=1, rank=0, local_rank=0, backend="gloo",
+        world_size=tp, rank=rank, local_rank=rank, backend="gloo",
         distributed_init_method=f"tcp://127.0.0.1:{port}")
-    parallel_state.initialize_model_parallel(1)
+    parallel_state.initialize_model_parallel(tp)
     plugin.register()
 
-    path = make_tiny(Path(tempfile.mkdtemp()))
-    set_global_server_args_for_scheduler(
-        ServerArgs(model_path=str(path), device="cpu", attention_backend="minicpm_flashinfer"))
+    server_args = ServerArgs(model_path=str(path), device="cpu", tp_size=tp,
+                             attention_backend="minicpm_flashinfer")
+    set_global_server_args_for_scheduler(server_args)
+    config = MiniCPMSALAConfig.from_pretrained(path)
+    initialize_dp_attention(server_args, SimpleNamespace(
+        hf_config=config, hidden_size=config.hidden_size, dtype=torch.float64))
     from sala_sglang.models.minicpm_sala import MiniCPMSALAForCausalLM
 
-    config = MiniCPMSALAConfig.from_pretrained(path)
     model = MiniCPMSALAForCausalLM(config).eval()
     reference = ReferenceModel.from_pretrained(path, dtype=torch.float64)
     weights = {k: v.double() for k, v in reference.state_dict().items()}
@@ -80,7 +88,8 @@ SCRIPT = textwrap.dedent(
                 out = sparse_layer_attention(q, keys, values, k1, pos, self.prompt_len, sp,
                                              sp.dense_len, layer.scaling)
             else:
-                slopes = lightning_slopes(layer.tp_q_head_num)
+                heads = layer.tp_q_head_num
+                slopes = lightning_slopes(heads * tp)[rank * heads:(rank + 1) * heads]
                 out, self.state[lid] = lightning_chunked(q, k, v, slopes, layer.scaling,
                                                          initial_state=self.state.get(lid))
             return out.reshape(len(pos), -1)
@@ -98,24 +107,42 @@ SCRIPT = textwrap.dedent(
             pos = torch.arange(start, end)
             batch = SimpleNamespace(forward_mode=mode, positions=pos)
             hidden = model.model(ids[start:end], pos, batch) / config.logit_divisor
-            logits.append(hidden @ model.lm_head.weight.T)
+            shard = hidden @ model.lm_head.weight.T
+            shards = [torch.empty_like(shard) for _ in range(tp)]
+            torch.distributed.all_gather(shards, shard)
+            logits.append(torch.cat(shards, dim=-1)[:, :config.vocab_size])
         ours = torch.cat(logits)
         cache = reference.new_cache(prompt_len)
         ref = torch.cat([reference.forward(ids[:prompt_len], cache)]
                         + [reference.forward(ids[t:t + 1], cache)
                            for t in range(prompt_len, prompt_len + new_tokens)])
-    print(json.dumps({"unloaded": unloaded, "tokens": len(ours),
-                      "rel_err": float((ours - ref).norm() / ref.norm())}))
+    if rank == 0:
+        print(json.dumps({"unloaded": unloaded, "tokens": len(ours),
+                          "rel_err": float((ours - ref).norm() / ref.norm())}))
     """
 )
 
 
-def test_sglang_model_matches_reference_around_attention() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+@pytest.mark.parametrize("tp", [1, 2])  # the tiny checkpoint has 2 kv heads
+def test_sglang_model_matches_reference_around_attention(tp: int, tmp_path: Path) -> None:
+    from sala_sglang.tiny import make_tiny
+
+
+    path = make_tiny(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", SCRIPT, str(rank), str(tp), port, str(path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in range(tp)
+    ]
+    outputs = [rank.communicate(timeout=600) for rank in ranks]
+    for rank, (_, err) in zip(ranks, outputs):
+        assert rank.returncode == 0, err[-3000:]
+    result = json.loads(outputs[0][0].strip().splitlines()[-1])
     assert result["unloaded"] == [], result
     assert result["tokens"] == 303, result
     assert result["rel_err"] < 1e-5, result  # SGLang keeps RoPE tables and norms in fp32

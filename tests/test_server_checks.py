@@ -58,6 +58,7 @@ def test_kv_pages_are_sparse_blocks(tiny_dir: Path) -> None:
         (["--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
         (["--speculative-algorithm", "EAGLE"], "--speculative-algorithm EAGLE"),
         (["--tp-size", "3"], "--tp-size 3"),
+        (["--tp-size", "4"], "--tp-size 4: it must divide num_key_value_heads"),
         (["--attention-backend", "triton"], "--attention-backend triton"),
     ],
 )

@@ -76,15 +76,10 @@ class MiniCPMSALASparseAttention(nn.Module):
         tp_size = get_parallel().tp_size
         self.head_dim = config.head_dim
         _check_divisible("num_attention_heads", config.num_attention_heads, tp_size)
-        if not (
-            config.num_key_value_heads % tp_size == 0 or tp_size % config.num_key_value_heads == 0
-        ):
-            raise ValueError(
-                f"--tp-size {tp_size} cannot split num_key_value_heads = "
-                f"{config.num_key_value_heads}: use a tp size that divides it or is a multiple"
-            )
+        # Block selection sums scores over a kv head's whole query group: never split one.
+        _check_divisible("num_key_value_heads", config.num_key_value_heads, tp_size)
         self.num_heads = config.num_attention_heads // tp_size
-        self.num_kv_heads = max(1, config.num_key_value_heads // tp_size)
+        self.num_kv_heads = config.num_key_value_heads // tp_size
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj, self.o_gate, self.o_proj = _gated_projections(
@@ -122,7 +117,6 @@ class MiniCPMSALALightningAttention(nn.Module):
         self.head_dim = config.lightning_head_dim
         self.num_heads = config.lightning_nh // self.tp_size
         self.inner_size = self.num_heads * self.head_dim
-        self.eps = config.rms_norm_eps
         self.qkv_proj, self.z_proj, self.o_proj = _gated_projections(
             config, self.head_dim, config.lightning_nh, config.lightning_nkv, "z_proj",
             quant_config, prefix,
@@ -130,9 +124,9 @@ class MiniCPMSALALightningAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         # One RMSNorm over all heads of the layer; each TP rank holds its heads' slice.
-        self.o_norm_weight = nn.Parameter(torch.ones(self.inner_size))
+        self.o_norm = RMSNorm(self.inner_size, eps=config.rms_norm_eps)
         tp_rank = get_parallel().tp_rank
-        self.o_norm_weight.weight_loader = _slice_loader(tp_rank * self.inner_size, self.inner_size)
+        self.o_norm.weight.weight_loader = _slice_loader(tp_rank * self.inner_size, self.inner_size)
         self.rotary_emb = get_rope(
             self.head_dim,
             rotary_dim=self.head_dim,
@@ -159,12 +153,14 @@ class MiniCPMSALALightningAttention(nn.Module):
         return out
 
     def _output_norm(self, o: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return self.o_norm(o)
+        # The mean square spans every rank's heads.
         of = o.float()
-        sq_sum = of.pow(2).sum(-1, keepdim=True)
-        if self.tp_size > 1:
-            sq_sum = tensor_model_parallel_all_reduce(sq_sum)
-        rms = torch.rsqrt(sq_sum / (self.inner_size * self.tp_size) + self.eps)
-        return (of * rms).to(o.dtype) * self.o_norm_weight
+        sq_sum = tensor_model_parallel_all_reduce(of.pow(2).sum(-1, keepdim=True))
+        mean_sq = sq_sum / (self.inner_size * self.tp_size)
+        rms = torch.rsqrt(mean_sq + self.o_norm.variance_epsilon)
+        return (of * rms).to(o.dtype) * self.o_norm.weight
 
 
 class MiniCPMSALADecoderLayer(nn.Module):
@@ -288,7 +284,6 @@ class MiniCPMSALAForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb." in name:
                 continue
-            name = name.replace(".self_attn.o_norm.weight", ".self_attn.o_norm_weight")
             for fused, part, shard in self.stacked_params_mapping:
                 if part in name:
                     target = name.replace(part, fused)
