@@ -198,8 +198,10 @@ class GpuMemoryPeak:
         self._thread.join()
 
 
-def stream_one(url: str, ids: list[int], new_tokens: int, timeout_s: float = 7200) -> dict:
-    """One greedy streamed request: TTFT from send to first chunk, decode rate over the rest."""
+def stream_one(url: str, ids: list[int], new_tokens: int, timeout_s: float = 7200,
+               first_token: threading.Event | None = None) -> dict:
+    """One greedy streamed request: TTFT from send to first chunk, decode rate over the rest.
+    first_token, if given, is set when the first chunk arrives (the request is then decoding)."""
     body = {
         "input_ids": ids,
         "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True},
@@ -213,6 +215,8 @@ def stream_one(url: str, ids: list[int], new_tokens: int, timeout_s: float = 720
         for line in r.iter_lines():
             if line.startswith(b"data: ") and line != b"data: [DONE]":
                 stamps.append(time.perf_counter())
+                if first_token is not None:
+                    first_token.set()
                 chunk = json.loads(line[6:])
                 if "error" in chunk:  # SGLang streams a rejection as a data chunk (HTTP 200)
                     return {"error": chunk["error"]}
@@ -250,7 +254,7 @@ def bench_serving(url: str, tokenizer: Path, input_len: int, range_ratio: float,
     return {"command": cmd, **{k: summary[k] for k in keep if k in summary}}
 
 
-def _random_ids(n: int, vocab: int, seed: int) -> list[int]:
+def random_ids(n: int, vocab: int, seed: int) -> list[int]:
     import random
 
     rng = random.Random(seed)
@@ -296,11 +300,11 @@ def run(args: argparse.Namespace) -> Path:
         vocab = TINY_VOCAB_SIZE  # the tokenizer both servers get: every id is valid for both
         # Warm-up: two full prefill chunks and a few decode steps, so that kernel JIT and
         # autotuning are not charged to the first measured point.
-        stream_one(server.url, _random_ids(16384, vocab, 0), 16)
+        stream_one(server.url, random_ids(16384, vocab, 0), 16)
         for n in args.lengths:
             print(f"[bench] {shape.name}: {n} input tokens, {args.decode_tokens} output", flush=True)
             with GpuMemoryPeak() as mem:
-                row = {"input_tokens": n, **stream_one(server.url, _random_ids(n, vocab, n),
+                row = {"input_tokens": n, **stream_one(server.url, random_ids(n, vocab, n),
                                                       args.decode_tokens)}
             row["gpu_mem_peak_mib"] = mem.peak_mib
             row["context_cache_gib"] = round(

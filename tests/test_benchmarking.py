@@ -1,10 +1,12 @@
 """The long-context benchmark's arithmetic (FLOPs, bytes per token) against SPEC section 3, its
-table and plots from result files, the soak plan, and `sala-sglang bench` without a GPU."""
+table and plots from result files, the soak plan, the decode profile's summary, and
+`sala-sglang bench` without a GPU."""
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,54 @@ def test_streamed_rejection_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr("sala_sglang.benchmarking.requests.post", lambda *a, **k: Streamed())
     assert stream_one("http://x", [1, 2, 3], 4) == {
         "error": {"message": "input is longer than the KV pool"}}
+
+
+def test_decode_profile_summary_counts_graph_launches_as_steps() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_decode
+
+    def kernel(name: str, ts: float, dur: float) -> dict:
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur}
+
+    events = [{"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 0, "dur": 5}] * 2
+    for step in range(2):  # 2 steps of 1000 us: a 300 us GEMM and 4 norms of 50 us each
+        t = 1000 * step
+        events += [kernel("gemm", t, 300)] + [kernel("rmsnorm", t + 300 + 50 * i, 50)
+                                              for i in range(4)]
+    summary = profile_decode.kernel_summary(events)
+    assert summary["kernels_per_step"] == 5
+    assert summary["gpu_busy_ms_per_step"] == 0.5
+    assert summary["span_ms_per_step"] == 0.75  # first kernel start to last kernel end, over 2
+    assert [k["name"] for k in summary["top_kernels"]] == ["gemm", "rmsnorm"]
+    assert summary["top_kernels"][1]["calls_per_step"] == 4
+    assert "error" in profile_decode.kernel_summary(events[2:])  # no graph launch: no steps
+
+
+def test_first_token_event_is_set_when_the_first_chunk_arrives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = threading.Event()
+    seen_before_first_chunk = []
+
+    class Streamed:
+        status_code = 200
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def iter_lines(self):
+            seen_before_first_chunk.append(first.is_set())
+            yield b'data: {"text": "a"}'
+            yield b'data: {"text": "ab"}'
+            yield b"data: [DONE]"
+
+    monkeypatch.setattr("sala_sglang.benchmarking.requests.post", lambda *a, **k: Streamed())
+    result = stream_one("http://x", [1, 2, 3], 2, first_token=first)
+    assert seen_before_first_chunk == [False] and first.is_set()
+    assert result["streamed_chunks"] == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

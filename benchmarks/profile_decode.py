@@ -1,0 +1,125 @@
+"""Where a decode step's time goes: MiniCPM-SALA (released config, random weights) served by
+SGLang with CUDA graphs, one request decoding after a long prompt, profiled by SGLang's torch
+profiler (/start_profile) for a number of steps. Reports kernels per step, GPU-busy time per step
+against the step's wall time, and the kernels that take the most time.
+
+    python benchmarks/profile_decode.py --context 32768 --steps 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import requests
+
+from sala_sglang.benchmarking import (
+    COMMON_FLAGS, MODELS, header, prepare_model_dir, random_ids, stream_one, write_result,
+)
+from sala_sglang.served_check import Server
+from sala_sglang.tiny import TINY_VOCAB_SIZE
+
+TRACE_WAIT_S = 300
+
+
+def kernel_summary(events: list[dict], top: int = 30) -> dict:
+    """Per-step figures from a Chrome trace's GPU kernel events ("cat": "kernel", times in us);
+    a step is one CUDA-graph launch (the profiler may take a step more than it was asked to)."""
+    kernels = [e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"]
+    steps = sum(1 for e in events
+                if e.get("name") == "cudaGraphLaunch" and e.get("ph") == "X")
+    if not kernels or not steps:
+        return {"error": f"the trace holds {len(kernels)} GPU kernels and {steps} graph launches"}
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for e in kernels:
+        by_name[e["name"]].append(float(e["dur"]))
+    busy_us = sum(sum(d) for d in by_name.values())
+    span_us = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+    return {
+        "steps": steps,
+        "kernels_per_step": round(len(kernels) / steps, 1),
+        "gpu_busy_ms_per_step": round(busy_us / steps / 1e3, 3),
+        "span_ms_per_step": round(span_us / steps / 1e3, 3),
+        "busy_fraction": round(busy_us / span_us, 3),
+        "top_kernels": [
+            {"name": name[:160], "calls_per_step": round(len(d) / steps, 2),
+             "ms_per_step": round(sum(d) / steps / 1e3, 4), "mean_us": round(sum(d) / len(d), 2)}
+            for name, d in ranked[:top]
+        ],
+    }
+
+
+def _wait_for_trace(folder: Path) -> Path:
+    deadline = time.time() + TRACE_WAIT_S
+    while time.time() < deadline:
+        done = sorted(folder.rglob("*.trace.json.gz")) + sorted(folder.rglob("*.trace.json"))
+        if done:
+            time.sleep(2)  # the file is complete once its size stops changing
+            return done[0]
+        time.sleep(1)
+    raise TimeoutError(f"no trace written under {folder} after {TRACE_WAIT_S} s")
+
+
+def _load_events(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return json.load(f)["traceEvents"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--context", type=int, default=32768, help="prompt tokens before decoding")
+    p.add_argument("--steps", type=int, default=32, help="decode steps profiled")
+    p.add_argument("--server-args", default="", help="extra flags for sglang.launch_server")
+    p.add_argument("--tag", default="profile_decode_sala")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args(argv)
+
+    shape = MODELS["sala"]
+    work = Path(tempfile.mkdtemp(prefix="sala-profile-"))
+    model_dir, tok_dir = prepare_model_dir(shape, work)
+    new_tokens = 64 + 4 * args.steps
+    flags = [*COMMON_FLAGS, *shape.server_flags, "--context-length",
+             str(args.context + new_tokens + 64), "--tokenizer-path", str(tok_dir),
+             *args.server_args.split()]
+    record = {**header("profile_decode", args.tag), "context": args.context, "server_flags": flags}
+    server = Server(model_dir, work / "server.log", *flags)
+    try:
+        server.wait_ready()
+        stream_one(server.url, random_ids(4096, TINY_VOCAB_SIZE, 0), 32)  # JIT and autotuning
+        result: dict = {}
+        decoding = threading.Event()
+        request = threading.Thread(target=lambda: result.update(stream_one(
+            server.url, random_ids(args.context, TINY_VOCAB_SIZE, 1), new_tokens,
+            first_token=decoding)))
+        request.start()
+        if not decoding.wait(timeout=TRACE_WAIT_S):
+            raise TimeoutError(f"no token after {TRACE_WAIT_S} s: {result}")
+        traces = work / "traces"
+        r = requests.post(server.url + "/start_profile", timeout=60, json={
+            "output_dir": str(traces), "num_steps": args.steps, "activities": ["CPU", "GPU"]})
+        r.raise_for_status()
+        events = _load_events(_wait_for_trace(traces))
+        request.join()
+        record["request"] = result
+        record["profile"] = kernel_summary(events)
+        print(json.dumps(record["profile"], indent=1), flush=True)
+    finally:
+        server.stop()
+        record["server_log_tail"] = server.tail(3000)
+        write_result(record, args.tag, args.out)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if "error" not in record.get("profile", {"error": 1}) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
