@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,10 @@ def test_soak_plan_covers_both_modes_and_aborts() -> None:
     assert soak.make_plans(1000, 65536, 0.1, seed=0) == plans
 
 
-def test_streamed_rejection_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def _stream_replies(monkeypatch: pytest.MonkeyPatch, lines: list[bytes],
+                    before_first: Callable[[], None] = lambda: None) -> None:
+    """requests.post answers with HTTP 200 and streams these lines."""
+
     class Streamed:
         status_code = 200
 
@@ -88,9 +92,15 @@ def test_streamed_rejection_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None
             return False
 
         def iter_lines(self):
-            yield b'data: {"error": {"message": "input is longer than the KV pool"}}'
+            before_first()
+            yield from lines
 
     monkeypatch.setattr("sala_sglang.benchmarking.requests.post", lambda *a, **k: Streamed())
+
+
+def test_streamed_rejection_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    _stream_replies(monkeypatch,
+                    [b'data: {"error": {"message": "input is longer than the KV pool"}}'])
     assert stream_one("http://x", [1, 2, 3], 4) == {
         "error": {"message": "input is longer than the KV pool"}}
 
@@ -121,23 +131,8 @@ def test_first_token_event_is_set_when_the_first_chunk_arrives(
 ) -> None:
     first = threading.Event()
     seen_before_first_chunk = []
-
-    class Streamed:
-        status_code = 200
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def iter_lines(self):
-            seen_before_first_chunk.append(first.is_set())
-            yield b'data: {"text": "a"}'
-            yield b'data: {"text": "ab"}'
-            yield b"data: [DONE]"
-
-    monkeypatch.setattr("sala_sglang.benchmarking.requests.post", lambda *a, **k: Streamed())
+    _stream_replies(monkeypatch, [b'data: {"text": "a"}', b'data: {"text": "ab"}', b"data: [DONE]"],
+                    before_first=lambda: seen_before_first_chunk.append(first.is_set()))
     result = stream_one("http://x", [1, 2, 3], 2, first_token=first)
     assert seen_before_first_chunk == [False] and first.is_set()
     assert result["streamed_chunks"] == 2
