@@ -5,6 +5,7 @@
 #   bash scripts/gpu_checks.sh serving-graph    # tiny model served = reference, fp16 graph modes
 #   bash scripts/gpu_checks.sh serving-other    # eager+mixed-chunk fp16 and bf16 modes
 #   bash scripts/gpu_checks.sh soak             # 1000 requests, 10% aborted, pools free after
+#   bash scripts/gpu_checks.sh profile          # where a decode step's time goes (real config)
 set -uo pipefail
 out="${OUT:-gpu-logs}"
 mkdir -p "$out"
@@ -14,7 +15,7 @@ run() {  # name, command...
     echo "=== $name: $*"
     "$@" >"$out/$name.log" 2>&1
     local rc=$?
-    grep -E "passed|failed|error|\[soak\] \{" "$out/$name.log" | tail -3
+    grep -E "passed|failed|error|\[soak\] \{|kernels_per_step|gpu_busy_ms|span_ms" "$out/$name.log" | tail -3
     [ "$rc" -eq 0 ] || { echo "=== $name FAILED (rc $rc), log: $out/$name.log"; status=1; }
 }
 pytest_gpu() { python -m pytest -q -s -p no:cacheprovider "$@"; }
@@ -27,7 +28,9 @@ for part in "$@"; do
         serving-other) run serving-other pytest_gpu tests/test_gpu_serving.py \
                            -k "eager_mixed_fp16 or graph_bf16" ;;
         soak) run soak python benchmarks/soak.py --out "$out" ;;
-        *) echo "unknown part: $part (ops, http, serving-graph, serving-other, soak)"; exit 2 ;;
+        profile) run profile python benchmarks/profile_decode.py --out "$out" ;;
+        *) echo "unknown part: $part (ops, http, serving-graph, serving-other, soak, profile)"
+           exit 2 ;;
     esac
 done
 exit "$status"
