@@ -59,6 +59,8 @@ def test_kv_pages_are_sparse_blocks(tiny_dir: Path) -> None:
         (["--speculative-algorithm", "EAGLE"], "--speculative-algorithm EAGLE"),
         (["--tp-size", "3"], "--tp-size 3"),
         (["--tp-size", "4"], "--tp-size 4: it must divide num_key_value_heads"),
+        (["--pp-size", "2"], "--pp-size 2"),
+        (["--enable-dp-attention", "--dp-size", "2", "--tp-size", "2"], "--enable-dp-attention"),
         (["--attention-backend", "triton"], "--attention-backend triton"),
     ],
 )
