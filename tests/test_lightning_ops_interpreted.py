@@ -33,7 +33,8 @@ SCRIPT = textwrap.dedent(
     before = state.clone()
     slots = torch.tensor([2, 0, 3], dtype=torch.int32)
     has = torch.tensor([1, 0, 1], dtype=torch.int32)
-    o = lightning_prefill(q, k, v, state, slots, cu, has, slopes, D**-0.5, chunk_size=16)
+    small = {"chunk": 16}
+    o = lightning_prefill(q, k, v, state, slots, cu, has, slopes, D**-0.5, launch=small)
     worst = 0.0
     for i, n in enumerate(lens):
         s = int(cu[i])
@@ -43,12 +44,12 @@ SCRIPT = textwrap.dedent(
         worst = max(worst, err(o[s:s+n], ref_o), err(state[slots[i]], ref_s))
     assert torch.equal(state[1], before[1]), "prefill wrote a slot no sequence owns"
     split = before.clone()  # the 37-token sequence as 3 segments run in parallel
-    o_split = lightning_prefill(q, k, v, split, slots, cu, has, slopes, D**-0.5, chunk_size=16,
+    o_split = lightning_prefill(q, k, v, split, slots, cu, has, slopes, D**-0.5, launch=small,
                                 segment_len=16)
     worst = max(worst, err(o_split, o.double()), err(split, state.double()))
     has2 = torch.tensor([0, 1, 1], dtype=torch.int32)  # the split sequence now carries state in
     split2 = before.clone()
-    o2 = lightning_prefill(q, k, v, split2, slots, cu, has2, slopes, D**-0.5, chunk_size=16,
+    o2 = lightning_prefill(q, k, v, split2, slots, cu, has2, slopes, D**-0.5, launch=small,
                            segment_len=16)
     for i, n in enumerate(lens):
         s = int(cu[i])

@@ -188,8 +188,8 @@ def prefill_impls(found: dict, slopes: torch.Tensor, scale: float, tokens: int,
     fresh = torch.zeros(1, device=dev, dtype=torch.int32)
 
     def ours(segment_len: int | None = None, launch: dict = lightning.PREFILL_LAUNCH) -> Impl:
-        return Impl(lambda st, q, k, v: lightning._prefill(
-            q, k, v, st, slots, cu, fresh, slopes, scale, segment_len, **launch),
+        return Impl(lambda st, q, k, v: lightning.lightning_prefill(
+            q, k, v, st, slots, cu, fresh, slopes, scale, segment_len, launch),
             lambda raw, st: (raw, st[0]))
 
     impls = {"ours_triton": ours(),

@@ -18,6 +18,7 @@ read twice instead of once; no per-chunk state is written to memory.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import torch
 import triton
@@ -230,40 +231,24 @@ def lightning_prefill(
     has_initial_state: torch.Tensor,
     slopes: torch.Tensor,
     scale: float,
-    chunk_size: int | None = None,
     segment_len: int | None = None,
+    launch: Mapping[str, int] | None = None,
 ) -> torch.Tensor:
     """Varlen prefill. q,k,v [T, H, D]; state [slots, H, D, D] fp32, updated in place at
     `state_slots` [B] (-1: no state kept); cu_seqlens [B+1] int32; has_initial_state [B]
-    (False: start from zero). chunk_size: tokens per chunk (default PREFILL_LAUNCH's);
-    segment_len: tokens per parallel segment, a multiple of chunk_size (default: chosen to fill
-    the GPU). Returns o [T, H, D]."""
-    launch = {**PREFILL_LAUNCH, **({"chunk": chunk_size} if chunk_size else {})}
-    return _prefill(q, k, v, state, state_slots, cu_seqlens, has_initial_state, slopes, scale,
-                    segment_len, **launch)
-
-
-def _prefill(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: torch.Tensor,
-    state_slots: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    has_initial_state: torch.Tensor,
-    slopes: torch.Tensor,
-    scale: float,
-    segment_len: int | None,
-    chunk: int,
-    block_v: int,
-    num_warps: int,
-    num_stages: int,
-) -> torch.Tensor:
-    """lightning_prefill with an explicit launch shape (the benchmark sweeps it)."""
+    (False: start from zero). segment_len: tokens per parallel segment, a multiple of the chunk
+    (default: chosen to fill the GPU). launch: entries replacing PREFILL_LAUNCH's (the chunk
+    size in tests; the benchmark sweeps all four). Returns o [T, H, D]."""
+    unknown = set(launch or ()) - PREFILL_LAUNCH.keys()
+    if unknown:
+        raise ValueError(f"lightning_prefill: launch keys {sorted(unknown)}: expected some of "
+                         f"{sorted(PREFILL_LAUNCH)}")
+    shape = {**PREFILL_LAUNCH, **(launch or {})}
+    chunk, block_v = shape["chunk"], shape["block_v"]
     dim = _check(q, state)
     if segment_len is not None and (segment_len <= 0 or segment_len % chunk):
         raise ValueError(f"lightning_prefill: segment_len = {segment_len}: expected a positive "
-                         f"multiple of chunk_size = {chunk}")
+                         f"multiple of the chunk size {chunk}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     tokens, heads = q.shape[0], q.shape[1]
@@ -273,7 +258,7 @@ def _prefill(
     seg = segment_len or _segment_len(tokens, batch, heads * nv, chunk, q.device)
     segments = max(triton.cdiv(tokens, seg), 1)  # per sequence, at most
     split = segments > 1
-    launch = {"num_warps": num_warps, "num_stages": num_stages}
+    tuning = {"num_warps": shape["num_warps"], "num_stages": shape["num_stages"]}
     buf = state
     if split:
         buf = torch.empty(batch, segments, heads, dim, dim, device=q.device, dtype=torch.float32)
@@ -282,7 +267,7 @@ def _prefill(
             seg,
             k.stride(0), k.stride(1),
             *buf.stride()[:4],
-            D=dim, C=chunk, BV=block_v, NV=nv, **launch,
+            D=dim, C=chunk, BV=block_v, NV=nv, **tuning,
         )
         _segment_scan_kernel[(heads * nv, batch)](
             state, buf, state_slots, cu_seqlens, has_initial_state, slopes,
@@ -297,7 +282,7 @@ def _prefill(
         q.stride(0), q.stride(1),
         state.stride(0), state.stride(1), state.stride(2),
         *buf.stride()[:4],  # unused unless split (then buf is [B, segments, H, D, D])
-        D=dim, C=chunk, BV=block_v, NV=nv, SPLIT=split, **launch,
+        D=dim, C=chunk, BV=block_v, NV=nv, SPLIT=split, **tuning,
     )
     return out
 
