@@ -30,6 +30,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, header, write_result  # noqa: E402
 
+from sala_sglang.benchmarking import random_ids  # noqa: E402
 from sala_sglang.served_check import Server  # noqa: E402
 from sala_sglang.tiny import TINY_VOCAB_SIZE, make_tiny  # noqa: E402
 
@@ -89,8 +90,7 @@ def _completion_tokens(plan: Plan, response: requests.Response) -> int:
 
 
 def run_one(url: str, plan: Plan, seed: int) -> dict:
-    rng = random.Random(seed * 100003 + plan.index)
-    ids = [rng.randrange(5, TINY_VOCAB_SIZE) for _ in range(plan.prompt_len)]
+    ids = random_ids(plan.prompt_len, TINY_VOCAB_SIZE, seed * 100003 + plan.index)
     path, body = _body(plan, ids)
     t0 = time.perf_counter()
     outcome = {"index": plan.index, "prompt_len": plan.prompt_len, "api": plan.api,

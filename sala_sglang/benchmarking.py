@@ -29,6 +29,7 @@ import requests
 
 from sala_sglang.cli import RECOMMENDED_SERVE_FLAGS
 from sala_sglang.config import RELEASED_CONFIG_PATH, MiniCPMSALAConfig
+from sala_sglang.memory import compressed_key_bytes_per_token
 from sala_sglang.served_check import Server
 from sala_sglang.tiny import TINY_VOCAB_SIZE, TOKENIZER_CONFIG, TOKENIZER_PATH
 
@@ -135,11 +136,7 @@ class ModelShape:
         if self.name == "sala":
             cfg = self.sala_config
             kv = len(cfg.sparse_layer_ids) * 2 * c["num_key_value_heads"] * c["head_dim"] * 2
-            k = kv // 2
-            sp = cfg.sparse
-            compressed = k * (sp.rows_per_block(sp.kernel_stride)
-                              + sp.rows_per_block(sp.k2_kernel_stride)) // sp.block_size
-            return kv + compressed
+            return kv + compressed_key_bytes_per_token(cfg.sparse, kv)
         return c["num_hidden_layers"] * 2 * c["num_key_value_heads"] * c["head_dim"] * 2
 
     def state_bytes_per_request(self) -> int:

@@ -13,7 +13,6 @@ must be the same.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -125,13 +124,11 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("tp", [1, 2])  # the tiny checkpoint has 2 kv heads
 def test_sglang_model_matches_reference_around_attention(tp: int, tmp_path: Path) -> None:
+    from sala_sglang.served_check import free_port
     from sala_sglang.tiny import make_tiny
 
-
     path = make_tiny(tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     ranks = [
         subprocess.Popen(
             [sys.executable, "-c", SCRIPT, str(rank), str(tp), port, str(path)],
