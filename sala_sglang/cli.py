@@ -59,6 +59,15 @@ def default_tiny_dir() -> Path:
     return cache / "sala-sglang" / "tiny-seed0"
 
 
+def _tiny_checkpoint(path: Path) -> Path:
+    """path, with the tiny checkpoint written into it first if it holds no config.json."""
+    if not (path / "config.json").is_file():
+        from sala_sglang.tiny import make_tiny
+
+        make_tiny(path)
+    return path
+
+
 def serve_command(model: str, dense_as_sparse: bool, sglang_args: Sequence[str]) -> list[str]:
     """The `sglang.launch_server` command line; later flags (the user's) override earlier ones."""
     flags = [*RECOMMENDED_SERVE_FLAGS, *(["--dense-as-sparse"] if dense_as_sparse else [])]
@@ -67,13 +76,7 @@ def serve_command(model: str, dense_as_sparse: bool, sglang_args: Sequence[str])
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    model = args.model
-    if model is None:
-        from sala_sglang.tiny import make_tiny
-
-        model = str(default_tiny_dir())
-        if not (Path(model) / "config.json").is_file():
-            make_tiny(model)
+    model = args.model if args.model is not None else str(_tiny_checkpoint(default_tiny_dir()))
     cmd = serve_command(model, not args.no_dense_as_sparse, args.sglang_args)
     if args.dry_run:
         print(shlex.join(cmd))
@@ -109,11 +112,8 @@ def _run_check(args: argparse.Namespace) -> int:
     import torch
 
     from sala_sglang.self_check import check_reference, check_served
-    from sala_sglang.tiny import make_tiny
 
-    model = Path(args.model) if args.model else default_tiny_dir()
-    if not (model / "config.json").is_file():
-        make_tiny(model)
+    model = _tiny_checkpoint(Path(args.model) if args.model else default_tiny_dir())
     problems = check_reference(model)
     if torch.cuda.is_available() and not args.cpu_only:
         problems += check_served(model)
