@@ -59,14 +59,17 @@ def kernel_summary(events: list[dict], top: int = 30) -> dict:
 
 
 def _wait_for_trace(folder: Path) -> Path:
+    """The first trace file under folder, once its size has stopped changing (fully written)."""
     deadline = time.time() + TRACE_WAIT_S
+    last_size = -1
     while time.time() < deadline:
-        done = sorted(folder.rglob("*.trace.json.gz")) + sorted(folder.rglob("*.trace.json"))
-        if done:
-            time.sleep(2)  # the file is complete once its size stops changing
-            return done[0]
+        found = sorted(folder.rglob("*.trace.json.gz")) + sorted(folder.rglob("*.trace.json"))
+        size = found[0].stat().st_size if found else -1
+        if size > 0 and size == last_size:
+            return found[0]
+        last_size = size
         time.sleep(1)
-    raise TimeoutError(f"no trace written under {folder} after {TRACE_WAIT_S} s")
+    raise TimeoutError(f"no complete trace under {folder} after {TRACE_WAIT_S} s")
 
 
 def _load_events(path: Path) -> list[dict]:
