@@ -18,11 +18,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def load_runs(results: Path) -> dict[str, dict]:
     """Batch-1 runs by label ('sala (minicpm_flashinfer)', 'qwen3-8b (flashinfer)', ...).
-    Files with the same label merge; a point marked with a "note" (not comparable, e.g. it
-    includes kernel JIT) is left out of plots and ratios."""
+    Files with the same label merge, oldest first by their "date", so a length measured again
+    (a sweep re-run in parts) takes the newest point; a point marked with a "note" (not
+    comparable, e.g. it includes kernel JIT) is left out of plots and ratios."""
+    records = [(json.loads(path.read_text()), path)
+               for path in sorted(results.glob("long_context_*.json"))]
     runs: dict[str, dict] = {}
-    for path in sorted(results.glob("long_context_*.json")):
-        record = json.loads(path.read_text())
+    for record, path in sorted(records, key=lambda rp: rp[0].get("date", "")):
         points = [p for p in record.get("batch1", []) if "ttft_s" in p and "note" not in p]
         label = f"{record['model'].split(':')[0]} ({record['attention_backend']})"
         run = runs.setdefault(label, {**record, "points": [], "files": []})

@@ -6,6 +6,10 @@
 #   bash scripts/gpu_checks.sh serving-other    # eager+mixed-chunk fp16 and bf16 modes
 #   bash scripts/gpu_checks.sh soak             # 1000 requests, 10% aborted, pools free after
 #   bash scripts/gpu_checks.sh profile          # where a decode step's time goes (real config)
+# The long-context benchmark (real configs) in parts that each fit one call; results merge by
+# model in benchmarks/plot_long_context.py, the newest point of a length winning:
+#   sweep-sala-short (32K-256K)  sweep-sala-long (512K, 1M)  sweep-dense (32K-512K)
+#   serving-sala  serving-dense  (bench_serving, 16 prompts of 32K-128K, concurrency 8, unlimited)
 set -uo pipefail
 out="${OUT:-gpu-logs}"
 mkdir -p "$out"
@@ -19,6 +23,10 @@ run() {  # name, command...
     [ "$rc" -eq 0 ] || { echo "=== $name FAILED (rc $rc), log: $out/$name.log"; status=1; }
 }
 pytest_gpu() { python -m pytest -q -s -p no:cacheprovider "$@"; }
+long_context() { python benchmarks/long_context.py --out "$out" "$@"; }
+# Qwen3-8B's shape on FlashInfer, SGLang's fastest dense backend here; its piecewise prefill
+# graph capture did not finish within 170 s of startup, and 8192-token chunks gain nothing by it.
+DENSE=(--model qwen3-8b --backend flashinfer --server-args=--disable-piecewise-cuda-graph)
 for part in "$@"; do
     case "$part" in
         ops) run ops pytest_gpu tests/test_gpu_lightning_ops.py tests/test_gpu_cuda_lightning.py \
@@ -29,7 +37,18 @@ for part in "$@"; do
                            -k "eager_mixed_fp16 or graph_bf16" ;;
         soak) run soak python benchmarks/soak.py --out "$out" ;;
         profile) run profile python benchmarks/profile_decode.py --out "$out" ;;
-        *) echo "unknown part: $part (ops, http, serving-graph, serving-other, soak, profile)"
+        sweep-sala-short) run "$part" long_context --model sala --lengths 32768 65536 131072 262144 \
+                              --concurrency --tag long_context_sala_short ;;
+        sweep-sala-long) run "$part" long_context --model sala --lengths 524288 1048576 \
+                             --concurrency --tag long_context_sala_long ;;
+        sweep-dense) run "$part" long_context "${DENSE[@]}" --lengths 32768 65536 131072 262144 \
+                         524288 --concurrency --tag long_context_qwen3-8b_flashinfer ;;
+        serving-sala) run "$part" long_context --model sala --lengths --concurrency 8 0 \
+                          --serving-prompts 16 --tag long_context_sala_serving ;;
+        serving-dense) run "$part" long_context "${DENSE[@]}" --lengths --concurrency 8 0 \
+                           --serving-prompts 16 --tag long_context_qwen3-8b_serving ;;
+        *) echo "unknown part: $part (ops, http, serving-graph, serving-other, soak, profile," \
+                "sweep-sala-short, sweep-sala-long, sweep-dense, serving-sala, serving-dense)"
            exit 2 ;;
     esac
 done

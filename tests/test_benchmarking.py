@@ -38,9 +38,9 @@ def test_dense_baseline_counts() -> None:
     assert MODELS["sala"].attention_flops(big) < dense.attention_flops(big) / 100
 
 
-def _record(model: str, backend: str, points: list[dict]) -> dict:
+def _record(model: str, backend: str, points: list[dict], date: str = "2026-11-22") -> dict:
     return {"model": f"{model}: config.json, random weights", "attention_backend": backend,
-            "device": "GPU", "batch1": points}
+            "device": "GPU", "batch1": points, "date": date}
 
 
 def test_table_and_plots_from_result_files(tmp_path: Path) -> None:
@@ -62,6 +62,21 @@ def test_table_and_plots_from_result_files(tmp_path: Path) -> None:
     assert "does not fit" in table.splitlines()[-1]
     pytest.importorskip("matplotlib")
     assert all(path.stat().st_size > 0 for path in plot.plot(runs, tmp_path))
+
+
+def test_a_length_measured_again_takes_the_newest_point(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import plot_long_context as plot
+
+    old = [{"input_tokens": n, "ttft_s": 9.0, "decode_tok_per_s": 90.0} for n in (32768, 65536)]
+    new = [{"input_tokens": 32768, "ttft_s": 1.0, "decode_tok_per_s": 110.0}]
+    # the file names sort the other way round: the dates decide
+    (tmp_path / "long_context_sala_a.json").write_text(
+        json.dumps(_record("sala", "m", new, date="2026-11-23T00:18:11+00:00")))
+    (tmp_path / "long_context_sala_z.json").write_text(
+        json.dumps(_record("sala", "m", old, date="2026-11-22T19:00:00+00:00")))
+    points = {p["input_tokens"]: p["ttft_s"] for p in plot.load_runs(tmp_path)["sala (m)"]["points"]}
+    assert points == {32768: 1.0, 65536: 9.0}
 
 
 def test_soak_plan_covers_both_modes_and_aborts() -> None:
