@@ -19,7 +19,7 @@ run() {  # name, command...
     echo "=== $name: $*"
     "$@" >"$out/$name.log" 2>&1
     local rc=$?
-    grep -E "passed|failed|error|\[soak\] \{|kernels_per_step|gpu_busy_ms|span_ms" "$out/$name.log" | tail -3
+    grep -E "passed|failed|error|\[soak\] \{|\[bench\] \{|kernels_per_step|gpu_busy_ms|span_ms" "$out/$name.log" | tail -3
     [ "$rc" -eq 0 ] || { echo "=== $name FAILED (rc $rc), log: $out/$name.log"; status=1; }
 }
 pytest_gpu() { python -m pytest -q -s -p no:cacheprovider "$@"; }
