@@ -8,8 +8,8 @@
 #   bash scripts/gpu_checks.sh profile          # where a decode step's time goes (real config)
 # The long-context benchmark (real configs) in parts that each fit one call; results merge by
 # model in benchmarks/plot_long_context.py, the newest point of a length winning:
-#   sweep-sala-short (32K-256K)  sweep-sala-long (512K, 1M)  sweep-dense (32K-512K)
-#   serving-sala  serving-dense  (bench_serving, 16 prompts of 32K-128K, concurrency 8, unlimited)
+#   sweep-sala-short (32K-256K, then bench_serving: 16 prompts of 32K-128K, concurrency 8 and
+#   unlimited)  sweep-sala-long (512K, 1M)  sweep-dense (32K-512K)  serving-dense (bench_serving)
 set -uo pipefail
 out="${OUT:-gpu-logs}"
 mkdir -p "$out"
@@ -37,18 +37,17 @@ for part in "$@"; do
                            -k "eager_mixed_fp16 or graph_bf16" ;;
         soak) run soak python benchmarks/soak.py --out "$out" ;;
         profile) run profile python benchmarks/profile_decode.py --out "$out" ;;
+        # One server for both: SALA's startup (graph capture, Triton JIT) is 80-190 s.
         sweep-sala-short) run "$part" long_context --model sala --lengths 32768 65536 131072 262144 \
-                              --concurrency --tag long_context_sala_short ;;
+                              --concurrency 8 0 --serving-prompts 16 --tag long_context_sala_short ;;
         sweep-sala-long) run "$part" long_context --model sala --lengths 524288 1048576 \
                              --concurrency --tag long_context_sala_long ;;
         sweep-dense) run "$part" long_context "${DENSE[@]}" --lengths 32768 65536 131072 262144 \
                          524288 --concurrency --tag long_context_qwen3-8b_flashinfer ;;
-        serving-sala) run "$part" long_context --model sala --lengths --concurrency 8 0 \
-                          --serving-prompts 16 --tag long_context_sala_serving ;;
         serving-dense) run "$part" long_context "${DENSE[@]}" --lengths --concurrency 8 0 \
                            --serving-prompts 16 --tag long_context_qwen3-8b_serving ;;
         *) echo "unknown part: $part (ops, http, serving-graph, serving-other, soak, profile," \
-                "sweep-sala-short, sweep-sala-long, sweep-dense, serving-sala, serving-dense)"
+                "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense)"
            exit 2 ;;
     esac
 done
