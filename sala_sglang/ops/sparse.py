@@ -143,7 +143,9 @@ def _load_windows(k1_ptr, rt_row, c, live, g, stride_kp, stride_ks, stride_kg, K
                    + tl.arange(0, D)[None, :], mask=live[:, None], other=0.0)
 
 
-@triton.jit
+# Token and window counts change with every batch; specializing on their divisibility by 16
+# would compile each kernel again mid-request, a multi-second stall in a long prefill.
+@triton.jit(do_not_specialize=["n_tokens"])
 def _stage1_stats_kernel(
     q_ptr, k1_ptr, rt_ptr, treq_ptr, tpos_ptr, m_ptr, l_ptr, n_tokens,
     stride_qt, stride_qh, stride_kp, stride_ks, stride_kg, stride_rt,
@@ -180,7 +182,7 @@ def _stage1_stats_kernel(
     tl.store(l_ptr + row, l_i, mask=t < n_tokens)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens", "n_windows"])
 def _window_probs_kernel(
     q_ptr, k1_ptr, rt_ptr, treq_ptr, tpos_ptr, m_ptr, l_ptr, w_ptr, n_tokens,
     stride_qt, stride_qh, stride_kp, stride_ks, stride_kg, stride_rt, stride_wt, stride_wg,
@@ -224,7 +226,7 @@ def _window_probs_kernel(
              mask=(tok < n_tokens)[:, None] & (c < n_windows)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_windows", "width"])
 def _block_keys_kernel(
     w_ptr, tpos_ptr, key_ptr, n_windows, width,
     stride_wt, stride_wg, stride_kt, stride_kg,
