@@ -12,6 +12,7 @@ import argparse
 import datetime
 import functools
 import importlib.metadata as md
+import importlib.util
 import json
 import platform
 import shutil
@@ -419,6 +420,13 @@ def bench(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         print("sala-sglang bench: no CUDA GPU visible; the benchmark serves the real config on a GPU.",
+              file=sys.stderr)
+        return 2
+    if args.concurrency and importlib.util.find_spec("datasets") is None:
+        # sglang.bench_serving imports it at startup; found missing only after the server's
+        # minutes of startup and the batch-1 points otherwise.
+        print("sala-sglang bench: sglang.bench_serving needs the `datasets` package: "
+              "pip install datasets, or pass --concurrency with no values to skip it.",
               file=sys.stderr)
         return 2
     # A SIGTERM (e.g. from `timeout`) must still stop the server through run()'s finally:

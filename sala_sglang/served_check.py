@@ -144,7 +144,9 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
     between blocks can select differently under fp16/bf16 rounding. A position that misses
     LOGPROB_TOL (or flips a confident token) is excused only where the reference itself moves
     by more than LOGPROB_TOL / 2 when its stage-1 queries get rounding-sized noise (q_noise);
-    excused positions are counted ("selection_excused") and left out of the maxima.
+    excused positions are counted ("selection_excused") and left out of the maxima. How many
+    positions the noisy reference itself misses LOGPROB_TOL at, in its worst trial, is reported as
+    "noisy_reference_misses": the number of excuses that rounding alone accounts for.
     Returns the worst and mean logprob errors, the number of confident token flips (reference
     top-1/top-2 margin >= 0.1 but a different served choice), and the count of positions.
     """
@@ -178,11 +180,14 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
     flip = confident & (torch.tensor([t[0][1] for t in served_top]) != logits[rows].argmax(-1))
     bad = (err > LOGPROB_TOL) | flip
     excused = torch.zeros_like(bad)
+    noisy_misses = 0
     if bad.any():
         spread = torch.zeros_like(err)
         for seed in range(trials):
             _, noisy = _reference_logprobs(reference, sequence, len(prompt), q_noise, seed)
-            spread = torch.maximum(spread, (noisy[rows, tokens] - logprobs[rows, tokens]).abs())
+            moved = (noisy[rows, tokens] - logprobs[rows, tokens]).abs()
+            spread = torch.maximum(spread, moved)
+            noisy_misses = max(noisy_misses, int((moved > LOGPROB_TOL).sum()))
         excused = bad & (spread > LOGPROB_TOL / 2)
     kept = ~excused
     worst = (err * kept).topk(min(3, len(served))).indices.tolist()
@@ -193,5 +198,6 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
         "confident_flips": int((flip & kept).sum()),
         "positions": len(served),
         "selection_excused": int(excused.sum()),
+        "noisy_reference_misses": noisy_misses,
         "excused_worst_err": float(err[excused].max()) if excused.any() else 0.0,
     }

@@ -9,5 +9,10 @@ for pid in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/nu
 done
 source .device-kit/setup.sh || return 1
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null || return 1
+# sglang.bench_serving imports `datasets`, which the kit lacks: carry its wheels (datasets, dill,
+# multiprocess) as .whl/ to run the benchmark's serving part.
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-deps --no-index .whl/*.whl >/dev/null || return 1
+fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader

@@ -159,3 +159,19 @@ def test_bench_without_a_gpu_says_so(capsys: pytest.CaptureFixture) -> None:
 
     assert main(["bench", "--lengths", "1024"]) == 2
     assert "no CUDA GPU visible" in capsys.readouterr().err
+
+
+def test_bench_serving_without_datasets_fails_before_starting_a_server(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import importlib.util
+
+    from sala_sglang import benchmarking
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(benchmarking.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "datasets" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(benchmarking, "run", lambda args: pytest.fail("server started"))
+    assert benchmarking.main(["--lengths", "1024", "--concurrency", "8", "--no-peaks"]) == 2
+    assert "needs the `datasets` package" in capsys.readouterr().err

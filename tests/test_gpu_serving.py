@@ -108,7 +108,10 @@ def _check(server, reference, prompt: list[int], result: dict) -> dict:
         raise
     print(json.dumps({"mode": server.mode, "prompt_len": len(prompt), **report}))
     assert report["confident_flips"] == 0, report
-    assert report["selection_excused"] <= 0.1 * report["positions"], report
+    # A selection bug shows as more near-tie misses than rounding-sized noise on the reference's
+    # stage-1 inputs causes at all (the old cap, 10% of positions, was below what bf16-sized noise
+    # alone causes at 520-700 tokens: 8-18% of positions per trial, measured on the CPU).
+    assert report["selection_excused"] <= report["noisy_reference_misses"], report
     if server.mode.endswith("bf16"):
         assert report["max_logprob_err"] <= BF16_MAX_LOGPROB_ERR, report
         assert report["mean_logprob_err"] <= BF16_MEAN_LOGPROB_ERR, report

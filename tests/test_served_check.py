@@ -90,3 +90,39 @@ def test_entries_that_do_not_line_up_are_refused(setup) -> None:
     short["meta_info"]["input_token_logprobs"] = answer["meta_info"]["input_token_logprobs"][:-1]
     with pytest.raises(AssertionError, match="do not line up"):
         served_vs_reference(reference, prompt, short)
+
+
+def _noisy_answer(reference, prompt: list[int], answer: dict, q_noise: float, seed: int) -> dict:
+    """`answer` with every logprob taken from the reference under stage-1 noise (seed)."""
+    from sala_sglang.served_check import _reference_logprobs
+
+    sequence = prompt + answer["output_ids"]
+    _, logprobs = _reference_logprobs(reference, sequence, len(prompt), q_noise, seed)
+    noisy = {**answer, "meta_info": {**answer["meta_info"]}}
+    # entry j (of the whole sequence) scores token j given tokens < j: reference row j - 1
+    for key, first in (("input_token_logprobs", 0), ("output_token_logprobs", len(prompt))):
+        noisy["meta_info"][key] = [
+            e if e[0] is None else [float(logprobs[j - 1, sequence[j]]), *e[1:]]
+            for j, e in enumerate(answer["meta_info"][key], start=first)
+        ]
+    return noisy
+
+
+@pytest.fixture(scope="module")
+def sparse_setup(setup):
+    reference = setup[0]
+    gen = torch.Generator().manual_seed(1)
+    prompt = [1] + torch.randint(5, reference.config.vocab_size, (300,), generator=gen).tolist()
+    return reference, prompt, _fake_answer(reference, prompt, 4)
+
+
+def test_rounding_sized_selection_misses_are_excused_within_the_noise_count(sparse_setup) -> None:
+    # An answer that is one of the check's own noise trials: each of its misses is a position
+    # the noise moves, and there are no more of them than the worst trial has.
+    reference, prompt, answer = sparse_setup
+    noise = 3e-2
+    report = served_vs_reference(reference, prompt, _noisy_answer(reference, prompt, answer,
+                                                                  noise, seed=2),
+                                 q_noise=noise, trials=4)
+    assert report["noisy_reference_misses"] > 0, report
+    assert 0 < report["selection_excused"] <= report["noisy_reference_misses"], report
