@@ -185,7 +185,9 @@ class SparseLayerBackend(AttentionBackend):
         groups = self.k1[layer_id].shape[2]
         # fp32 window probabilities plus one int64 key per block, per token and kv head
         per_token = groups * meta.width * (4 * sp.windows_per_block + 8)
-        rows = max(1, SELECTION_SCRATCH_BYTES // per_token)
+        # Pieces start on multiples of 16 tokens: the kernels are specialized on the alignment
+        # of the per-token metadata slices, and a new alignment compiles them again mid-prefill.
+        rows = max(16, SELECTION_SCRATCH_BYTES // per_token // 16 * 16)
         pieces = [
             select_blocks(
                 q[s : s + rows], self.k1[layer_id], self.req_to_token_pool.req_to_token,
