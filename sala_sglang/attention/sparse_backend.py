@@ -153,7 +153,9 @@ class SparseLayerBackend(AttentionBackend):
             new_lens=fb.seq_lens.to(torch.int32),
             max_new_tokens=max(fb.extend_seq_lens_cpu),
             select=longest > self.sparse.max_sparse_keys,
-            width=math.ceil(longest / self.sparse.block_size),
+            # a multiple of 16 blocks keeps the selection kernels' sizes and strides in one
+            # divisibility class, so a new chunk never compiles them again
+            width=-(-longest // (16 * self.sparse.block_size)) * 16,
         )
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
