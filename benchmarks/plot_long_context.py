@@ -26,7 +26,7 @@ def load_runs(results: Path) -> dict[str, dict]:
     runs: dict[str, dict] = {}
     for record, path in sorted(records, key=lambda rp: rp[0].get("date", "")):
         points = [p for p in record.get("batch1", []) if "ttft_s" in p and "note" not in p]
-        label = f"{record['model'].split(':')[0]} ({record['attention_backend']})"
+        label = _label(record)
         run = runs.setdefault(label, {**record, "points": [], "files": []})
         run["points"] = sorted(
             {**{p["input_tokens"]: p for p in run["points"]},
@@ -35,6 +35,15 @@ def load_runs(results: Path) -> dict[str, dict]:
         run["batch1"] = [*run.get("batch1", []), *record.get("batch1", [])]
         run["files"].append(path.name)
     return {label: run for label, run in runs.items() if run["points"]}
+
+
+def _label(record: dict) -> str:
+    """'sala (minicpm_flashinfer)', or 'sala fp8 (minicpm_flashinfer)' for a run served with
+    --quantization: quantized weights are another model, never merged with the bf16 points."""
+    flags = [f for flag in record.get("server_flags", []) for f in flag.split("=", 1)]
+    quant = next((flags[i + 1] for i, f in enumerate(flags[:-1]) if f == "--quantization"), None)
+    name = record["model"].split(":")[0] + (f" {quant}" if quant else "")
+    return f"{name} ({record['attention_backend']})"
 
 
 def plot(runs: dict[str, dict], results: Path) -> list[Path]:
@@ -71,7 +80,7 @@ def plot(runs: dict[str, dict], results: Path) -> list[Path]:
 
 
 def table(runs: dict[str, dict]) -> str:
-    sala = next((r for label, r in runs.items() if label.startswith("sala")), None)
+    sala = next((r for label, r in runs.items() if label.startswith("sala (")), None)
     dense = {label: r for label, r in runs.items() if not label.startswith("sala")}
     lengths = sorted({p["input_tokens"] for r in runs.values() for p in r["points"]})
     head = ["input tokens", "SALA TTFT (s)", "SALA decode (tok/s)", "SALA MFU"]

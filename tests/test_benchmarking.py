@@ -79,6 +79,21 @@ def test_a_length_measured_again_takes_the_newest_point(tmp_path: Path) -> None:
     assert points == {32768: 1.0, 65536: 9.0}
 
 
+def test_a_quantized_run_is_its_own_model(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import plot_long_context as plot
+
+    bf16 = [{"input_tokens": 131072, "ttft_s": 6.0, "decode_tok_per_s": 107.0, "mfu": 0.5}]
+    fp8 = {**_record("sala", "m", [{"input_tokens": 131072, "ttft_s": 4.0,
+                                     "decode_tok_per_s": 155.0}], date="2026-11-23"),
+           "server_flags": ["--load-format", "dummy", "--quantization", "fp8"]}
+    (tmp_path / "long_context_sala_a.json").write_text(json.dumps(_record("sala", "m", bf16)))
+    (tmp_path / "long_context_sala_fp8.json").write_text(json.dumps(fp8))
+    runs = plot.load_runs(tmp_path)
+    assert sorted(runs) == ["sala (m)", "sala fp8 (m)"]
+    assert "| 128K | 6.00 | 107.0 | 50% |" in plot.table(runs)
+
+
 def test_soak_plan_covers_both_modes_and_aborts() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import soak
