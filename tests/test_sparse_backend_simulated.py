@@ -23,6 +23,7 @@ SCRIPT = textwrap.dedent(
     import json, math, torch
     from types import SimpleNamespace
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    import sala_sglang.attention.sparse_backend as sb
     from sala_sglang.attention.sparse_backend import SparseLayerBackend
     from sala_sglang.config import SparseConfig
     from sala_sglang.reference.sparse import compress_keys, sparse_layer_attention
@@ -56,6 +57,15 @@ SCRIPT = textwrap.dedent(
         pos = torch.arange(n)
         rt[r + 1, :n] = (torch.tensor(own)[pos // BS] * BS + pos % BS).to(torch.int32)
 
+    # a scratch budget of ~20 tokens at the widest prefill, so selection runs in pieces
+    sb.SELECTION_SCRATCH_BYTES = 20 * G * 32 * (4 * (BS // cfg.kernel_stride) + 8)
+    pieces, widths = [], []
+    select_blocks = sb.select_blocks
+    def recorded(q, *args, **kwargs):
+        pieces.append(q.shape[0])
+        return select_blocks(q, *args, **kwargs)
+    sb.select_blocks = recorded
+
     be = object.__new__(SparseLayerBackend)
     be.sparse, be.token_to_kv_pool = cfg, pool
     be.req_to_token_pool = SimpleNamespace(req_to_token=rt)
@@ -87,6 +97,8 @@ SCRIPT = textwrap.dedent(
             extend_seq_lens_cpu=lens, extend_prefix_lens_cpu=prefix, extend_num_tokens=sum(lens),
             positions=pos, out_cache_loc=loc)
         be.init_forward_metadata_in_graph(fb)
+        if mode != ForwardMode.DECODE:
+            widths.append(be.meta.width)
         fn = be.forward_decode if mode == ForwardMode.DECODE else be.forward_extend
         o = fn(q.reshape(len(pos), -1), k.reshape(len(pos), -1), v.reshape(len(pos), -1), layer, fb)
         o = o.view(-1, HQ, D)
@@ -115,7 +127,8 @@ SCRIPT = textwrap.dedent(
         ref = sparse_layer_attention(s["q"].double(), s["k"].double(), s["v"].double(), k1,
                                      torch.arange(n), prompts[r], cfg, cfg.dense_len, D ** -0.5)
         worst = max(worst, float((outs[r].double() - ref).norm() / ref.norm()))
-    print(json.dumps({"worst_rel_err": worst}))
+    print(json.dumps({"worst_rel_err": worst, "widths": sorted(set(widths)),
+                      "piece_sizes": sorted(set(pieces))}))
     """
 )
 
@@ -123,3 +136,7 @@ SCRIPT = textwrap.dedent(
 def test_backend_matches_reference_over_chunked_prefill_and_decode() -> None:
     result = json.loads(run_interpreted(SCRIPT))
     assert result["worst_rel_err"] < 1e-5, result
+    # Sizes that change from chunk to chunk would compile the selection kernels again: the
+    # prefill width is a multiple of 16 blocks and selection pieces start on 16-token boundaries.
+    assert all(w % 16 == 0 for w in result["widths"]), result
+    assert 16 in result["piece_sizes"] and max(result["piece_sizes"]) <= 64, result

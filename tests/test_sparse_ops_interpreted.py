@@ -89,3 +89,16 @@ def test_interpreted_sparse_kernels_match_the_reference() -> None:
     assert result["selection_equal"], result
     assert result["sparse_err"] < 1e-5 and result["dense_err"] < 1e-5, result
     assert result["sparse_vs_dense"] > 1e-2, result  # selection really dropped blocks
+
+
+def test_selection_kernels_are_not_specialized_on_per_batch_counts() -> None:
+    # A new divisibility class of these counts compiled the kernels again in the middle of a
+    # long prefill (seconds of TTFT at 128K on an H100).
+    from sala_sglang.ops import sparse
+
+    for kernel, counts in ((sparse._stage1_stats_kernel, {"n_tokens"}),
+                           (sparse._window_probs_kernel, {"n_tokens", "n_windows"}),
+                           (sparse._block_keys_kernel, {"n_windows", "width"})):
+        names = {kernel.arg_names[i] if isinstance(i, int) else i
+                 for i in kernel.do_not_specialize}
+        assert counts <= names, (kernel.fn.__name__, names)
