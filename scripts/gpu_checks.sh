@@ -45,12 +45,12 @@ for part in "$@"; do
                              --concurrency --tag long_context_sala_long ;;
         sweep-dense) run "$part" long_context "${DENSE[@]}" --lengths 32768 65536 131072 262144 \
                          524288 --concurrency --tag long_context_qwen3-8b_flashinfer ;;
-        # Both models back to back on one machine, for ratios from one run (TTFT; 256 output
-        # tokens to keep the two startups and both sweeps within one 10-minute call).
+        # Both models back to back on one machine, so the ratios come from one run (about 9 of
+        # the 10 minutes a device call may take).
         compare) run compare-sala long_context --model sala --lengths 65536 131072 262144 \
-                     --decode-tokens 256 --concurrency --tag long_context_compare_sala
+                     --concurrency --tag long_context_compare_sala
                  run compare-dense long_context "${DENSE[@]}" --lengths 65536 131072 262144 \
-                     --decode-tokens 256 --concurrency --tag long_context_compare_qwen3-8b ;;
+                     --concurrency --tag long_context_compare_qwen3-8b ;;
         serving-dense) run "$part" long_context "${DENSE[@]}" --lengths --concurrency 8 0 \
                            --serving-prompts 16 --tag long_context_qwen3-8b_serving ;;
         *) echo "unknown part: $part (ops, http, serving-graph, serving-other, soak, profile," \
