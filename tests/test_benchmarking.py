@@ -190,3 +190,20 @@ def test_bench_serving_without_datasets_fails_before_starting_a_server(
     monkeypatch.setattr(benchmarking, "run", lambda args: pytest.fail("server started"))
     assert benchmarking.main(["--lengths", "1024", "--concurrency", "8", "--no-peaks"]) == 2
     assert "needs the `datasets` package" in capsys.readouterr().err
+
+
+def test_compression_benchmark_parses_its_arguments_and_counts_bytes_without_a_gpu() -> None:
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(ROOT / "benchmarks" / "kernels"))
+    import sparse_compress as bench
+
+    args = bench.parse_args(["--batches", "1", "4", "--context", "65536", "--tag", "t"])
+    assert (args.batches, args.context, args.chunk, args.tag) == ([1, 4], 65536, 8192, "t")
+    k1 = bench.Compression("K1", kernel=32, stride=16)
+    # a decode step at 128K completes one K1 window: its 32 keys read once, one row written
+    assert k1.windows(131072) - k1.windows(131071) == 1
+    row = 2 * 128 * 2
+    assert bench.call_bytes(k1, 131071, 131072, 8, 2, 128, 2) == 8 * (32 * row + row + 32 * 4)
+    # an 8192-token chunk: 512 new windows over 511 * 16 + 32 keys, each key read once
+    assert bench.call_bytes(k1, 122880, 131072, 1, 2, 128, 2) == 8208 * (row + 4) + 512 * row
+    assert bench.call_bytes(k1, 100, 100, 1, 2, 128, 2) == 0

@@ -102,3 +102,19 @@ def test_selection_kernels_are_not_specialized_on_per_batch_counts() -> None:
         names = {kernel.arg_names[i] if isinstance(i, int) else i
                  for i in kernel.do_not_specialize}
         assert counts <= names, (kernel.fn.__name__, names)
+
+
+def test_compression_impl_is_checked_before_any_kernel_runs() -> None:
+    import torch
+
+    from sala_sglang.ops.sparse import compress_new_windows
+
+    k = torch.zeros(64, 2, 64)
+    out = torch.zeros(4, 2, 2, 64)
+    rt = torch.zeros(2, 64, dtype=torch.int32)
+    idx = torch.zeros(1, dtype=torch.int32)
+    args = (k, out, rt, idx, idx, idx + 40, 16, 8, 16)
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        compress_new_windows(*args, max_new_windows=4, impl="cuda")  # CPU tensors: no CUDA
+    with pytest.raises(ValueError, match="expected 'cuda', 'triton' or None"):
+        compress_new_windows(*args, max_new_windows=4, impl="fast")

@@ -9,6 +9,9 @@ keys are freed and reused with their pages, and cost 1/stride of K per token.
 
 Queries are given per token: `token_req` (request slot, i.e. row of req_to_token) and
 `token_pos` (absolute position); one program handles the query heads of one kv head together.
+
+`compress_new_windows` runs the CUDA kernel of `sala_sglang._C` (csrc/sparse_compress.cu) when
+it is built, the tensors are on a GPU and the geometry is one it compiles; else the Triton kernel.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from sala_sglang.ops import _cuda
 
 
 @triton.jit
@@ -59,6 +64,44 @@ def num_windows(lengths: torch.Tensor, kernel_size: int, stride: int) -> torch.T
     return torch.where(lengths >= kernel_size, (lengths - kernel_size) // stride + 1, 0)
 
 
+# What csrc/sparse_compress.cu compiles; other geometries and dtypes take the Triton kernel.
+_CUDA_COMPRESS_HEAD_DIMS = (64, 128)
+_CUDA_COMPRESS_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_CUDA_COMPRESS_PIECE = 8  # keys summed per thread: stride and kernel_size are multiples of it
+_CUDA_COMPRESS_MAX_KERNEL = 256  # keeps one run of windows within the kernel's shared memory
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _cuda_compress_unsupported(
+    k_buffer: torch.Tensor, out: torch.Tensor, req_to_token: torch.Tensor,
+    index: tuple[torch.Tensor, ...], kernel_size: int, stride: int, block_size: int,
+) -> str | None:
+    """Why the CUDA kernel cannot take these arguments, or None when it can (host metadata
+    only: no device sync)."""
+    piece, most = _CUDA_COMPRESS_PIECE, _CUDA_COMPRESS_MAX_KERNEL
+    if kernel_size % stride or stride % piece or kernel_size > most:
+        return (f"kernel_size {kernel_size} / stride {stride}: needs stride a multiple of "
+                f"{piece} and kernel_size a multiple of stride, at most {most}")
+    if k_buffer.dim() != 3 or k_buffer.shape[2] not in _CUDA_COMPRESS_HEAD_DIMS:
+        return f"k_buffer {tuple(k_buffer.shape)}: head dim not in {_CUDA_COMPRESS_HEAD_DIMS}"
+    if k_buffer.dtype not in _CUDA_COMPRESS_DTYPES or out.dtype != k_buffer.dtype:
+        return f"k_buffer {k_buffer.dtype}, out {out.dtype}: need equal bf16, fp16 or fp32"
+    if kernel_size < stride:
+        return f"kernel_size {kernel_size} < stride {stride}"
+    rows = -(-block_size // stride)
+    if out.dim() != 4 or out.shape[1] != rows or out.shape[2:] != k_buffer.shape[1:]:
+        return f"out {tuple(out.shape)}: expected [pages, ceil(block_size / stride), G, D]"
+    vectors = ((k_buffer, (0, 1)), (out, (0, 1, 2)))
+    if any(t.stride(-1) != 1 or t.data_ptr() % 16
+           or any(t.stride(d) * t.element_size() % 16 for d in dims) for t, dims in vectors):
+        return "k_buffer / out rows are not contiguous 16-byte aligned vectors"
+    if req_to_token.dtype not in _INDEX_DTYPES or req_to_token.stride(1) != 1:
+        return f"req_to_token {req_to_token.dtype}, strides {req_to_token.stride()}"
+    if any(t.dtype not in _INDEX_DTYPES or not t.is_contiguous() for t in index):
+        return "req_slots / old_lens / new_lens must be contiguous int32 or int64"
+    return None
+
+
 def compress_new_windows(
     k_buffer: torch.Tensor,
     out: torch.Tensor,
@@ -70,13 +113,40 @@ def compress_new_windows(
     stride: int,
     block_size: int,
     max_new_windows: int,
+    impl: str | None = None,
 ) -> None:
     """Write the windows that complete as requests grow from old_lens to new_lens keys.
 
     k_buffer [slots, G, D]; out [pages, ceil(block_size / stride), G, D]; req_slots, old_lens,
-    new_lens [B]; max_new_windows bounds the new windows of any request (grid size)."""
+    new_lens [B]; max_new_windows bounds the new windows of any request (grid size).
+    impl: "cuda" (csrc/sparse_compress.cu; an error where it cannot run), "triton", or None:
+    CUDA when the extension is built and supports the geometry, else Triton."""
+    if impl not in (None, "cuda", "triton"):
+        raise ValueError(f"compress_new_windows: impl={impl!r}; expected 'cuda', 'triton' or None")
     if max_new_windows <= 0 or req_slots.numel() == 0:
         return
+    if impl != "triton":
+        why = _cuda_compress_unsupported(k_buffer, out, req_to_token,
+                                         (req_slots, old_lens, new_lens), kernel_size, stride,
+                                         block_size)
+        if why is None and _cuda.use_compiled("compress_new_windows", k_buffer):
+            torch.ops.sala_sglang.compress_new_windows(
+                k_buffer, out, req_to_token, req_slots, old_lens, new_lens, kernel_size, stride,
+                block_size, max_new_windows,
+            )
+            return
+        if impl == "cuda":
+            why = why or f"sala_sglang._C not loaded or k_buffer on {k_buffer.device}"
+            raise ValueError(f"compress_new_windows: impl='cuda' cannot run: {why}")
+    _compress_triton(k_buffer, out, req_to_token, req_slots, old_lens, new_lens, kernel_size,
+                     stride, block_size, max_new_windows)
+
+
+def _compress_triton(
+    k_buffer: torch.Tensor, out: torch.Tensor, req_to_token: torch.Tensor,
+    req_slots: torch.Tensor, old_lens: torch.Tensor, new_lens: torch.Tensor, kernel_size: int,
+    stride: int, block_size: int, max_new_windows: int,
+) -> None:
     lo = num_windows(old_lens, kernel_size, stride).to(torch.int32)
     hi = num_windows(new_lens, kernel_size, stride).to(torch.int32)
     groups, dim = k_buffer.shape[1], k_buffer.shape[2]
