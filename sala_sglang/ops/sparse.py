@@ -459,8 +459,10 @@ def block_sparse_attention(
     every block up to its own (dense tokens). q [T, Hq, D]; k/v_buffer [slots, G, D];
     selected [T, G, n_sel] (-1 = none) -> [T, Hq, D].
 
-    impl: "cuda" (csrc/sparse_attention.cu; raises where it cannot run), "triton", or None: the
-    CUDA op when `sala_sglang._C` is built and supports the geometry, else Triton."""
+    num_splits > 1 splits each token's block list (decode occupancy); the CUDA op takes it as a
+    floor and splits further when few tokens leave SMs idle. impl: "cuda"
+    (csrc/sparse_attention.cu; raises where it cannot run), "triton", or None: the CUDA op when
+    `sala_sglang._C` is built and supports the geometry, else Triton."""
     if impl not in (None, *ATTENTION_IMPLS):
         raise ValueError(f"block_sparse_attention: impl={impl!r}, expected one of "
                          f"{ATTENTION_IMPLS} or None")
