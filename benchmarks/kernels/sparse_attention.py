@@ -5,6 +5,9 @@
 - selection: ours vs OpenBMB's stage-1 + max-pooling + top-k path (sparse_anchors.py);
 - block-sparse attention: ours vs FlashInfer over the same selected pages, and dense attention
   (FlashInfer fa2/fa3, PyTorch flash SDPA) over the whole context as the no-sparsity anchor.
+  "ours" is the Triton kernel (as on main); where `sala_sglang._C` is built, its row also times the
+  CUDA op (csrc/sparse_attention.cu) on the same inputs: cuda_ms, cuda_speedup (Triton ms / CUDA
+  ms), cuda_rel_err_vs_ours, cuda_ref_rel_err. The layer rows run the Triton kernel.
 
 Prefill = the last 8192-token chunk of a 32K/128K/512K prompt (what chunked prefill runs), one
 request, every token sparse. Decode = batch 1/8/32 of 128K-token requests, one query each, timed
@@ -152,11 +155,36 @@ def select_ours(mod, inp: SparseInputs, scale: float, splits: int) -> Callable[[
 
 
 def attend_ours(mod, inp: SparseInputs, selected: torch.Tensor, scale: float,
-                splits: int) -> Callable[[], torch.Tensor]:
+                splits: int, impl: str = "triton") -> Callable[[], torch.Tensor]:
+    """Our attention; `impl` picks the kernel in this checkout's ops (a --baseline module may
+    predate the keyword and runs its own default)."""
+    kw = {"impl": impl} if mod is ops else {}
     return lambda: mod.block_sparse_attention(
         inp.q, inp.k, inp.v, inp.rt, inp.token_req, inp.token_pos, inp.token_sparse, selected,
-        inp.cfg.block_size, scale, num_splits=splits,
+        inp.cfg.block_size, scale, num_splits=splits, **kw,
     )
+
+
+def cuda_column(inp: SparseInputs, selected: torch.Tensor, scale: float, splits: int,
+                timing: Callable[[Callable[[], object]], dict], triton_out: torch.Tensor,
+                triton_ms: float, rows: torch.Tensor, want: torch.Tensor | None) -> dict:
+    """The CUDA op on the Triton row's inputs, as extra fields of that row ({} when unbuilt)."""
+    from sala_sglang.ops import _cuda
+
+    if not _cuda.available():
+        return {}
+    fn = attend_ours(ops, inp, selected, scale, splits, impl="cuda")
+    try:
+        got = fn()
+        torch.cuda.synchronize()
+    except Exception as e:  # a geometry the op does not take, say: a finding, not a crash
+        return {"cuda_error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
+    ms = timing(fn)["ms"]
+    extra = dict(cuda_ms=ms, cuda_speedup=round(triton_ms / ms, 2),
+                 cuda_rel_err_vs_ours=round(rel_err(got, triton_out), 5))
+    if want is not None:
+        extra["cuda_ref_rel_err"] = round(rel_err(got[rows], want), 5)
+    return extra
 
 
 def overlap(a: torch.Tensor, b: torch.Tensor, width: int) -> float:
@@ -318,8 +346,12 @@ def bench_attention(rec: Record, inp: SparseInputs, sel: torch.Tensor, case: str
     want = reference_rows(inp, rows, scale, sel)
     ours_fn = attend_ours(ops, inp, sel, scale, splits)
     out = ours_fn()
-    ours = rec.add(section="attend", case=case, impl="ours", **timed_row(ours_fn, iters),
-                   flops=flops, bytes=nbytes, ref_rel_err=round(rel_err(out[rows], want), 5))
+    ours_t = timed_row(ours_fn, iters)
+    cuda = cuda_column(inp, sel, scale, splits, lambda fn: timed_row(fn, iters), out,
+                       ours_t["ms"], rows, want)
+    ours = rec.add(section="attend", case=case, impl="ours", **ours_t,
+                   flops=flops, bytes=nbytes, ref_rel_err=round(rel_err(out[rows], want), 5),
+                   **cuda)
     if baseline is not None:
         old_fn = attend_ours(baseline, inp, sel, scale, splits)
         rec.add(section="attend", case=case, impl="ours v0", **timed_row(old_fn, iters),
@@ -394,8 +426,10 @@ def bench_dense_mode(rec: Record, inp: SparseInputs, case: str, scale: float, ba
     want = reference_rows(inp, rows, scale, None)
     fn = attend_ours(ops, inp, none, scale, 1)
     out = fn()
-    ours = rec.add(section="attend", case=case, impl="ours", ms=timed(fn, 10), flops=flops,
-                   ref_rel_err=round(rel_err(out[rows], want), 5))
+    ms = timed(fn, 10)
+    cuda = cuda_column(inp, none, scale, 1, lambda f: {"ms": timed(f, 10)}, out, ms, rows, want)
+    ours = rec.add(section="attend", case=case, impl="ours", ms=ms, flops=flops,
+                   ref_rel_err=round(rel_err(out[rows], want), 5), **cuda)
     if baseline is not None:
         old = attend_ours(baseline, inp, none, scale, 1)
         rec.add(section="attend", case=case, impl="ours v0", ms=timed(old, 10), flops=flops,
@@ -435,14 +469,17 @@ def neighbour_overlap(sel: torch.Tensor, width: int) -> float:
 def print_table(rec: Record) -> None:
     print(f"\npeaks: {rec.peaks}  (bf16 TFLOP/s, copy GB/s)")
     print(f"{'section':8} {'case':24} {'impl':32} {'ms':>9} {'TFLOP/s':>8} {'%pk':>5} "
-          f"{'GB/s':>7} {'ours x':>7}  check")
+          f"{'GB/s':>7} {'ours x':>7} {'cuda ms':>9} {'cuda x':>6}  check")
     for r in rec.data["rows"]:
         check = ", ".join(f"{k}={r[k]}" for k in ("ref_ok", "ref_rel_err", "rel_err_vs_ours",
-                                                   "overlap_with_ours") if k in r)
+                                                   "overlap_with_ours", "cuda_ref_rel_err",
+                                                   "cuda_rel_err_vs_ours", "cuda_error")
+                          if k in r)
         impl = r["impl"] + (" [graph]" if r.get("timing") == "cuda graph" else "")
         print(f"{r['section']:8} {r['case']:24} {impl[:32]:32} {r['ms']:9.3f} "
               f"{r.get('tflops', ''):>8} {r.get('pct_peak', ''):>5} {r.get('gb_per_s', ''):>7} "
-              f"{r.get('ours_speedup', ''):>7}  {check}")
+              f"{r.get('ours_speedup', ''):>7} {r.get('cuda_ms', ''):>9} "
+              f"{r.get('cuda_speedup', ''):>6}  {check}")
     for name, state in rec.data["anchors"].items():
         if state != "ok":
             print(f"anchor unavailable: {name}: {state}")

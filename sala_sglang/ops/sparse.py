@@ -10,8 +10,9 @@ keys are freed and reused with their pages, and cost 1/stride of K per token.
 Queries are given per token: `token_req` (request slot, i.e. row of req_to_token) and
 `token_pos` (absolute position); one program handles the query heads of one kv head together.
 
-`compress_new_windows` runs the CUDA kernel of `sala_sglang._C` (csrc/sparse_compress.cu) when
-it is built, the tensors are on a GPU and the geometry is one it compiles; else the Triton kernel.
+Each op runs its CUDA kernel from `sala_sglang._C` (csrc/sparse_*.cu) when the extension is built,
+the tensors are on a GPU and the geometry is one the kernel compiles; else its Triton kernel here.
+`impl="cuda"` / `impl="triton"` forces one (tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -452,6 +453,59 @@ ATTENTION_WARPS = 4
 ATTENTION_STAGES = 3
 
 
+# What csrc/sparse_attention.cu compiles; any other geometry runs the Triton kernel.
+CUDA_ATTENTION_HEAD_DIMS = (64, 128)
+CUDA_ATTENTION_MAX_GROUP = 16
+CUDA_ATTENTION_KEY_CHUNK = 16  # block_size must be a multiple of it
+ATTENTION_IMPLS = ("cuda", "triton")
+
+
+def cuda_attention_unsupported(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    token_req: torch.Tensor,
+    token_pos: torch.Tensor,
+    token_sparse: torch.Tensor,
+    selected: torch.Tensor,
+    block_size: int,
+    num_splits: int,
+) -> str | None:
+    """Why torch.ops.sala_sglang.block_sparse_attention cannot take these arguments, or None.
+    Mirrors the op's own checks (host-side attributes only: no device sync)."""
+    tokens, hq, dim = q.shape
+    groups = k_buffer.shape[1]
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"q dtype {q.dtype} (bfloat16 or float16 compiled)"
+    if dim not in CUDA_ATTENTION_HEAD_DIMS:
+        return f"head dim {dim} (compiled: {CUDA_ATTENTION_HEAD_DIMS})"
+    if hq % groups or hq // groups > CUDA_ATTENTION_MAX_GROUP:
+        return f"{hq} query heads over {groups} kv heads (group size <= {CUDA_ATTENTION_MAX_GROUP})"
+    if block_size <= 0 or block_size % CUDA_ATTENTION_KEY_CHUNK:
+        return f"block_size {block_size} (a multiple of {CUDA_ATTENTION_KEY_CHUNK})"
+    if not 1 <= num_splits <= 65535:
+        return f"num_splits {num_splits} (1..65535)"
+    # Alignment from storage offsets (allocations are 256-byte aligned): no data_ptr(), which
+    # torch.compile's fake tensors lack; the op itself checks the real pointers.
+    if q.stride(2) != 1 or q.stride(0) % 2 or q.stride(1) % 2 or q.storage_offset() % 2:
+        return f"q strides {q.stride()} (contiguous in dim, even strides)"
+    for name, x in (("k_buffer", k_buffer), ("v_buffer", v_buffer)):
+        if x.dtype != q.dtype or x.dim() != 3 or x.shape != k_buffer.shape or x.shape[2] != dim:
+            return f"{name} {x.dtype} {tuple(x.shape)} (q's dtype, [slots, groups, {dim}])"
+        if x.stride(2) != 1 or x.stride(0) % 8 or x.stride(1) % 8 or x.storage_offset() % 8:
+            return f"{name} strides {x.stride()} (16-byte aligned rows)"
+    if req_to_token.dtype != torch.int32 or req_to_token.dim() != 2:
+        return f"req_to_token {req_to_token.dtype} {req_to_token.dim()}-d (int32 2-d)"
+    for name, x in (("token_req", token_req), ("token_pos", token_pos),
+                    ("token_sparse", token_sparse)):
+        if x.dtype != torch.int32 or x.shape != (tokens,) or not x.is_contiguous():
+            return f"{name} {x.dtype} {tuple(x.shape)} (contiguous int32 [{tokens}])"
+    if selected.dtype != torch.int32 or selected.dim() != 3 or selected.shape[0] != tokens:
+        return f"selected {selected.dtype} {tuple(selected.shape)} (int32 [{tokens}, G, n_sel])"
+    return None
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k_buffer: torch.Tensor,
@@ -464,10 +518,51 @@ def block_sparse_attention(
     block_size: int,
     scale: float,
     num_splits: int = 1,
+    *,
+    impl: str | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention of each query token over its selected blocks (sparse tokens) or over
     every block up to its own (dense tokens). q [T, Hq, D]; k/v_buffer [slots, G, D];
-    selected [T, G, n_sel] (-1 = none) -> [T, Hq, D]."""
+    selected [T, G, n_sel] (-1 = none) -> [T, Hq, D].
+
+    num_splits > 1 splits each token's block list (decode occupancy); the CUDA op takes it as a
+    floor and splits further when few tokens leave SMs idle. impl: "cuda"
+    (csrc/sparse_attention.cu; raises where it cannot run), "triton", or None: the CUDA op when
+    `sala_sglang._C` is built and supports the geometry, else Triton."""
+    if impl not in (None, *ATTENTION_IMPLS):
+        raise ValueError(f"block_sparse_attention: impl={impl!r}, expected one of "
+                         f"{ATTENTION_IMPLS} or None")
+    if impl != "triton":
+        args = (q, k_buffer, v_buffer, req_to_token, token_req, token_pos, token_sparse, selected)
+        why_not = cuda_attention_unsupported(*args, block_size, num_splits)
+        if impl == "cuda":
+            if not (q.is_cuda and _cuda.available()):
+                raise ValueError("block_sparse_attention: impl='cuda' needs sala_sglang._C built "
+                                 f"and q on a CUDA device (q on {q.device})")
+            if why_not is not None:
+                raise ValueError(f"block_sparse_attention: impl='cuda' does not support {why_not}")
+        if why_not is None and _cuda.use_compiled("block_sparse_attention", q):
+            return torch.ops.sala_sglang.block_sparse_attention(*args, block_size, scale,
+                                                                num_splits)
+    return _block_sparse_attention_triton(q, k_buffer, v_buffer, req_to_token, token_req,
+                                          token_pos, token_sparse, selected, block_size, scale,
+                                          num_splits)
+
+
+def _block_sparse_attention_triton(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    token_req: torch.Tensor,
+    token_pos: torch.Tensor,
+    token_sparse: torch.Tensor,
+    selected: torch.Tensor,
+    block_size: int,
+    scale: float,
+    num_splits: int = 1,
+) -> torch.Tensor:
+    """The Triton kernel of block_sparse_attention (same arguments and result)."""
     tokens, hq, dim = q.shape
     groups = k_buffer.shape[1]
     hg, hgp = _group_heads(hq, groups)
