@@ -102,3 +102,19 @@ def test_selection_kernels_are_not_specialized_on_per_batch_counts() -> None:
         names = {kernel.arg_names[i] if isinstance(i, int) else i
                  for i in kernel.do_not_specialize}
         assert counts <= names, (kernel.fn.__name__, names)
+
+
+def test_selection_impl_is_checked_and_the_cuda_kernel_refuses_cpu_tensors() -> None:
+    import torch
+
+    from sala_sglang.ops.sparse import select_blocks
+
+    q = torch.zeros(2, 8, 64)
+    k1 = torch.zeros(4, 2, 2, 64)
+    rt = torch.zeros(2, 64, dtype=torch.int32)
+    tokens = torch.zeros(2, dtype=torch.int32)
+    args = (q, k1, rt, tokens, tokens, 16, 8, 16, 1, 4, 10, 16, 0.125)
+    with pytest.raises(ValueError, match="impl='cutlass'"):
+        select_blocks(*args, impl="cutlass")
+    with pytest.raises(ValueError, match="CUDA kernel cannot run this: .*CUDA device"):
+        select_blocks(*args, impl="cuda")
