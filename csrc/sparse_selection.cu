@@ -601,7 +601,8 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1,
 at::Tensor select_blocks_meta(const at::Tensor& q, const at::Tensor& k1, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
                               int64_t, int64_t, int64_t num_selected, int64_t, double) {
-  return at::empty({q.size(0), k1.size(2), num_selected}, q.options().dtype(at::kInt));
+  return at::empty_symint({q.sym_size(0), k1.sym_size(2), c10::SymInt(num_selected)},
+                          q.options().dtype(at::kInt));
 }
 
 }  // namespace

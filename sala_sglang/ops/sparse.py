@@ -296,7 +296,8 @@ def select_blocks(
     Each window's probability is computed once, so equal block scores are exactly equal.
 
     impl: "cuda" (the fused kernel; ValueError where it cannot run), "triton", or None: CUDA when
-    the extension is built and `cuda_selection_unsupported` finds nothing, else Triton.
+    the extension is built, `cuda_selection_unsupported` finds nothing and the batch has at least
+    CUDA_SELECT_MIN_PAIRS (token, kv head) pairs, else Triton.
     num_splits (split-K over windows) shapes the Triton kernels only; the CUDA kernel accepts and
     ignores it (it widens its CTAs to 8 warps instead when there are few (token, kv head) pairs)."""
     if impl not in (None, "cuda", "triton"):
@@ -305,6 +306,8 @@ def select_blocks(
         why = cuda_selection_unsupported(q, k1, req_to_token, token_req, token_pos,
                                          kernel_size, kernel_stride, block_size, num_selected,
                                          max(width, num_selected))
+        if why is None and impl is None and q.shape[0] * k1.shape[2] < CUDA_SELECT_MIN_PAIRS:
+            why = f"fewer than CUDA_SELECT_MIN_PAIRS = {CUDA_SELECT_MIN_PAIRS} token/head pairs"
         if why is None and (impl == "cuda" or _cuda.use_compiled("select_blocks", q)):
             return torch.ops.sala_sglang.select_blocks(
                 q, k1, req_to_token, token_req, token_pos, kernel_size, kernel_stride,
@@ -323,6 +326,11 @@ def select_blocks(
 # variant, the larger one, bounds both).
 _CUDA_SELECT_HEAD_DIMS = (64, 128)
 _CUDA_SELECT_MAX_GROUP = 16
+# The CUDA kernel runs one CTA per (token, kv head) and no split-K, so a small decode batch
+# occupies few SMs where Triton splits the windows over num_splits programs. Auto dispatch takes
+# CUDA from this many pairs on; 0 until benchmarks/kernels/sparse_attention.py's "ours cuda" rows
+# say where the crossover is.
+CUDA_SELECT_MIN_PAIRS = 0
 
 
 def _cuda_selection_smem_bytes(width: int, num_selected: int, dim: int) -> int:
