@@ -271,10 +271,26 @@ def test_unsupported_geometry_falls_back_to_triton() -> None:
 
 
 @needs_extension
-def test_auto_dispatch_takes_the_cuda_kernel() -> None:
+def test_auto_dispatch_takes_the_cuda_kernel_from_min_pairs_on(monkeypatch) -> None:
+    from sala_sglang.ops import sparse as ops
+
+    calls: list[str] = []
+    triton_select = ops._select_blocks_triton
+
+    def spy(*args, **kwargs):
+        calls.append("triton")
+        return triton_select(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "_select_blocks_triton", spy)
     case = Case("tiny", torch.float16, [700, 90], seed=6)
     q, treq, pos = case.queries([1, 2, 1], [699, 89, 300])
     assert torch.equal(case.select(q, treq, pos, 64, None), case.select(q, treq, pos, 64, "cuda"))
+    assert calls == []
+    monkeypatch.setattr(ops, "CUDA_SELECT_MIN_PAIRS", 3 * case.groups + 1)
+    case.select(q, treq, pos, 64, None)
+    assert calls == ["triton"]
+    empty = case.select(q[:0], treq[:0], pos[:0], 64, "cuda")
+    assert empty.shape == (0, case.groups, case.cfg.num_selected_blocks)
 
 
 @needs_extension
