@@ -118,3 +118,19 @@ def test_compression_impl_is_checked_before_any_kernel_runs() -> None:
         compress_new_windows(*args, max_new_windows=4, impl="cuda")  # CPU tensors: no CUDA
     with pytest.raises(ValueError, match="expected 'cuda', 'triton' or None"):
         compress_new_windows(*args, max_new_windows=4, impl="fast")
+
+
+def test_selection_impl_is_checked_and_the_cuda_kernel_refuses_cpu_tensors() -> None:
+    import torch
+
+    from sala_sglang.ops.sparse import select_blocks
+
+    q = torch.zeros(2, 8, 64)
+    k1 = torch.zeros(4, 2, 2, 64)
+    rt = torch.zeros(2, 64, dtype=torch.int32)
+    tokens = torch.zeros(2, dtype=torch.int32)
+    args = (q, k1, rt, tokens, tokens, 16, 8, 16, 1, 4, 10, 16, 0.125)
+    with pytest.raises(ValueError, match="impl='cutlass'"):
+        select_blocks(*args, impl="cutlass")
+    with pytest.raises(ValueError, match="CUDA kernel cannot run this: .*CUDA device"):
+        select_blocks(*args, impl="cuda")

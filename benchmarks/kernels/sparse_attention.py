@@ -2,7 +2,9 @@
 
 - compression: ours (K1 + K2 of one prefill chunk, and K1 of a whole context) vs a plain torch
   gather + mean-pool (there is no kernel anchor for it);
-- selection: ours vs OpenBMB's stage-1 + max-pooling + top-k path (sparse_anchors.py);
+- selection: ours (the Triton kernels, row "ours"; the fused CUDA kernel of sala_sglang._C,
+  row "ours cuda", where it is built) vs OpenBMB's stage-1 + max-pooling + top-k path
+  (sparse_anchors.py);
 - block-sparse attention: ours vs FlashInfer over the same selected pages, and dense attention
   (FlashInfer fa2/fa3, PyTorch flash SDPA) over the whole context as the no-sparsity anchor.
   "ours" is the Triton kernel (as on main); where `sala_sglang._C` is built, its row also times the
@@ -144,14 +146,27 @@ def stage1_flops(inp: SparseInputs) -> float:
     return 2 * hq * d * float(windows.sum())
 
 
-def select_ours(mod, inp: SparseInputs, scale: float, splits: int) -> Callable[[], torch.Tensor]:
+def select_ours(mod, inp: SparseInputs, scale: float, splits: int,
+                impl: str | None = None) -> Callable[[], torch.Tensor]:
+    """Our selection; impl "triton"/"cuda" picks a kernel (None: what serving dispatches to, and
+    the only choice for a --baseline module that predates the CUDA kernel)."""
     cfg = inp.cfg
     width = -(-max(inp.lengths) // cfg.block_size)
+    chosen = {} if impl is None else {"impl": impl}
     return lambda: mod.select_blocks(
         inp.q, inp.k1, inp.rt, inp.token_req, inp.token_pos, cfg.kernel_size, cfg.kernel_stride,
         cfg.block_size, cfg.init_blocks, cfg.local_blocks, cfg.num_selected_blocks, width, scale,
-        num_splits=splits,
+        num_splits=splits, **chosen,
     )
+
+
+def cuda_selection_unsupported(inp: SparseInputs) -> str | None:
+    """Why the fused CUDA selection cannot run these inputs (None: it can)."""
+    cfg = inp.cfg
+    width = max(-(-max(inp.lengths) // cfg.block_size), cfg.num_selected_blocks)
+    return ops.cuda_selection_unsupported(
+        inp.q, inp.k1, inp.rt, inp.token_req, inp.token_pos, cfg.kernel_size, cfg.kernel_stride,
+        cfg.block_size, cfg.num_selected_blocks, width)
 
 
 def attend_ours(mod, inp: SparseInputs, selected: torch.Tensor, scale: float,
@@ -295,10 +310,22 @@ def bench_selection(rec: Record, inp: SparseInputs, case: str, scale: float, spl
     rows = check_rows(inp)
     k1c = anchors.contiguous_windows(inp)
     flops = stage1_flops(inp)
-    ours_fn = select_ours(ops, inp, scale, splits)
+    ours_fn = select_ours(ops, inp, scale, splits, impl="triton")
     sel = ours_fn()
     ours = rec.add(section="select", case=case, impl="ours", **timed_row(ours_fn, iters),
                    flops=flops, ref_ok=selection_ok(inp, k1c, sel, rows))
+    why = cuda_selection_unsupported(inp)
+    if why is None:
+        cuda_fn = select_ours(ops, inp, scale, splits, impl="cuda")
+        cuda_sel = cuda_fn()
+        t = timed_row(cuda_fn, iters)
+        rec.add(section="select", case=case, impl="ours cuda", **t, flops=flops,
+                overlap_with_ours=overlap(cuda_sel, sel, width),
+                ref_ok=selection_ok(inp, k1c, cuda_sel, rows),
+                speedup_vs_triton=round(ours["ms"] / t["ms"], 2))
+    else:
+        rec.data.setdefault("cuda_selection_skipped", {})[case] = why
+        rec.log(f"  ours cuda: not run ({why})")
     if baseline is not None:
         old_fn = select_ours(baseline, inp, scale, splits)
         rec.add(section="select", case=case, impl="ours v0", **timed_row(old_fn, iters),
@@ -329,7 +356,7 @@ def bench_infllm_stage1(rec: Record, inp: SparseInputs, case: str, scale: float)
                        lambda: anchors.infllm_stage1(inp, k1c, k2c))
     if fn is None:
         return
-    sel = select_ours(ops, inp, scale, 1)()
+    sel = select_ours(ops, inp, scale, 1, impl="triton")()
     pooled = anchors.pool_and_topk(inp, fn)
     theirs = pooled()
     rec.add(section="select", case=case, impl="infllm stage-1+sgl pool+topk",
@@ -406,7 +433,7 @@ def sweep_selection(rec: Record, inp: SparseInputs, scale: float) -> None:
     for tm in (1, 8, 16):
         ops.TOKEN_TILE = tm
         try:
-            ms = timed(select_ours(ops, inp, scale, 1), 5)
+            ms = timed(select_ours(ops, inp, scale, 1, impl="triton"), 5)
             rec.data["sweeps"].append(dict(op="select", token_tile=tm, ms=ms,
                                            tflops=round(flops / ms / 1e9, 1)))
             rec.log(f"  sweep select token_tile={tm}: {ms} ms")
@@ -473,7 +500,8 @@ def print_table(rec: Record) -> None:
     for r in rec.data["rows"]:
         check = ", ".join(f"{k}={r[k]}" for k in ("ref_ok", "ref_rel_err", "rel_err_vs_ours",
                                                    "overlap_with_ours", "cuda_ref_rel_err",
-                                                   "cuda_rel_err_vs_ours", "cuda_error")
+                                                   "cuda_rel_err_vs_ours", "cuda_error",
+                                                   "speedup_vs_triton")
                           if k in r)
         impl = r["impl"] + (" [graph]" if r.get("timing") == "cuda graph" else "")
         print(f"{r['section']:8} {r['case']:24} {impl[:32]:32} {r['ms']:9.3f} "

@@ -17,6 +17,8 @@ the tensors are on a GPU and the geometry is one the kernel compiles; else its T
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -350,12 +352,129 @@ def select_blocks(
     width: int,
     scale: float,
     num_splits: int = 1,
+    *,
+    impl: str | None = None,
 ) -> torch.Tensor:
     """InfLLM-v2 block selection per query token and kv head -> [T, G, num_selected] int32.
 
     q [T, Hq, D]; k1 [pages, R, G, D]; width >= blocks of the longest sequence (a fixed width
     keeps shapes static under CUDA graphs). Order: best first, ties to the lower block; -1 pads.
-    Each window's probability is computed once, so equal block scores are exactly equal."""
+    Each window's probability is computed once, so equal block scores are exactly equal.
+
+    impl: "cuda" (the fused kernel; ValueError where it cannot run), "triton", or None: CUDA when
+    the extension is built, `cuda_selection_unsupported` finds nothing and the batch has at least
+    CUDA_SELECT_MIN_PAIRS (token, kv head) pairs, else Triton.
+    num_splits (split-K over windows) shapes the Triton kernels only; the CUDA kernel accepts and
+    ignores it (it widens its CTAs to 8 warps instead when there are few (token, kv head) pairs)."""
+    if impl not in (None, "cuda", "triton"):
+        raise ValueError(f"select_blocks: impl={impl!r}: expected 'cuda', 'triton' or None")
+    if impl != "triton":
+        why = cuda_selection_unsupported(q, k1, req_to_token, token_req, token_pos,
+                                         kernel_size, kernel_stride, block_size, num_selected,
+                                         max(width, num_selected))
+        if why is None and impl is None and q.shape[0] * k1.shape[2] < CUDA_SELECT_MIN_PAIRS:
+            why = f"fewer than CUDA_SELECT_MIN_PAIRS = {CUDA_SELECT_MIN_PAIRS} token/head pairs"
+        if why is None and (impl == "cuda" or _cuda.use_compiled("select_blocks", q)):
+            return torch.ops.sala_sglang.select_blocks(
+                q, k1, req_to_token, token_req, token_pos, kernel_size, kernel_stride,
+                block_size, init_blocks, local_blocks, num_selected, max(width, num_selected),
+                scale,
+            )
+        if impl == "cuda":
+            raise ValueError(f"select_blocks: the CUDA kernel cannot run this: {why}")
+    return _select_blocks_triton(q, k1, req_to_token, token_req, token_pos, kernel_size,
+                                 kernel_stride, block_size, init_blocks, local_blocks,
+                                 num_selected, width, scale, num_splits)
+
+
+# Geometry of csrc/sparse_selection.cu: head dims compiled, most query heads per kv head (one
+# m16 tile), and its dynamic shared memory (kept in step with smem_bytes there; the 8-warp
+# variant, the larger one, bounds both).
+_CUDA_SELECT_HEAD_DIMS = (64, 128)
+_CUDA_SELECT_MAX_GROUP = 16
+# The CUDA kernel runs one CTA per (token, kv head) and no split-K, so a small decode batch
+# occupies few SMs where Triton splits the windows over num_splits programs. Auto dispatch takes
+# CUDA from this many pairs on; 0 until benchmarks/kernels/sparse_attention.py's "ours cuda" rows
+# say where the crossover is.
+CUDA_SELECT_MIN_PAIRS = 0
+
+
+def _cuda_selection_smem_bytes(width: int, num_selected: int, dim: int) -> int:
+    def align16(x: int) -> int:
+        return -(-x // 16) * 16
+
+    ring = 2 * 128 * (dim + 8) * 2  # stages x window tile x padded K1 row (bytes)
+    return ring + align16(4 * width) + align16(8 * num_selected) + 8192
+
+
+@functools.cache
+def _max_shared_memory(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
+
+
+def cuda_selection_unsupported(
+    q: torch.Tensor,
+    k1: torch.Tensor,
+    req_to_token: torch.Tensor,
+    token_req: torch.Tensor,
+    token_pos: torch.Tensor,
+    kernel_size: int,
+    kernel_stride: int,
+    block_size: int,
+    num_selected: int,
+    width: int,
+) -> str | None:
+    """Why the fused CUDA selection cannot run these arguments, or None when it can (host-side
+    checks only: no device sync, so it is safe while a CUDA graph is captured)."""
+    if not (q.is_cuda and _cuda.available()):
+        return "sala_sglang._C is not built or q is not on a CUDA device"
+    tokens, hq, dim = q.shape
+    groups = k1.shape[2]
+    if dim not in _CUDA_SELECT_HEAD_DIMS:
+        return f"head dim {dim} (compiled: {_CUDA_SELECT_HEAD_DIMS})"
+    if q.dtype not in (torch.bfloat16, torch.float16) or k1.dtype != q.dtype:
+        return f"dtypes q {q.dtype}, k1 {k1.dtype} (need both bfloat16 or both float16)"
+    if hq % groups or hq // groups > _CUDA_SELECT_MAX_GROUP:
+        return f"{hq} query heads over {groups} kv heads (at most 16 per kv head)"
+    if block_size % kernel_stride or kernel_size < kernel_stride:
+        return f"block {block_size}, kernel {kernel_size}, stride {kernel_stride}"
+    if k1.shape[1] < block_size // kernel_stride:
+        return f"k1 holds {k1.shape[1]} rows per page, fewer than {block_size // kernel_stride}"
+    if q.stride(-1) != 1 or k1.stride(-1) != 1 or req_to_token.stride(-1) != 1:
+        return "q, k1 and req_to_token must be contiguous in their last dim"
+    if any(st % 8 for st in k1.stride()[:3]) or k1.data_ptr() % 16:
+        return f"k1 rows not 16-byte aligned (strides {k1.stride()})"
+    for name, x in (("req_to_token", req_to_token), ("token_req", token_req),
+                    ("token_pos", token_pos)):
+        if x.dtype != torch.int32 or x.device != q.device:
+            return f"{name} must be int32 on {q.device}, got {x.dtype} on {x.device}"
+    if not (token_req.is_contiguous() and token_pos.is_contiguous()):
+        return "token_req and token_pos must be contiguous"
+    need = _cuda_selection_smem_bytes(width, num_selected, dim)
+    have = _max_shared_memory(q.device.index if q.device.index is not None
+                              else torch.cuda.current_device())
+    if need > have:
+        return f"width {width} needs {need} bytes of shared memory, the device allows {have}"
+    return None
+
+
+def _select_blocks_triton(
+    q: torch.Tensor,
+    k1: torch.Tensor,
+    req_to_token: torch.Tensor,
+    token_req: torch.Tensor,
+    token_pos: torch.Tensor,
+    kernel_size: int,
+    kernel_stride: int,
+    block_size: int,
+    init_blocks: int,
+    local_blocks: int,
+    num_selected: int,
+    width: int,
+    scale: float,
+    num_splits: int = 1,
+) -> torch.Tensor:
     tokens, hq, dim = q.shape
     groups = k1.shape[2]
     hg, hgp = _group_heads(hq, groups)

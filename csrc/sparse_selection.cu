@@ -1,0 +1,618 @@
+// InfLLM-v2 stage-1 block selection (SPEC 2.2), fused: the CUDA twin of `select_blocks` in
+// sala_sglang/ops/sparse.py, with the same result. One CTA per (query token, kv head):
+//   pass 1  q . K1 over the windows the token sees -> each head's softmax max and sum (online);
+//   pass 2  q . K1 again -> probabilities, summed over the group's heads, max-pooled straight into
+//           per-block scores held in shared memory (no [T, G, windows] matrix in device memory);
+//   select  radix select of the num_selected best 33-bit block keys, then a rank sort.
+//
+// Keys are exactly the Triton `_block_keys_kernel`'s upper half: hi = bits(score) + 1 for blocks
+// b <= qb (forced blocks score +inf), 0 after the query's block; ties go to the lower block (the
+// lower half of its int64 key is 0xFFFFFFFF - b). Each window's group probability is computed by
+// one lane and pooled as that one float into both blocks it borders, so equal block scores are
+// exactly equal.
+//
+// QK products: mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate); rows are the group's query
+// heads padded to 16, columns the windows. K1 rows are gathered page by page with cp.async into
+// a multi-stage shared-memory ring (rows padded by 16 bytes so ldmatrix is conflict-free).
+//
+// Dynamic shared memory (kept in step with _cuda_selection_smem_bytes in ops/sparse.py):
+//   stages * window_tile * (D + 8) * 2   K1 ring
+//   + align16(4 * width)                 block scores (float bits, atomicMax-pooled)
+//   + align16(8 * num_selected)          chosen keys
+//   + kScratchBytes                      softmax statistics and the radix histogram
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace {
+
+constexpr int kMaxGroupHeads = 16;  // one m16 tile of query heads
+constexpr int kScratchBytes = 8192;
+
+template <int NW>
+struct Tiling {
+  static constexpr int kThreads = 32 * NW;
+  static constexpr int kWindowTile = 16 * NW;  // each warp scores 16 windows (two n8 tiles)
+  static constexpr int kStages = NW == 4 ? 3 : 2;
+};
+
+__host__ __device__ constexpr int64_t align16(int64_t x) { return (x + 15) / 16 * 16; }
+
+template <int D, int NW>
+__host__ __device__ constexpr int64_t ring_bytes() {
+  return int64_t{Tiling<NW>::kStages} * Tiling<NW>::kWindowTile * (D + 8) * 2;
+}
+
+template <int D, int NW>
+int64_t smem_bytes(int64_t width, int64_t num_selected) {
+  return ring_bytes<D, NW>() + align16(4 * width) + align16(8 * num_selected) + kScratchBytes;
+}
+
+template <typename T>
+struct MmaType;
+template <>
+struct MmaType<__nv_bfloat16> {
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct MmaType<__half> {
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared; src_bytes 0 writes zeros (windows past the visible ones).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+               "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+struct Geometry {
+  int64_t stride_qt, stride_qh;              // q [T, Hq, D], contiguous in D
+  int64_t stride_kp, stride_ks, stride_kg;   // k1 [pages, R, G, D], contiguous in D
+  int64_t stride_rt;                         // req_to_token [R, L] int32
+  int tokens, groups, group_heads;
+  int kernel_size, kernel_stride, block_size;
+  int init_blocks, local_blocks, num_selected, width;
+  float scale_log2;                          // softmax scale * log2(e): exp2 throughout
+};
+
+// Upper half of the Triton kernel's int64 block key; 0 marks a block after the query's.
+__device__ __forceinline__ uint32_t block_hi(uint32_t score_bits, int b, int qb, int init_blocks,
+                                             int local_blocks) {
+  if (b > qb) return 0u;
+  const bool forced = b < init_blocks || b >= qb - local_blocks;
+  return (forced ? 0x7F800000u : score_bits) + 1u;
+}
+
+template <int D, int NW, typename T>
+__global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
+    const T* __restrict__ q, const T* __restrict__ k1, const int32_t* __restrict__ req_to_token,
+    const int32_t* __restrict__ token_req, const int32_t* __restrict__ token_pos,
+    int32_t* __restrict__ out, const Geometry geo) {
+  using Tile = Tiling<NW>;
+  constexpr int kThreads = Tile::kThreads;
+  constexpr int kWT = Tile::kWindowTile;
+  constexpr int kStages = Tile::kStages;
+  constexpr int kRow = D + 8;          // padded K1 row (elements): 16-byte rows, no bank conflict
+  constexpr int kChunks = D / 8;       // 16-byte chunks per K1 row
+  constexpr int kSteps = D / 16;       // mma k steps
+  static_assert(kSteps % 2 == 0, "head dim must be a multiple of 32");
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* ring = reinterpret_cast<T*>(smem);
+  uint32_t* scores = reinterpret_cast<uint32_t*>(smem + ring_bytes<D, NW>());
+  uint64_t* chosen = reinterpret_cast<uint64_t*>(smem + ring_bytes<D, NW>() +
+                                                 align16(4 * int64_t{geo.width}));
+  unsigned char* scratch = reinterpret_cast<unsigned char*>(chosen) +
+                           align16(8 * int64_t{geo.num_selected});
+  int64_t* row_offset = reinterpret_cast<int64_t*>(scratch);    // [stages][window tile]
+  float* warp_m = reinterpret_cast<float*>(row_offset + kStages * kWT);  // [NW][16]
+  float* warp_l = warp_m + NW * kMaxGroupHeads;                 // [NW][16]
+  float* row_m = warp_l + NW * kMaxGroupHeads;                  // [16]
+  float* row_il = row_m + kMaxGroupHeads;                       // [16]
+  uint32_t* hist = reinterpret_cast<uint32_t*>(row_il + kMaxGroupHeads);  // [256]
+  int* shared_int = reinterpret_cast<int*>(hist + 256);         // [NW + 4]
+  static_assert(kStages * kWT * 8 + (2 * NW * kMaxGroupHeads + 2 * kMaxGroupHeads) * 4 +
+                        256 * 4 + (NW + 4) * 4 <= kScratchBytes,
+                "scratch overflow");
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int quad_row = lane / 4;   // mma groupID: head rows quad_row, quad_row + 8
+  const int quad_col = lane % 4;   // mma threadID_in_group: window columns 2*quad_col, +1
+  const int64_t t = blockIdx.x / geo.groups;
+  const int g = blockIdx.x % geo.groups;
+
+  const int req = token_req[t];
+  const int pos = token_pos[t];
+  const int length = pos + 1;
+  int n_vis = length >= geo.kernel_size ? (length - geo.kernel_size) / geo.kernel_stride + 1 : 0;
+  if (req < 0) n_vis = 0;  // as the Triton kernel: a token of no request sweeps nothing
+  const int qb = pos / geo.block_size;
+  const int ratio = geo.block_size / geo.kernel_stride;
+  // blocks b <= qb (inside the width) are eligible; every visible window pools into them only
+  const int n_elig = pos < 0 ? 0 : min(qb + 1, geo.width);
+
+  for (int b = tid; b < n_elig; b += kThreads) scores[b] = 0u;
+
+  // The group's queries as mma A fragments (raw 16-bit pairs), rows past the group's heads zero.
+  uint32_t qa[kSteps][4];
+  {
+    const uint16_t* q_tok = reinterpret_cast<const uint16_t*>(q) + t * geo.stride_qt +
+                            int64_t{g} * geo.group_heads * geo.stride_qh;
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {      // columns k, k + 8
+#pragma unroll
+        for (int up = 0; up < 2; ++up) {          // rows quad_row, quad_row + 8
+          const int row = quad_row + 8 * up;
+          const int col = 16 * s + 8 * half + 2 * quad_col;
+          uint32_t pair = 0u;
+          if (row < geo.group_heads) {
+            const uint16_t* p = q_tok + row * geo.stride_qh + col;
+            pair = static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 16);
+          }
+          qa[s][2 * half + up] = pair;
+        }
+      }
+    }
+  }
+
+  const int32_t* rt_row = req_to_token + (req < 0 ? 0 : int64_t{req}) * geo.stride_rt;
+  const T* k1_group = k1 + int64_t{g} * geo.stride_kg;
+  const int n_tiles = (n_vis + kWT - 1) / kWT;
+
+  // Where each K1 row of a tile starts (elements from k1_group), -1 past the visible windows:
+  // one thread per row does the page lookup, so the copy loop below does no division.
+  auto locate_tile = [&](int tile) {
+    if (tid < kWT) {
+      const int c = tile * kWT + tid;
+      int64_t offset = -1;
+      if (c < n_vis) {
+        const int block = c / ratio;  // block_size is a multiple of kernel_stride
+        const int64_t page = rt_row[int64_t{block} * geo.block_size] / geo.block_size;
+        offset = page * geo.stride_kp + int64_t{c - block * ratio} * geo.stride_ks;
+      }
+      row_offset[(tile % kStages) * kWT + tid] = offset;
+    }
+  };
+  auto load_tile = [&](int tile) {
+    T* dst = ring + (tile % kStages) * kWT * kRow;
+    const int64_t* offsets = row_offset + (tile % kStages) * kWT;
+    for (int i = tid; i < kWT * kChunks; i += kThreads) {
+      const int row = i / kChunks;
+      const int chunk = i % kChunks;
+      const int64_t offset = offsets[row];
+      // src_bytes 0 zero-fills the row; the source must still be a valid address
+      const T* src = offset >= 0 ? k1_group + offset + chunk * 8 : k1_group;
+      cp_async16(dst + row * kRow + chunk * 8, src, offset >= 0 ? 16 : 0);
+    }
+  };
+
+  // This warp's 16 windows of the tile in shared memory -> logits (log2 units) of rows
+  // quad_row (acc[n][0..1]) and quad_row + 8 (acc[n][2..3]), windows 8n + 2*quad_col + {0,1}.
+  auto score_tile = [&](int tile, float (&acc)[2][4]) {
+    const T* base = ring + (tile % kStages) * kWT * kRow + (warp * 16) * kRow;
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+    }
+#pragma unroll
+    for (int s = 0; s < kSteps; s += 2) {
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        // matrices: dims [16s, +8), [16s + 8, +8), [16s + 16, +8), [16s + 24, +8) of 8 windows
+        uint32_t b[4];
+        ldmatrix_x4(b, base + (8 * n + (lane % 8)) * kRow + 16 * s + 8 * (lane / 8));
+        MmaType<T>::mma(acc[n], qa[s], b[0], b[1]);
+        MmaType<T>::mma(acc[n], qa[s + 1], b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[n][e] *= geo.scale_log2;
+    }
+  };
+
+  // Multi-stage ring over the visible windows; one barrier per tile.
+  // Row offsets of a tile are written one barrier before its copies read them.
+  auto sweep = [&](auto&& body) {
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < n_tiles) locate_tile(s);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < n_tiles) load_tile(s);
+      cp_async_commit();
+    }
+    for (int tile = 0; tile < n_tiles; ++tile) {
+      const int next = tile + kStages - 1;
+      if (next < n_tiles) locate_tile(next);
+      cp_async_wait<kStages - 2>();
+      __syncthreads();  // tile is in; every warp is done with the slot refilled next
+      if (next < n_tiles) load_tile(next);
+      cp_async_commit();
+      body(tile);
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+  };
+
+  // ---- pass 1: per-head softmax max and sum (log2 units) ----
+  float m[2] = {-INFINITY, -INFINITY};
+  float l[2] = {0.f, 0.f};
+  sweep([&](int tile) {
+    float acc[2][4];
+    score_tile(tile, acc);
+    const int c0 = tile * kWT + warp * 16 + 2 * quad_col;
+#pragma unroll
+    for (int up = 0; up < 2; ++up) {
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          if (c0 + 8 * n + e < n_vis) tile_max = fmaxf(tile_max, acc[n][2 * up + e]);
+        }
+      }
+      const float m_new = fmaxf(m[up], tile_max);
+      const float m_safe = m_new == -INFINITY ? 0.f : m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          if (c0 + 8 * n + e < n_vis) sum += exp2f(acc[n][2 * up + e] - m_safe);
+        }
+      }
+      l[up] = l[up] * exp2f(m[up] - m_safe) + sum;
+      m[up] = m_new;
+    }
+  });
+  // merge over the quad's lanes, then over warps
+#pragma unroll
+  for (int up = 0; up < 2; ++up) {
+#pragma unroll
+    for (int off = 1; off < 4; off *= 2) {
+      const float m_o = __shfl_xor_sync(0xffffffffu, m[up], off);
+      const float l_o = __shfl_xor_sync(0xffffffffu, l[up], off);
+      const float m_new = fmaxf(m[up], m_o);
+      const float m_safe = m_new == -INFINITY ? 0.f : m_new;
+      l[up] = l[up] * exp2f(m[up] - m_safe) + l_o * exp2f(m_o - m_safe);
+      m[up] = m_new;
+    }
+    if (quad_col == 0) {
+      warp_m[warp * kMaxGroupHeads + quad_row + 8 * up] = m[up];
+      warp_l[warp * kMaxGroupHeads + quad_row + 8 * up] = l[up];
+    }
+  }
+  __syncthreads();
+  if (tid < kMaxGroupHeads) {
+    float mm = -INFINITY;
+    for (int w = 0; w < NW; ++w) mm = fmaxf(mm, warp_m[w * kMaxGroupHeads + tid]);
+    const float m_safe = mm == -INFINITY ? 0.f : mm;
+    float ll = 0.f;
+    for (int w = 0; w < NW; ++w) {
+      ll += warp_l[w * kMaxGroupHeads + tid] * exp2f(warp_m[w * kMaxGroupHeads + tid] - m_safe);
+    }
+    row_m[tid] = m_safe;
+    row_il[tid] = ll > 0.f ? 1.f / ll : 0.f;  // no visible window: every probability is 0
+  }
+  __syncthreads();
+
+  // ---- pass 2: group probability of each window, max-pooled into its blocks ----
+  const bool live_lo = quad_row < geo.group_heads;
+  const bool live_hi = quad_row + 8 < geo.group_heads;
+  const float m_lo = row_m[quad_row], il_lo = live_lo ? row_il[quad_row] : 0.f;
+  const float m_hi = row_m[quad_row + 8], il_hi = live_hi ? row_il[quad_row + 8] : 0.f;
+  sweep([&](int tile) {
+    float acc[2][4];
+    score_tile(tile, acc);
+    const int c0 = tile * kWT + warp * 16 + 2 * quad_col;
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = c0 + 8 * n + e;
+        float p = 0.f;
+        if (c < n_vis) {
+          if (live_lo) p = exp2f(acc[n][e] - m_lo) * il_lo;
+          if (live_hi) p += exp2f(acc[n][2 + e] - m_hi) * il_hi;
+        }
+        p += __shfl_xor_sync(0xffffffffu, p, 4);
+        p += __shfl_xor_sync(0xffffffffu, p, 8);
+        p += __shfl_xor_sync(0xffffffffu, p, 16);
+        // one lane per window pools the one float: block (c + 1) / r, and block (c + 1) / r - 1
+        // when the window is also the last of that block's range [r*b - 1, r*b + r)
+        if (quad_row == 0 && c < n_vis) {
+          const int b = (c + 1) / ratio;
+          const uint32_t bits = __float_as_uint(p);
+          if (b < n_elig) atomicMax(&scores[b], bits);
+          if ((c + 1) % ratio == 0 && b >= 1 && b - 1 < n_elig) atomicMax(&scores[b - 1], bits);
+        }
+      }
+    }
+  });
+
+  // ---- select: the num_selected largest keys (hi desc, block asc) ----
+  // Blocks after the query's have hi 0 and can only pad; the chosen ones come out as -1.
+  const int k = geo.num_selected;
+  const int init_blocks = geo.init_blocks, local_blocks = geo.local_blocks;
+  auto key_of = [&](int b) {
+    const uint32_t hi = block_hi(scores[b], b, qb, init_blocks, local_blocks);
+    return (static_cast<uint64_t>(hi) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(b));
+  };
+  int n_chosen = n_elig;  // candidates gathered in `chosen` (keys are distinct: blocks are)
+  if (n_elig <= k) {
+    for (int b = tid; b < n_elig; b += kThreads) chosen[b] = key_of(b);
+  } else {
+    // radix select of the k-th largest hi over the eligible blocks (all hi >= 1), a byte a pass
+    n_chosen = k;
+    uint32_t prefix = 0u, mask = 0u;
+    int remaining = k;  // rank, among the keys matching prefix, of the k-th largest
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int i = tid; i < 256; i += kThreads) hist[i] = 0u;
+      __syncthreads();
+      for (int b = tid; b < n_elig; b += kThreads) {
+        const uint32_t h = block_hi(scores[b], b, qb, init_blocks, local_blocks);
+        if ((h & mask) == prefix) atomicAdd(&hist[(h >> shift) & 255u], 1u);
+      }
+      __syncthreads();
+      if (tid == 0) {
+        int cum = 0, d = 255;
+        for (; d > 0; --d) {
+          if (cum + static_cast<int>(hist[d]) >= remaining) break;
+          cum += static_cast<int>(hist[d]);
+        }
+        shared_int[0] = d;
+        shared_int[1] = remaining - cum;
+      }
+      __syncthreads();
+      prefix |= static_cast<uint32_t>(shared_int[0]) << shift;
+      mask |= 255u << shift;
+      remaining = shared_int[1];
+      __syncthreads();  // shared_int is rewritten by the next digit
+    }
+    const uint32_t kth = prefix;       // the k-th largest hi
+    const int take_equal = remaining;  // how many keys with hi == kth are chosen: the lowest b
+    const int n_greater = k - take_equal;
+    int* greater_count = shared_int + 2;
+    int* warp_equal = shared_int + 4;  // [NW]
+    if (tid == 0) *greater_count = 0;
+    __syncthreads();
+    int equal_before = 0;  // keys with hi == kth in earlier chunks (same on every thread)
+    for (int base = 0; base < n_elig; base += kThreads) {
+      const int b = base + tid;
+      const uint32_t h = b < n_elig ? block_hi(scores[b], b, qb, init_blocks, local_blocks) : 0u;
+      const bool equal = b < n_elig && h == kth;
+      if (b < n_elig && h > kth) chosen[atomicAdd(greater_count, 1)] = key_of(b);
+      const uint32_t ballot = __ballot_sync(0xffffffffu, equal);
+      if (lane == 0) warp_equal[warp] = __popc(ballot);
+      __syncthreads();
+      int before = equal_before + __popc(ballot & ((1u << lane) - 1u));
+      int total = 0;
+      for (int w = 0; w < NW; ++w) {
+        const int cnt = warp_equal[w];
+        if (w < warp) before += cnt;
+        total += cnt;
+      }
+      if (equal && before < take_equal) chosen[n_greater + before] = key_of(b);
+      equal_before += total;
+      __syncthreads();  // warp_equal is rewritten by the next chunk
+    }
+  }
+  __syncthreads();
+  // rank sort of the candidates, best first; the rest of the row pads with -1
+  int32_t* out_row = out + (t * geo.groups + g) * int64_t{k};
+  for (int i = tid; i < n_chosen; i += kThreads) {
+    const uint64_t key = chosen[i];
+    int rank = 0;
+    for (int j = 0; j < n_chosen; ++j) rank += chosen[j] > key;
+    out_row[rank] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key));
+  }
+  for (int i = n_chosen + tid; i < k; i += kThreads) out_row[i] = -1;
+}
+
+template <int D, int NW, typename T>
+void launch(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& req_to_token,
+            const at::Tensor& token_req, const at::Tensor& token_pos, at::Tensor& out,
+            const Geometry& geo, int64_t smem) {
+  auto kernel = select_blocks_kernel<D, NW, T>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  const int64_t ctas = int64_t{geo.tokens} * geo.groups;
+  kernel<<<static_cast<unsigned>(ctas), Tiling<NW>::kThreads, static_cast<size_t>(smem),
+           c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(q.data_ptr()), reinterpret_cast<const T*>(k1.data_ptr()),
+      req_to_token.data_ptr<int32_t>(), token_req.data_ptr<int32_t>(),
+      token_pos.data_ptr<int32_t>(), out.data_ptr<int32_t>(), geo);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int D, typename T>
+void launch_for_warps(bool wide, const at::Tensor& q, const at::Tensor& k1,
+                      const at::Tensor& req_to_token, const at::Tensor& token_req,
+                      const at::Tensor& token_pos, at::Tensor& out, const Geometry& geo,
+                      int64_t max_smem) {
+  // Few CTAs (decode): 8 warps put twice the windows in flight per CTA; many CTAs (prefill):
+  // 4 warps and a deeper ring, several CTAs per SM.
+  if (wide) {
+    const int64_t smem = smem_bytes<D, 8>(geo.width, geo.num_selected);
+    TORCH_CHECK(smem <= max_smem, "select_blocks: width ", geo.width, " needs ", smem,
+                " bytes of shared memory, the device allows ", max_smem);
+    launch<D, 8, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
+  } else {
+    const int64_t smem = smem_bytes<D, 4>(geo.width, geo.num_selected);
+    TORCH_CHECK(smem <= max_smem, "select_blocks: width ", geo.width, " needs ", smem,
+                " bytes of shared memory, the device allows ", max_smem);
+    launch<D, 4, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
+  }
+}
+
+template <typename T>
+void launch_for_dim(int64_t dim, bool wide, const at::Tensor& q, const at::Tensor& k1,
+                    const at::Tensor& req_to_token, const at::Tensor& token_req,
+                    const at::Tensor& token_pos, at::Tensor& out, const Geometry& geo,
+                    int64_t max_smem) {
+  switch (dim) {
+    case 64:
+      return launch_for_warps<64, T>(wide, q, k1, req_to_token, token_req, token_pos, out, geo,
+                                     max_smem);
+    case 128:
+      return launch_for_warps<128, T>(wide, q, k1, req_to_token, token_req, token_pos, out, geo,
+                                      max_smem);
+    default:
+      TORCH_CHECK(false, "select_blocks: head dim ", dim, " not compiled: use 64 or 128");
+  }
+}
+
+void check_index(const at::Tensor& x, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(x.device() == q.device() && x.scalar_type() == at::kInt,
+              "select_blocks: ", name, " must be int32 on ", q.device(), ", got ",
+              x.scalar_type(), " on ", x.device());
+}
+
+at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1,
+                         const at::Tensor& req_to_token, const at::Tensor& token_req,
+                         const at::Tensor& token_pos, int64_t kernel_size, int64_t kernel_stride,
+                         int64_t block_size, int64_t init_blocks, int64_t local_blocks,
+                         int64_t num_selected, int64_t width, double scale) {
+  TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.stride(2) == 1,
+              "select_blocks: q must be a CUDA tensor [tokens, heads, dim] contiguous in dim, got ",
+              q.sizes(), " on ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "select_blocks: q must be bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK(k1.device() == q.device() && k1.scalar_type() == q.scalar_type() && k1.dim() == 4 &&
+                  k1.size(3) == q.size(2),
+              "select_blocks: k1 must be ", q.scalar_type(), " [pages, rows, groups, ", q.size(2),
+              "] on ", q.device(), ", got ", k1.scalar_type(), " ", k1.sizes());
+  TORCH_CHECK(k1.stride(3) == 1 && k1.stride(0) % 8 == 0 && k1.stride(1) % 8 == 0 &&
+                  k1.stride(2) % 8 == 0 && reinterpret_cast<uintptr_t>(k1.data_ptr()) % 16 == 0,
+              "select_blocks: k1 rows must be contiguous and 16-byte aligned, got strides ",
+              k1.strides());
+  TORCH_CHECK(req_to_token.dim() == 2 && req_to_token.stride(1) == 1,
+              "select_blocks: req_to_token must be [requests, tokens] contiguous in tokens");
+  check_index(req_to_token, "req_to_token", q);
+  check_index(token_req, "token_req", q);
+  check_index(token_pos, "token_pos", q);
+  const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2), groups = k1.size(2);
+  TORCH_CHECK(token_req.dim() == 1 && token_req.size(0) == tokens && token_req.is_contiguous() &&
+                  token_pos.dim() == 1 && token_pos.size(0) == tokens &&
+                  token_pos.is_contiguous(),
+              "select_blocks: token_req and token_pos must be contiguous [", tokens, "]");
+  TORCH_CHECK(groups > 0 && heads % groups == 0 && heads / groups <= kMaxGroupHeads,
+              "select_blocks: ", heads, " query heads over ", groups,
+              " kv heads: need at most 16 query heads per kv head");
+  TORCH_CHECK(kernel_stride > 0 && kernel_size >= kernel_stride && block_size > 0 &&
+                  block_size % kernel_stride == 0 && k1.size(1) >= block_size / kernel_stride,
+              "select_blocks: need kernel_size >= kernel_stride > 0 and block_size a multiple of "
+              "kernel_stride (k1 holding block_size / kernel_stride rows per page), got kernel ",
+              kernel_size, ", stride ", kernel_stride, ", block ", block_size, ", rows ",
+              k1.size(1));
+  TORCH_CHECK(num_selected >= 1 && width >= num_selected && width < (int64_t{1} << 30) &&
+                  init_blocks >= 0 && local_blocks >= 0,
+              "select_blocks: need 1 <= num_selected <= width, got ", num_selected, " and ", width);
+  TORCH_CHECK(tokens * groups < (int64_t{1} << 31), "select_blocks: ", tokens, " tokens too many");
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({tokens, groups, num_selected}, q.options().dtype(at::kInt));
+  if (tokens == 0) return out;
+
+  Geometry geo;
+  geo.stride_qt = q.stride(0);
+  geo.stride_qh = q.stride(1);
+  geo.stride_kp = k1.stride(0);
+  geo.stride_ks = k1.stride(1);
+  geo.stride_kg = k1.stride(2);
+  geo.stride_rt = req_to_token.stride(0);
+  geo.tokens = static_cast<int>(tokens);
+  geo.groups = static_cast<int>(groups);
+  geo.group_heads = static_cast<int>(heads / groups);
+  geo.kernel_size = static_cast<int>(kernel_size);
+  geo.kernel_stride = static_cast<int>(kernel_stride);
+  geo.block_size = static_cast<int>(block_size);
+  geo.init_blocks = static_cast<int>(std::min<int64_t>(init_blocks, 1 << 30));
+  geo.local_blocks = static_cast<int>(std::min<int64_t>(local_blocks, 1 << 30));
+  geo.num_selected = static_cast<int>(num_selected);
+  geo.width = static_cast<int>(width);
+  geo.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+
+  int device = 0, max_smem_int = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&max_smem_int, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t max_smem = max_smem_int;
+  const bool wide = tokens * groups < 2 * int64_t{sms};
+  if (q.scalar_type() == at::kBFloat16) {
+    launch_for_dim<__nv_bfloat16>(dim, wide, q, k1, req_to_token, token_req, token_pos, out, geo,
+                                  max_smem);
+  } else {
+    launch_for_dim<__half>(dim, wide, q, k1, req_to_token, token_req, token_pos, out, geo,
+                           max_smem);
+  }
+  return out;
+}
+
+// Shapes only, for torch.compile's fake tensors.
+at::Tensor select_blocks_meta(const at::Tensor& q, const at::Tensor& k1, const at::Tensor&,
+                              const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
+                              int64_t, int64_t, int64_t num_selected, int64_t, double) {
+  return at::empty_symint({q.sym_size(0), k1.sym_size(2), c10::SymInt(num_selected)},
+                          q.options().dtype(at::kInt));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sala_sglang, m) {
+  m.def(
+      "select_blocks(Tensor q, Tensor k1, Tensor req_to_token, Tensor token_req, "
+      "Tensor token_pos, int kernel_size, int kernel_stride, int block_size, int init_blocks, "
+      "int local_blocks, int num_selected, int width, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sala_sglang, CUDA, m) { m.impl("select_blocks", &select_blocks); }
+TORCH_LIBRARY_IMPL(sala_sglang, Meta, m) { m.impl("select_blocks", &select_blocks_meta); }
