@@ -4,6 +4,7 @@
 #   bash scripts/gpu_checks.sh ops http         # kernels against the reference; HTTP 4xx
 #   bash scripts/gpu_checks.sh serving-graph    # tiny model served = reference, fp16 graph modes
 #   bash scripts/gpu_checks.sh serving-other    # eager+mixed-chunk fp16 and bf16 modes
+#   bash scripts/gpu_checks.sh serving-cuda     # graph fp16/bf16 with every op on its CUDA kernel
 #   bash scripts/gpu_checks.sh soak             # 1000 requests, 10% aborted, pools free after
 #   bash scripts/gpu_checks.sh profile          # where a decode step's time goes (real config)
 # The long-context benchmark (real configs) in parts that each fit one call; results merge by
@@ -31,11 +32,14 @@ DENSE=(--model qwen3-8b --backend flashinfer --server-args=--disable-piecewise-c
 for part in "$@"; do
     case "$part" in
         ops) run ops pytest_gpu tests/test_gpu_lightning_ops.py tests/test_gpu_cuda_lightning.py \
-                 tests/test_gpu_sparse_ops.py ;;
+                 tests/test_gpu_sparse_ops.py tests/test_gpu_cuda_sparse_*.py ;;
         http) run http pytest_gpu tests/test_gpu_http_errors.py ;;
         serving-graph) run serving-graph pytest_gpu tests/test_gpu_serving.py -k "graph_fp16" ;;
         serving-other) run serving-other pytest_gpu tests/test_gpu_serving.py \
                            -k "eager_mixed_fp16 or graph_bf16" ;;
+        # Every op on its CUDA kernel where one exists, also where Triton is the faster one.
+        serving-cuda) SALA_SGLANG_KERNELS=cuda run serving-cuda pytest_gpu tests/test_gpu_serving.py \
+                          -k "graph_fp16 and not dense_as_sparse or graph_bf16" ;;
         soak) run soak python benchmarks/soak.py --out "$out" ;;
         profile) run profile python benchmarks/profile_decode.py --out "$out" ;;
         # One server for both: SALA's startup (graph capture, Triton JIT) is 80-190 s.
@@ -54,7 +58,7 @@ for part in "$@"; do
         serving-dense) run "$part" long_context "${DENSE[@]}" --lengths --concurrency 8 0 \
                            --serving-prompts 16 --tag long_context_qwen3-8b_serving ;;
         *) echo "unknown part: $part (ops, http, serving-graph, serving-other, soak, profile," \
-                "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare)"
+                "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare, serving-cuda)"
            exit 2 ;;
     esac
 done

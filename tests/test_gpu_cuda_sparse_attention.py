@@ -276,11 +276,17 @@ def test_strided_query_view_reads_like_a_contiguous_one() -> None:
 
 
 @needs_extension
-def test_auto_dispatch_takes_cuda_where_supported_and_triton_elsewhere() -> None:
+def test_auto_dispatch_takes_cuda_where_supported_and_triton_elsewhere(monkeypatch) -> None:
     from sala_sglang.ops import sparse as ops
 
     batch = prefill_batch(TINY, 7, torch.bfloat16, seed=7)
+    monkeypatch.setitem(ops.CUDA_FASTER, "block_sparse_attention", True)
     assert torch.equal(batch.run(None), batch.run("cuda"))
+    monkeypatch.setitem(ops.CUDA_FASTER, "block_sparse_attention", False)
+    assert torch.equal(batch.run(None), batch.run("triton"))
+    monkeypatch.setenv("SALA_SGLANG_KERNELS", "cuda")
+    assert torch.equal(batch.run(None), batch.run("cuda"))
+    monkeypatch.delenv("SALA_SGLANG_KERNELS")
     # a group of 32 query heads is not compiled: auto falls back, "cuda" refuses
     wide = Geometry("wide", 64, 2, 64, 16, 6)
     wide_batch = make_batch(wide, [100], [0, 0], [50, 99], [True, False], torch.bfloat16, seed=8)

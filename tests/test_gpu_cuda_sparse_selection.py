@@ -271,7 +271,7 @@ def test_unsupported_geometry_falls_back_to_triton() -> None:
 
 
 @needs_extension
-def test_auto_dispatch_takes_the_cuda_kernel_from_min_pairs_on(monkeypatch) -> None:
+def test_auto_dispatch_follows_the_measured_choice_and_the_override(monkeypatch) -> None:
     from sala_sglang.ops import sparse as ops
 
     calls: list[str] = []
@@ -284,9 +284,13 @@ def test_auto_dispatch_takes_the_cuda_kernel_from_min_pairs_on(monkeypatch) -> N
     monkeypatch.setattr(ops, "_select_blocks_triton", spy)
     case = Case("tiny", torch.float16, [700, 90], seed=6)
     q, treq, pos = case.queries([1, 2, 1], [699, 89, 300])
+    monkeypatch.setitem(ops.CUDA_FASTER, "select_blocks", True)
     assert torch.equal(case.select(q, treq, pos, 64, None), case.select(q, treq, pos, 64, "cuda"))
     assert calls == []
-    monkeypatch.setattr(ops, "CUDA_SELECT_MIN_PAIRS", 3 * case.groups + 1)
+    monkeypatch.setitem(ops.CUDA_FASTER, "select_blocks", False)
+    case.select(q, treq, pos, 64, None)
+    assert calls == ["triton"]
+    monkeypatch.setenv("SALA_SGLANG_KERNELS", "cuda")
     case.select(q, treq, pos, 64, None)
     assert calls == ["triton"]
     empty = case.select(q[:0], treq[:0], pos[:0], 64, "cuda")

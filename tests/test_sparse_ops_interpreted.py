@@ -104,33 +104,58 @@ def test_selection_kernels_are_not_specialized_on_per_batch_counts() -> None:
         assert counts <= names, (kernel.fn.__name__, names)
 
 
-def test_compression_impl_is_checked_before_any_kernel_runs() -> None:
+def _op_calls():
+    """Each op with a CUDA twin, called on small CPU tensors, as f(impl)."""
     import torch
 
-    from sala_sglang.ops.sparse import compress_new_windows
+    from sala_sglang.ops import sparse
 
-    k = torch.zeros(64, 2, 64)
-    out = torch.zeros(4, 2, 2, 64)
     rt = torch.zeros(2, 64, dtype=torch.int32)
     idx = torch.zeros(1, dtype=torch.int32)
-    args = (k, out, rt, idx, idx, idx + 40, 16, 8, 16)
-    with pytest.raises(ValueError, match="impl='cuda'"):
-        compress_new_windows(*args, max_new_windows=4, impl="cuda")  # CPU tensors: no CUDA
-    with pytest.raises(ValueError, match="expected 'cuda', 'triton' or None"):
-        compress_new_windows(*args, max_new_windows=4, impl="fast")
-
-
-def test_selection_impl_is_checked_and_the_cuda_kernel_refuses_cpu_tensors() -> None:
-    import torch
-
-    from sala_sglang.ops.sparse import select_blocks
-
+    tokens = torch.zeros(2, dtype=torch.int32)
     q = torch.zeros(2, 8, 64)
     k1 = torch.zeros(4, 2, 2, 64)
-    rt = torch.zeros(2, 64, dtype=torch.int32)
-    tokens = torch.zeros(2, dtype=torch.int32)
-    args = (q, k1, rt, tokens, tokens, 16, 8, 16, 1, 4, 10, 16, 0.125)
-    with pytest.raises(ValueError, match="impl='cutlass'"):
-        select_blocks(*args, impl="cutlass")
-    with pytest.raises(ValueError, match="CUDA kernel cannot run this: .*CUDA device"):
-        select_blocks(*args, impl="cuda")
+    kv = torch.zeros(64, 2, 64)
+    return {
+        "compress_new_windows": lambda impl: sparse.compress_new_windows(
+            kv, torch.zeros(4, 2, 2, 64), rt, idx, idx, idx + 40, 16, 8, 16, 4, impl=impl),
+        "select_blocks": lambda impl: sparse.select_blocks(
+            q, k1, rt, tokens, tokens, 16, 8, 16, 1, 4, 10, 16, 0.125, impl=impl),
+        "block_sparse_attention": lambda impl: sparse.block_sparse_attention(
+            q, kv, kv, rt, tokens, tokens, tokens, torch.zeros(2, 2, 4, dtype=torch.int32), 16,
+            0.125, impl=impl),
+    }
+
+
+@pytest.mark.parametrize("op", ["compress_new_windows", "select_blocks", "block_sparse_attention"])
+def test_impl_is_checked_and_cuda_is_refused_with_the_reason(op: str, monkeypatch) -> None:
+    call = _op_calls()[op]
+    with pytest.raises(ValueError, match=f"{op}: impl='fast'; expected 'cuda', 'triton' or None"):
+        call("fast")
+    with pytest.raises(ValueError, match=f"{op}: impl='cuda' cannot run: .*tensors are on cpu"):
+        call("cuda")
+    monkeypatch.setenv("SALA_SGLANG_KERNELS", "cuda-please")
+    with pytest.raises(ValueError, match="SALA_SGLANG_KERNELS='cuda-please'"):
+        call(None)
+
+
+def test_auto_dispatch_follows_the_measured_choice_and_the_override(monkeypatch) -> None:
+    import torch
+
+    from sala_sglang.ops import _cuda
+
+    cuda = torch.empty(0, device="meta")  # stands for a GPU tensor: only .is_cuda is read
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(_cuda, "available", lambda: True)
+    fits, too_big = (lambda: None), (lambda: "width too large")
+    assert _cuda.choose_cuda("op", None, cuda, True, fits)
+    assert not _cuda.choose_cuda("op", None, cuda, False, fits)
+    assert not _cuda.choose_cuda("op", None, cuda, True, too_big)  # falls back, no error
+    monkeypatch.setenv("SALA_SGLANG_KERNELS", "cuda")
+    assert _cuda.choose_cuda("op", None, cuda, False, fits)
+    assert not _cuda.choose_cuda("op", None, cuda, False, too_big)
+    monkeypatch.setenv("SALA_SGLANG_KERNELS", "triton")
+    assert not _cuda.choose_cuda("op", None, cuda, True, fits)
+    assert _cuda.choose_cuda("op", "cuda", cuda, False, fits)  # an explicit impl wins
+    with pytest.raises(ValueError, match="op: impl='cuda' cannot run: width too large"):
+        _cuda.choose_cuda("op", "cuda", cuda, True, too_big)

@@ -25,6 +25,16 @@ import triton.language as tl
 
 from sala_sglang.ops import _cuda
 
+# Which kernel each op runs when both can (impl=None), from one H100 run of
+# benchmarks/kernels/sparse_attention.py and sparse_compress.py on the same inputs (ms, bf16,
+# released geometry; results/kernels_sparse_cuda_h100.json, kernels_sparse_compress_h100.json):
+#   compression: CUDA 7.4 us vs Triton 20.9 us per 8192-token chunk, 3.5 vs 17.3 us per decode step;
+#   selection: CUDA 24.4 vs Triton 11.1 ms at 128K prefill, 0.32 vs 0.07 ms at batch-1 decode;
+#   attention: CUDA 14.0 vs Triton 6.7 ms at 128K prefill, 0.028 / 0.054 / 0.113 vs
+#   0.032 / 0.047 / 0.096 ms at batch 1 / 8 / 32 decode.
+CUDA_FASTER = {"compress_new_windows": True, "select_blocks": False,
+               "block_sparse_attention": False}
+
 
 @triton.jit
 def _num_windows(length, KL: tl.constexpr, KS: tl.constexpr):
@@ -122,25 +132,22 @@ def compress_new_windows(
 
     k_buffer [slots, G, D]; out [pages, ceil(block_size / stride), G, D]; req_slots, old_lens,
     new_lens [B]; max_new_windows bounds the new windows of any request (grid size).
-    impl: "cuda" (csrc/sparse_compress.cu; an error where it cannot run), "triton", or None:
-    CUDA when the extension is built and supports the geometry, else Triton."""
-    if impl not in (None, "cuda", "triton"):
-        raise ValueError(f"compress_new_windows: impl={impl!r}; expected 'cuda', 'triton' or None")
+    impl: "cuda" (csrc/sparse_compress.cu; an error where it cannot run), "triton", or None
+    (see `_cuda.choose_cuda`)."""
+    use_cuda = _cuda.choose_cuda(
+        "compress_new_windows", impl, k_buffer, CUDA_FASTER["compress_new_windows"],
+        lambda: _cuda_compress_unsupported(k_buffer, out, req_to_token,
+                                           (req_slots, old_lens, new_lens), kernel_size, stride,
+                                           block_size),
+    )
     if max_new_windows <= 0 or req_slots.numel() == 0:
         return
-    if impl != "triton":
-        why = _cuda_compress_unsupported(k_buffer, out, req_to_token,
-                                         (req_slots, old_lens, new_lens), kernel_size, stride,
-                                         block_size)
-        if why is None and _cuda.use_compiled("compress_new_windows", k_buffer):
-            torch.ops.sala_sglang.compress_new_windows(
-                k_buffer, out, req_to_token, req_slots, old_lens, new_lens, kernel_size, stride,
-                block_size, max_new_windows,
-            )
-            return
-        if impl == "cuda":
-            why = why or f"sala_sglang._C not loaded or k_buffer on {k_buffer.device}"
-            raise ValueError(f"compress_new_windows: impl='cuda' cannot run: {why}")
+    if use_cuda:
+        torch.ops.sala_sglang.compress_new_windows(
+            k_buffer, out, req_to_token, req_slots, old_lens, new_lens, kernel_size, stride,
+            block_size, max_new_windows,
+        )
+        return
     _compress_triton(k_buffer, out, req_to_token, req_slots, old_lens, new_lens, kernel_size,
                      stride, block_size, max_new_windows)
 
@@ -361,27 +368,20 @@ def select_blocks(
     keeps shapes static under CUDA graphs). Order: best first, ties to the lower block; -1 pads.
     Each window's probability is computed once, so equal block scores are exactly equal.
 
-    impl: "cuda" (the fused kernel; ValueError where it cannot run), "triton", or None: CUDA when
-    the extension is built, `cuda_selection_unsupported` finds nothing and the batch has at least
-    CUDA_SELECT_MIN_PAIRS (token, kv head) pairs, else Triton.
+    impl: "cuda" (csrc/sparse_selection.cu, fused; ValueError where it cannot run), "triton", or
+    None (see `_cuda.choose_cuda`).
     num_splits (split-K over windows) shapes the Triton kernels only; the CUDA kernel accepts and
     ignores it (it widens its CTAs to 8 warps instead when there are few (token, kv head) pairs)."""
-    if impl not in (None, "cuda", "triton"):
-        raise ValueError(f"select_blocks: impl={impl!r}: expected 'cuda', 'triton' or None")
-    if impl != "triton":
-        why = cuda_selection_unsupported(q, k1, req_to_token, token_req, token_pos,
-                                         kernel_size, kernel_stride, block_size, num_selected,
-                                         max(width, num_selected))
-        if why is None and impl is None and q.shape[0] * k1.shape[2] < CUDA_SELECT_MIN_PAIRS:
-            why = f"fewer than CUDA_SELECT_MIN_PAIRS = {CUDA_SELECT_MIN_PAIRS} token/head pairs"
-        if why is None and (impl == "cuda" or _cuda.use_compiled("select_blocks", q)):
-            return torch.ops.sala_sglang.select_blocks(
-                q, k1, req_to_token, token_req, token_pos, kernel_size, kernel_stride,
-                block_size, init_blocks, local_blocks, num_selected, max(width, num_selected),
-                scale,
-            )
-        if impl == "cuda":
-            raise ValueError(f"select_blocks: the CUDA kernel cannot run this: {why}")
+    if _cuda.choose_cuda(
+        "select_blocks", impl, q, CUDA_FASTER["select_blocks"],
+        lambda: cuda_selection_unsupported(q, k1, req_to_token, token_req, token_pos, kernel_size,
+                                           kernel_stride, block_size, num_selected,
+                                           max(width, num_selected)),
+    ):
+        return torch.ops.sala_sglang.select_blocks(
+            q, k1, req_to_token, token_req, token_pos, kernel_size, kernel_stride, block_size,
+            init_blocks, local_blocks, num_selected, max(width, num_selected), scale,
+        )
     return _select_blocks_triton(q, k1, req_to_token, token_req, token_pos, kernel_size,
                                  kernel_stride, block_size, init_blocks, local_blocks,
                                  num_selected, width, scale, num_splits)
@@ -392,11 +392,6 @@ def select_blocks(
 # variant, the larger one, bounds both).
 _CUDA_SELECT_HEAD_DIMS = (64, 128)
 _CUDA_SELECT_MAX_GROUP = 16
-# The CUDA kernel runs one CTA per (token, kv head) and no split-K, so a small decode batch
-# occupies few SMs where Triton splits the windows over num_splits programs. Auto dispatch takes
-# CUDA from this many pairs on; 0 until benchmarks/kernels/sparse_attention.py's "ours cuda" rows
-# say where the crossover is.
-CUDA_SELECT_MIN_PAIRS = 0
 
 
 def _cuda_selection_smem_bytes(width: int, num_selected: int, dim: int) -> int:
@@ -576,7 +571,6 @@ ATTENTION_STAGES = 3
 CUDA_ATTENTION_HEAD_DIMS = (64, 128)
 CUDA_ATTENTION_MAX_GROUP = 16
 CUDA_ATTENTION_KEY_CHUNK = 16  # block_size must be a multiple of it
-ATTENTION_IMPLS = ("cuda", "triton")
 
 
 def cuda_attention_unsupported(
@@ -646,23 +640,12 @@ def block_sparse_attention(
 
     num_splits > 1 splits each token's block list (decode occupancy); the CUDA op takes it as a
     floor and splits further when few tokens leave SMs idle. impl: "cuda"
-    (csrc/sparse_attention.cu; raises where it cannot run), "triton", or None: the CUDA op when
-    `sala_sglang._C` is built and supports the geometry, else Triton."""
-    if impl not in (None, *ATTENTION_IMPLS):
-        raise ValueError(f"block_sparse_attention: impl={impl!r}, expected one of "
-                         f"{ATTENTION_IMPLS} or None")
-    if impl != "triton":
-        args = (q, k_buffer, v_buffer, req_to_token, token_req, token_pos, token_sparse, selected)
-        why_not = cuda_attention_unsupported(*args, block_size, num_splits)
-        if impl == "cuda":
-            if not (q.is_cuda and _cuda.available()):
-                raise ValueError("block_sparse_attention: impl='cuda' needs sala_sglang._C built "
-                                 f"and q on a CUDA device (q on {q.device})")
-            if why_not is not None:
-                raise ValueError(f"block_sparse_attention: impl='cuda' does not support {why_not}")
-        if why_not is None and _cuda.use_compiled("block_sparse_attention", q):
-            return torch.ops.sala_sglang.block_sparse_attention(*args, block_size, scale,
-                                                                num_splits)
+    (csrc/sparse_attention.cu; ValueError where it cannot run), "triton", or None (see
+    `_cuda.choose_cuda`)."""
+    args = (q, k_buffer, v_buffer, req_to_token, token_req, token_pos, token_sparse, selected)
+    if _cuda.choose_cuda("block_sparse_attention", impl, q, CUDA_FASTER["block_sparse_attention"],
+                         lambda: cuda_attention_unsupported(*args, block_size, num_splits)):
+        return torch.ops.sala_sglang.block_sparse_attention(*args, block_size, scale, num_splits)
     return _block_sparse_attention_triton(q, k_buffer, v_buffer, req_to_token, token_req,
                                           token_pos, token_sparse, selected, block_size, scale,
                                           num_splits)
