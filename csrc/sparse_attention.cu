@@ -6,15 +6,19 @@
 // slots page * bs .. page * bs + bs - 1.
 //
 // One CTA per (token, kv head, split). The group's query heads (at most 16) are the M = 16 rows
-// of mma.sync m16n8k16, padding rows have zero queries. A block is cut into 16-key chunks and
-// the CTA's chunk list is dealt round-robin to its warps; each warp streams its own chunks
-// through its own slice of shared memory (cp.async, kStages deep), so the loop needs no CTA-wide
-// barrier, and keeps its own online-softmax state in registers. The warps merge through shared
-// memory at the end; with num_splits > 1 every split writes a normalized fp32 partial and its
-// log2-sum-exp, and a second kernel merges the splits.
+// of mma.sync m16n8k16, padding rows have zero queries. The whole CTA first resolves its blocks'
+// index chain (selected -> req_to_token -> page start) into a shared table, up to kItemCap blocks
+// at a time, so that the streaming loop issues its copies without waiting on dependent global
+// loads. A block is cut into 16-key chunks and the CTA's chunk list is dealt round-robin to its
+// warps; each warp streams its own chunks through its own slice of shared memory (cp.async,
+// kStages deep), so the loop needs no CTA-wide barrier, and keeps its own online-softmax state
+// in registers. The warps merge through shared memory at the end; with num_splits > 1 every
+// split writes a normalized fp32 partial and its log2-sum-exp, and a second kernel merges the
+// splits.
 //
 // num_splits > 1 (decode) is a floor: few tokens x kv heads leave most SMs idle, so the op splits
-// further, up to about two CTAs per SM while each split keeps at least kMinItemsPerSplit of the
+// further, up to at most two CTAs per SM (rounding down: a second, mostly empty wave of CTAs
+// would cost a whole extra CTA time) while each split keeps at least kMinItemsPerSplit of the
 // n_sel selected blocks. Only host-side sizes decide this, so it is fixed under a CUDA graph.
 
 #include <ATen/core/Tensor.h>
@@ -40,6 +44,9 @@ constexpr int kChunk = 16;   // keys per warp step (the k of the P.V mma)
 constexpr int kRows = 16;    // mma rows: the group's query heads, padded
 constexpr int kMaxGroup = kRows;
 constexpr int kMinItemsPerSplit = 4;
+// Blocks resolved per table fill: every sparse token of the released model (96 selected) and
+// every dense token up to 16K keys at block 64 fit in one fill; longer lists take several.
+constexpr int kItemCap = 256;
 constexpr int kCtasPerSm = 2;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -__builtin_huge_valf();
@@ -202,6 +209,8 @@ __global__ void __launch_bounds__(kThreads) block_sparse_attention_kernel(const 
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int chunk_key0[kWarps][kStages];  // first key position of a staged chunk; -1: none
+  __shared__ int item_page[kItemCap];   // first slot of the block's page; -1: nothing to load
+  __shared__ int item_first[kItemCap];  // the block's first key position (valid entries only)
   __shared__ float warp_m[kWarps][kRows];
   __shared__ float warp_l[kWarps][kRows];
   scalar_t* smem = reinterpret_cast<scalar_t*>(smem_raw);
@@ -224,8 +233,6 @@ __global__ void __launch_bounds__(kThreads) block_sparse_attention_kernel(const 
   // Items (blocks of the list) go to splits round-robin, as in the Triton kernel.
   const int my_items = n_items > split ? (n_items - split + splits - 1) / splits : 0;
   const int chunks_per_block = bs / kChunk;
-  const int chunks = my_items * chunks_per_block;
-  const int steps = chunks > warp ? (chunks - warp + kWarps - 1) / kWarps : 0;
 
   const scalar_t* kbase = static_cast<const scalar_t*>(p.k) + static_cast<int64_t>(g) * p.k_sg;
   const scalar_t* vbase = static_cast<const scalar_t*>(p.v) + static_cast<int64_t>(g) * p.v_sg;
@@ -233,24 +240,39 @@ __global__ void __launch_bounds__(kThreads) block_sparse_attention_kernel(const 
   const int32_t* sel_row = p.selected + t * p.sel_st + static_cast<int64_t>(g) * p.sel_sg;
   scalar_t* warp_smem = smem + warp * kStages * 2 * kTile;
 
-  // Stage the warp's step-th chunk: resolve its block and page, and start the K/V copies. A
-  // chunk with no visible key (a -1 entry, or past the query) is marked and neither loaded nor
-  // computed; so are out-of-range table entries, which the Triton kernel would read blindly.
+  // Fill the table for the CTA's local items base .. base + count - 1 (global list index
+  // split + local * splits), one item per thread. A -1 entry, a block starting past the query, or
+  // an out-of-range table entry (which the Triton kernel would read blindly) gets page -1 and is
+  // neither loaded nor computed.
+  auto resolve = [&](int base, int count) {
+    for (int li = threadIdx.x; li < count; li += kThreads) {
+      const int i = split + (base + li) * splits;
+      int64_t b = i;
+      if (sparse) b = g < p.sel_groups ? sel_row[i * p.sel_si] : -1;
+      const int64_t first = b * bs;
+      int page0 = -1;
+      if (b >= 0 && first <= pos && first < p.rt_cols) {
+        const int entry = rt_row[first * p.rt_s1];
+        if (entry >= 0) page0 = (entry / bs) * bs;
+      }
+      item_page[li] = page0;
+      item_first[li] = page0 >= 0 ? static_cast<int>(first) : -1;  // first <= pos: fits
+    }
+  };
+
+  // Stage the warp's step-th chunk of the current table: start its K/V copies, or mark it as
+  // having no visible key (then it is neither loaded nor computed). Shared-memory reads only.
   auto issue = [&](int step) {
     const int stage = step % kStages;
     const int j = warp + step * kWarps;
     const int item = j / chunks_per_block;
     const int sub = j - item * chunks_per_block;
-    const int i = split + item * splits;
-    int64_t b = i;
-    if (sparse) b = g < p.sel_groups ? sel_row[i * p.sel_si] : -1;
-    const int64_t first = b * bs;
-    const int64_t key0 = first + sub * kChunk;
+    const int page0 = item_page[item];
+    const int64_t key0 = static_cast<int64_t>(item_first[item]) + sub * kChunk;
     int64_t slot0 = -1;
-    if (b >= 0 && key0 <= pos && first < p.rt_cols) {
-      const int64_t entry = rt_row[first * p.rt_s1];
-      const int64_t start = (entry / bs) * bs + sub * kChunk;
-      if (entry >= 0 && start + kChunk <= p.slots) slot0 = start;
+    if (page0 >= 0 && key0 <= pos) {
+      const int64_t start = static_cast<int64_t>(page0) + sub * kChunk;
+      if (start + kChunk <= p.slots) slot0 = start;
     }
     if (lane == 0) chunk_key0[warp][stage] = slot0 >= 0 ? static_cast<int>(key0) : -1;
     if (slot0 >= 0) {
@@ -274,14 +296,8 @@ __global__ void __launch_bounds__(kThreads) block_sparse_attention_kernel(const 
 #pragma unroll
   for (int n = 0; n < 2 * kSteps; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
 
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) issue(s);
-    cp_async_commit();  // empty groups too: the wait below counts groups
-  }
-
-  // The group's queries as mma A fragments, loaded once while the first
-  // chunks are in flight (rows past the group stay 0).
+  // The group's queries as mma A fragments, loaded once, while the table's
+  // index loads are in flight (rows past the group stay 0).
   uint32_t qf[kSteps][4];
   {
     const scalar_t* qg = static_cast<const scalar_t*>(p.q) + t * p.q_st +
@@ -299,86 +315,114 @@ __global__ void __launch_bounds__(kThreads) block_sparse_attention_kernel(const 
     }
   }
 
-  for (int step = 0; step < steps; ++step) {
-    if (step + kStages - 1 < steps) issue(step + kStages - 1);
-    cp_async_commit();
-    cp_async_wait<kStages - 1>();
-    __syncwarp();  // every lane's copies of this chunk (and its key0) are visible to the warp
-    const int stage = step % kStages;
-    const int key0 = chunk_key0[warp][stage];
-    if (key0 >= 0) {  // warp-uniform
-      const scalar_t* ks = warp_smem + stage * 2 * kTile;
-      const scalar_t* vs = ks + kTile;
+  for (int base = 0; base < my_items; base += kItemCap) {
+    const int count = my_items - base < kItemCap ? my_items - base : kItemCap;
+    __syncthreads();  // every warp is done issuing from the previous fill
+    resolve(base, count);
+    __syncthreads();
+    const int chunks = count * chunks_per_block;
+    const int steps = chunks > warp ? (chunks - warp + kWarps - 1) / kWarps : 0;
 
-      // S = q . K^T for 16 keys: two 8-key n-tiles.
-      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-      {
-        const int mat = lane >> 3;  // ldmatrix: lanes 8i..8i+7 address the rows of matrix i
-        const int key = (mat >> 1) * 8 + (lane & 7);
 #pragma unroll
-        for (int kk = 0; kk < kSteps; ++kk) {
-          uint32_t kb[4];
-          ldmatrix_x4(kb, ks + tile_offset<D>(key, 2 * kk + (mat & 1)));
-          Mma<scalar_t>::run(s[0], qf[kk], kb[0], kb[1]);
-          Mma<scalar_t>::run(s[1], qf[kk], kb[2], kb[3]);
-        }
-      }
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < steps) issue(s);
+      cp_async_commit();  // empty groups too: the wait below counts groups
+    }
 
-      // Online softmax. Element e of n-tile n is row frag_row + 8 * (e / 2), key
-      // n * 8 + 2 * frag_col + e % 2. The chunk's first key is visible (else it was not
-      // staged), so every row's max below is finite.
+    for (int step = 0; step < steps; ++step) {
+      if (step + kStages - 1 < steps) issue(step + kStages - 1);
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();
+      __syncwarp();  // every lane's copies of this chunk (and its key0) are visible to the warp
+      const int stage = step % kStages;
+      const int key0 = chunk_key0[warp][stage];
+      if (key0 >= 0) {  // warp-uniform
+        const scalar_t* ks = warp_smem + stage * 2 * kTile;
+        const scalar_t* vs = ks + kTile;
+
+        // S = q . K^T for 16 keys: two 8-key n-tiles.
+        float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        {
+          const int mat = lane >> 3;  // ldmatrix: lanes 8i..8i+7 address the rows of matrix i
+          const int key = (mat >> 1) * 8 + (lane & 7);
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = key0 + n * 8 + 2 * frag_col + (e & 1);
-          s[n][e] = key <= pos ? s[n][e] * p.qk_scale : kNegInf;
+          for (int kk = 0; kk < kSteps; ++kk) {
+            uint32_t kb[4];
+            ldmatrix_x4(kb, ks + tile_offset<D>(key, 2 * kk + (mat & 1)));
+            Mma<scalar_t>::run(s[0], qf[kk], kb[0], kb[1]);
+            Mma<scalar_t>::run(s[1], qf[kk], kb[2], kb[3]);
+          }
         }
-      }
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float mx = fmaxf(fmaxf(s[0][2 * half], s[0][2 * half + 1]),
-                         fmaxf(s[1][2 * half], s[1][2 * half + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[half], mx);
-        const float alpha = exp2f(m[half] - m_new);  // 0 on the first chunk (m = -inf)
-        m[half] = m_new;
-        float sum = 0.f;
+
+        // Online softmax. Element e of n-tile n is row frag_row + 8 * (e / 2), key
+        // n * 8 + 2 * frag_col + e % 2. The chunk's first key is visible (else it was not
+        // staged), so every row's max below is finite.
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
 #pragma unroll
-          for (int e = 2 * half; e < 2 * half + 2; ++e) {
-            s[n][e] = exp2f(s[n][e] - m_new);
-            sum += s[n][e];
+          for (int e = 0; e < 4; ++e) {
+            const int key = key0 + n * 8 + 2 * frag_col + (e & 1);
+            s[n][e] = key <= pos ? s[n][e] * p.qk_scale : kNegInf;
           }
         }
-        l[half] = l[half] * alpha + sum;
+        float m_new[2];
 #pragma unroll
-        for (int n = 0; n < 2 * kSteps; ++n) {
-          o[n][2 * half] *= alpha;
-          o[n][2 * half + 1] *= alpha;
+        for (int half = 0; half < 2; ++half) {
+          float mx = fmaxf(fmaxf(s[0][2 * half], s[0][2 * half + 1]),
+                           fmaxf(s[1][2 * half], s[1][2 * half + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          m_new[half] = fmaxf(m[half], mx);
         }
-      }
+        // Once the running maxima settle most chunks raise none of them, and the rescale
+        // (alpha = exp2(0) = 1 exactly) would change nothing: skip it, warp-uniformly.
+        if (__any_sync(0xffffffffu, m_new[0] != m[0] || m_new[1] != m[1])) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const float alpha = exp2f(m[half] - m_new[half]);  // 0 on the first chunk (m = -inf)
+            l[half] *= alpha;
+#pragma unroll
+            for (int n = 0; n < 2 * kSteps; ++n) {
+              o[n][2 * half] *= alpha;
+              o[n][2 * half + 1] *= alpha;
+            }
+          }
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          m[half] = m_new[half];
+          float sum = 0.f;
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+#pragma unroll
+            for (int e = 2 * half; e < 2 * half + 2; ++e) {
+              s[n][e] = exp2f(s[n][e] - m_new[half]);
+              sum += s[n][e];
+            }
+          }
+          l[half] += sum;
+        }
 
-      // O += P . V: P's accumulator layout is the A fragment of a 16-key k-step.
-      const uint32_t pa[4] = {Mma<scalar_t>::pack(s[0][0], s[0][1]),
-                              Mma<scalar_t>::pack(s[0][2], s[0][3]),
-                              Mma<scalar_t>::pack(s[1][0], s[1][1]),
-                              Mma<scalar_t>::pack(s[1][2], s[1][3])};
-      {
-        const int mat = lane >> 3;
-        const int key = (mat & 1) * 8 + (lane & 7);
+        // O += P . V: P's accumulator layout is the A fragment of a 16-key k-step.
+        const uint32_t pa[4] = {Mma<scalar_t>::pack(s[0][0], s[0][1]),
+                                Mma<scalar_t>::pack(s[0][2], s[0][3]),
+                                Mma<scalar_t>::pack(s[1][0], s[1][1]),
+                                Mma<scalar_t>::pack(s[1][2], s[1][3])};
+        {
+          const int mat = lane >> 3;
+          const int key = (mat & 1) * 8 + (lane & 7);
 #pragma unroll
-        for (int nd = 0; nd < kSteps; ++nd) {
-          uint32_t vb[4];
-          ldmatrix_x4_trans(vb, vs + tile_offset<D>(key, 2 * nd + (mat >> 1)));
-          Mma<scalar_t>::run(o[2 * nd], pa, vb[0], vb[1]);
-          Mma<scalar_t>::run(o[2 * nd + 1], pa, vb[2], vb[3]);
+          for (int nd = 0; nd < kSteps; ++nd) {
+            uint32_t vb[4];
+            ldmatrix_x4_trans(vb, vs + tile_offset<D>(key, 2 * nd + (mat >> 1)));
+            Mma<scalar_t>::run(o[2 * nd], pa, vb[0], vb[1]);
+            Mma<scalar_t>::run(o[2 * nd + 1], pa, vb[2], vb[3]);
+          }
         }
       }
+      __syncwarp();  // all lanes are done with this stage before a later issue() refills it
     }
-    __syncwarp();  // all lanes are done with this stage before a later issue() refills it
+    // The last real group was waited for inside the loop: nothing of this fill is in flight.
   }
   cp_async_wait<0>();
 
@@ -556,7 +600,7 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k_buffe
   if (num_splits > 1) {
     int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
-    const int64_t want = (kCtasPerSm * sms + tokens * groups - 1) / (tokens * groups);
+    const int64_t want = (kCtasPerSm * sms) / (tokens * groups);
     const int64_t most = std::max<int64_t>(1, selected.size(2) / kMinItemsPerSplit);
     num_splits = std::max(num_splits, std::min(want, most));
   }

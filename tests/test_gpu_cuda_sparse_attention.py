@@ -263,6 +263,27 @@ def test_dense_batch_with_placeholder_selection(geo: Geometry) -> None:
 
 
 @needs_extension
+@pytest.mark.parametrize("splits", [1, 2])
+def test_long_block_lists_span_several_table_fills(splits: int) -> None:
+    """The op resolves at most 256 blocks per split at a time (kItemCap in
+    csrc/sparse_attention.cu): dense tokens far into a long request and sparse tokens with a
+    long selection need several fills; positions sit on either side of a fill's edge."""
+    geo = TINY
+    bs = geo.block_size
+    lengths = [600 * bs + 9]
+    # 70 tokens x 2 kv heads leave the op no room to raise 2 splits (it targets 2 CTAs per SM)
+    pos = [256 * bs - 1, 256 * bs, 512 * bs + 3, 600 * bs + 8, 600 * bs + 8, 300 * bs, 5] * 10
+    sparse = [False, False, False, False, True, True, True] * 10
+    batch = make_batch(geo, lengths, [0] * len(pos), pos, sparse, torch.bfloat16, seed=11,
+                       n_sel=700)
+    out = batch.run("cuda", num_splits=splits)
+    assert_close(batch, out, batch.reference(), TOLERANCE[torch.bfloat16],
+                 f"long lists, {splits} splits, cuda vs float64 reference")
+    assert_close(batch, out, batch.run("triton", num_splits=splits), TOLERANCE[torch.bfloat16],
+                 f"long lists, {splits} splits, cuda vs triton")
+
+
+@needs_extension
 def test_strided_query_view_reads_like_a_contiguous_one() -> None:
     geo = RELEASED
     batch = prefill_batch(geo, 9, torch.bfloat16, seed=6)
