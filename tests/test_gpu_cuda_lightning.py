@@ -3,26 +3,13 @@ Triton prefill against the reference recurrence: awkward batches, padding rows, 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from cuda_extension import ON_GPU, child_stdout, needs_extension
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
-
-
-def _extension_built() -> bool:
-    from sala_sglang.ops import _cuda
-
-    return torch.cuda.is_available() and _cuda.available()
-
-
-needs_extension = pytest.mark.skipif(not _extension_built(), reason="sala_sglang._C is not built")
+pytestmark = ON_GPU
 
 
 def _decode_inputs(batch: int, heads: int, dim: int, dtype: torch.dtype, seed: int):
@@ -138,12 +125,8 @@ BAD_ARGUMENTS = textwrap.dedent(
 
 @needs_extension
 def test_cuda_decode_names_the_bad_argument() -> None:
-    # In a child process, so that an error path that brings the interpreter down (a segfault was
-    # seen on the H100 image) fails this test instead of ending the whole session.
-    out = subprocess.run([sys.executable, "-c", BAD_ARGUMENTS], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-2000:]}"
-    assert "state must be float32" in out.stdout and "slopes must be float32" in out.stdout
+    out = child_stdout(BAD_ARGUMENTS)
+    assert "state must be float32" in out and "slopes must be float32" in out
 
 
 @pytest.mark.parametrize("segment_len", [None, 128, 512])

@@ -14,24 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from cuda_extension import ON_GPU, needs_extension
 
 # the paged-cache builder is shared with benchmarks/kernels/sparse_attention.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels"))
 from sparse_inputs import paged_cache  # noqa: E402
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
-
-
-def _extension_built() -> bool:
-    from sala_sglang.ops import _cuda
-
-    return torch.cuda.is_available() and _cuda.available()
-
-
-needs_extension = pytest.mark.skipif(not _extension_built(), reason="sala_sglang._C is not built")
+pytestmark = ON_GPU
 
 # Relative error against the float64 reference (SPEC section 4: bf16 inputs 1e-3 to 1e-2).
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 5e-3}

@@ -4,7 +4,6 @@ old/new lengths, shuffled page tables, and nothing written outside the new windo
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -12,27 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from cuda_extension import ON_GPU, child_stdout, needs_extension
 
 # the paged-cache builder is shared with benchmarks/kernels/sparse_attention.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels"))
 from sparse_inputs import paged_cache  # noqa: E402
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = ON_GPU
 
 GROUPS = 2
 SENTINEL = 1000.0  # exact in every dtype; a mean of unit normals never gets near it
-
-
-def _extension_built() -> bool:
-    from sala_sglang.ops import _cuda
-
-    return torch.cuda.is_available() and _cuda.available()
-
-
-needs_extension = pytest.mark.skipif(not _extension_built(), reason="sala_sglang._C is not built")
 
 
 @dataclass(frozen=True)
@@ -286,12 +274,7 @@ BAD_ARGUMENTS = textwrap.dedent(
 
 @needs_extension
 def test_cuda_op_names_the_bad_argument() -> None:
-    # In a child process, so that an error path that brings the interpreter down fails this test
-    # instead of ending the whole session.
-    out = subprocess.run([sys.executable, "-c", BAD_ARGUMENTS], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-2000:]}"
-    assert "out must be c10::BFloat16" in out.stdout or "out must be BFloat16" in out.stdout, \
-        out.stdout
-    assert "stride a multiple of 8" in out.stdout, out.stdout
-    assert "req_to_token must be an int32 or int64" in out.stdout, out.stdout
+    out = child_stdout(BAD_ARGUMENTS)
+    assert "out must be c10::BFloat16" in out or "out must be BFloat16" in out, out
+    assert "stride a multiple of 8" in out, out
+    assert "req_to_token must be an int32 or int64" in out, out
