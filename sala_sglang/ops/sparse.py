@@ -299,7 +299,9 @@ def select_blocks(
     the extension is built, `cuda_selection_unsupported` finds nothing and the batch has at least
     CUDA_SELECT_MIN_PAIRS (token, kv head) pairs, else Triton.
     num_splits (split-K over windows) shapes the Triton kernels only; the CUDA kernel accepts and
-    ignores it (it widens its CTAs to 8 warps instead when there are few (token, kv head) pairs)."""
+    ignores it (it widens its CTAs to 8 warps instead when there are few (token, kv head) pairs,
+    and scores 4 neighbouring tokens per CTA when there are many; SALA_SGLANG_SELECT_TILE=1/4/8
+    forces one token, 4 or 8 per CTA)."""
     if impl not in (None, "cuda", "triton"):
         raise ValueError(f"select_blocks: impl={impl!r}: expected 'cuda', 'triton' or None")
     if impl != "triton":
@@ -323,7 +325,8 @@ def select_blocks(
 
 # Geometry of csrc/sparse_selection.cu: head dims compiled, most query heads per kv head (one
 # m16 tile), and its dynamic shared memory (kept in step with smem_bytes there; the 8-warp
-# variant, the larger one, bounds both).
+# per-token variant, the larger one, bounds both; the token-tiled kernel falls back to it where
+# its TT rows of block scores do not fit).
 _CUDA_SELECT_HEAD_DIMS = (64, 128)
 _CUDA_SELECT_MAX_GROUP = 16
 # The CUDA kernel runs one CTA per (token, kv head) and no split-K, so a small decode batch
