@@ -301,7 +301,10 @@ def test_decode_batches_with_a_wide_static_width(geometry: str, dtype: torch.dty
 
 
 @needs_extension
-def test_cuda_selection_replays_in_a_cuda_graph() -> None:
+@pytest.mark.parametrize("tile", ["auto", "8"])
+def test_cuda_selection_replays_in_a_cuda_graph(tile: str, monkeypatch) -> None:
+    if tile != "auto":  # the tiled kernel, its 4 tokens of 3 requests in one CTA
+        monkeypatch.setenv("SALA_SGLANG_SELECT_TILE", tile)
     case = Case("released", torch.bfloat16, [9001, 20000, 333], seed=4)
     cfg = case.cfg
     q, treq, pos = case.queries([1, 2, 3, 2], [9000, 19999, 332, 7000])
