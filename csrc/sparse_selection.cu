@@ -35,8 +35,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
 namespace {
 
@@ -591,6 +593,7 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
   __syncthreads();  // tile bookkeeping is written
 
   const T* k1_group = k1 + int64_t{g} * geo.stride_kg;
+  const float scale_log2 = geo.scale_log2;  // > 0 (checked on the host)
   const bool live_lo = quad_row < geo.group_heads;
   const bool live_hi = quad_row + 8 < geo.group_heads;
   bool pending = in_range;  // warp-uniform
@@ -643,7 +646,9 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
         cp_async16(dst + row * kRow + chunk * 8, src, offset >= 0 ? 16 : 0);
       }
     };
-    // the staged tile's kWT windows -> this token's logits (log2 units): rows quad_row
+    // the staged tile's kWT windows -> this token's raw q.k (times scale_log2 where used, fused
+    // into the exp2 argument; the tile max is taken before scaling, which commutes with a
+    // positive scale exactly): rows quad_row
     // (acc[n][0..1]) and quad_row + 8 (acc[n][2..3]), windows 8n + 2*quad_col + {0,1}
     auto score_tile = [&](int tile, float (&acc)[kN][4]) {
       const T* base = ring + (tile % kStages) * kWT * kRow;
@@ -661,11 +666,6 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
           MmaType<T>::mma(acc[n], qa[s], b[0], b[1]);
           MmaType<T>::mma(acc[n], qa[s + 1], b[2], b[3]);
         }
-      }
-#pragma unroll
-      for (int n = 0; n < kN; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[n][e] *= geo.scale_log2;
       }
     };
     // the ring as in the per-token kernel; warps not in this sweep copy and wait but score nothing
@@ -696,32 +696,45 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
     // ---- pass 1: this token's per-head softmax max and sum (log2 units) ----
     float m[2] = {-INFINITY, -INFINITY};
     float l[2] = {0.f, 0.f};
+    // Tiles wholly inside the token's windows (all but its last) skip the per-window masks.
     sweep([&](int tile) {
       float acc[kN][4];
       score_tile(tile, acc);
       const int c0 = tile * kWT + 2 * quad_col;
+      auto accumulate = [&](auto whole) {
+        constexpr bool kWhole = decltype(whole)::value;
 #pragma unroll
-      for (int up = 0; up < 2; ++up) {
-        float tile_max = -INFINITY;
+        for (int up = 0; up < 2; ++up) {
+          float tile_max = -INFINITY;
 #pragma unroll
-        for (int n = 0; n < kN; ++n) {
+          for (int n = 0; n < kN; ++n) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            if (c0 + 8 * n + e < n_vis) tile_max = fmaxf(tile_max, acc[n][2 * up + e]);
+            for (int e = 0; e < 2; ++e) {
+              if (kWhole || c0 + 8 * n + e < n_vis) {
+                tile_max = fmaxf(tile_max, acc[n][2 * up + e]);
+              }
+            }
           }
-        }
-        const float m_new = fmaxf(m[up], tile_max);
-        const float m_safe = m_new == -INFINITY ? 0.f : m_new;
-        float sum = 0.f;
+          const float m_new = fmaxf(m[up], tile_max * scale_log2);
+          const float m_safe = m_new == -INFINITY ? 0.f : m_new;
+          float sum = 0.f;
 #pragma unroll
-        for (int n = 0; n < kN; ++n) {
+          for (int n = 0; n < kN; ++n) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            if (c0 + 8 * n + e < n_vis) sum += exp2f(acc[n][2 * up + e] - m_safe);
+            for (int e = 0; e < 2; ++e) {
+              if (kWhole || c0 + 8 * n + e < n_vis) {
+                sum += exp2f(fmaf(acc[n][2 * up + e], scale_log2, -m_safe));
+              }
+            }
           }
+          l[up] = l[up] * exp2f(m[up] - m_safe) + sum;
+          m[up] = m_new;
         }
-        l[up] = l[up] * exp2f(m[up] - m_safe) + sum;
-        m[up] = m_new;
+      };
+      if ((tile + 1) * kWT <= n_vis) {
+        accumulate(std::true_type{});
+      } else {
+        accumulate(std::false_type{});
       }
     });
     // merge over the quad's lanes: the warp then holds its rows' full statistics
@@ -754,18 +767,25 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
       const int c0 = tile * kWT + 2 * quad_col;
       // v[2n + e]: this lane's head rows' share of window c0 + 8n + e
       float v[8];
+      auto shares = [&](auto whole) {
+        constexpr bool kWhole = decltype(whole)::value;
 #pragma unroll
-      for (int n = 0; n < kN; ++n) {
+        for (int n = 0; n < kN; ++n) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int c = c0 + 8 * n + e;
-          float p = 0.f;
-          if (c < n_vis) {
-            if (live_lo) p = exp2f(acc[n][e] - m_lo) * il_lo;
-            if (live_hi) p += exp2f(acc[n][2 + e] - m_hi) * il_hi;
+          for (int e = 0; e < 2; ++e) {
+            float p = 0.f;
+            if (kWhole || c0 + 8 * n + e < n_vis) {
+              if (live_lo) p = exp2f(fmaf(acc[n][e], scale_log2, -m_lo)) * il_lo;
+              if (live_hi) p += exp2f(fmaf(acc[n][2 + e], scale_log2, -m_hi)) * il_hi;
+            }
+            v[2 * n + e] = p;
           }
-          v[2 * n + e] = p;
         }
+      };
+      if ((tile + 1) * kWT <= n_vis) {
+        shares(std::true_type{});
+      } else {
+        shares(std::false_type{});
       }
       // Sum each window over the 8 quad rows as a reduce-scatter: at each step a lane keeps half
       // of its values and adds its partner's share of them, so quad row r ends with the one sum
@@ -1035,6 +1055,8 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1,
                   init_blocks >= 0 && local_blocks >= 0,
               "select_blocks: need 1 <= num_selected <= width, got ", num_selected, " and ", width);
   TORCH_CHECK(tokens * groups < (int64_t{1} << 31), "select_blocks: ", tokens, " tokens too many");
+  TORCH_CHECK(scale > 0.0 && std::isfinite(scale), "select_blocks: scale must be positive, got ",
+              scale);
 
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({tokens, groups, num_selected}, q.options().dtype(at::kInt));
