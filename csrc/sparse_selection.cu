@@ -15,6 +15,10 @@
 // heads padded to 16, columns the windows. K1 rows are gathered page by page with cp.async into
 // a multi-stage shared-memory ring (rows padded by 16 bytes so ldmatrix is conflict-free).
 //
+// For prefill, select_blocks_tiled_kernel below does the same per token with 4 or 8 tokens per
+// CTA sharing each staged K1 tile; this per-token kernel serves decode and widths too large for
+// a tile's block scores.
+//
 // Dynamic shared memory (kept in step with _cuda_selection_smem_bytes in ops/sparse.py):
 //   stages * window_tile * (D + 8) * 2   K1 ring
 //   + align16(4 * width)                 block scores (float bits, atomicMax-pooled)
@@ -31,7 +35,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <type_traits>
 
 namespace {
 
@@ -454,6 +461,466 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
   for (int i = n_chosen + tid; i < k; i += kThreads) out_row[i] = -1;
 }
 
+// ---- token-tiled variant (prefill) ----
+// The per-token kernel reads every visible K1 row from L2 twice per (token, kv head): at 128K
+// context that is 2 x 2 MiB per pair, 64 GiB for an 8192-token chunk. Neighbouring tokens of one
+// request see (almost) the same windows, so here a CTA takes TT consecutive tokens, one warp per
+// token (its 16 head rows are one m16 tile), and every K1 tile staged in shared memory serves all
+// TT of them: L2 traffic / TT. Each warp owns its token's softmax statistics, block scores and
+// top-k, so nothing is merged across warps. Tokens of a tile that belong to different requests
+// (a request's first or last tokens) are swept one request at a time.
+//
+// Dynamic shared memory:
+//   max(K1 ring, TT * (1024 + align16(8 * num_selected)))
+//       the ring (kTiledStages * kTiledWindows * (D + 8) * 2) while sweeping; each warp's radix
+//       histogram and chosen keys while selecting (no copy is in flight then: each sweep ends
+//       with cp.async.wait_group 0 and a barrier, and the next starts after one)
+//   + TT * align16(4 * width)        block scores, one row per token
+//   + tiled_scratch_bytes(TT)        row offsets, tile bookkeeping
+
+constexpr int kTiledWindows = 32;  // windows per staged tile: 4 n8 tiles per warp
+constexpr int kTiledStages = 4;
+
+template <int D>
+__host__ __device__ constexpr int64_t tiled_ring_bytes() {
+  return int64_t{kTiledStages} * kTiledWindows * (D + 8) * 2;
+}
+
+// one warp's selection scratch: histogram, then chosen keys
+__host__ __device__ constexpr int64_t tiled_select_bytes(int64_t num_selected) {
+  return 256 * 4 + align16(8 * num_selected);
+}
+
+template <int D>
+__host__ __device__ constexpr int64_t tiled_union_bytes(int tt, int64_t num_selected) {
+  return tiled_ring_bytes<D>() > tt * tiled_select_bytes(num_selected)
+             ? tiled_ring_bytes<D>()
+             : tt * tiled_select_bytes(num_selected);
+}
+
+__host__ __device__ constexpr int64_t tiled_scratch_bytes(int tt) {
+  return align16(int64_t{kTiledStages} * kTiledWindows * 8 + int64_t{3} * tt * 4);
+}
+
+template <int D, int TT>
+int64_t tiled_smem_bytes(int64_t width, int64_t num_selected) {
+  return tiled_union_bytes<D>(TT, num_selected) + TT * align16(4 * width) +
+         tiled_scratch_bytes(TT);
+}
+
+// Register cap from the CTAs per SM that shared memory allows at 128K context (width 2048,
+// D 128): three of 4 warps, two of 8.
+template <int D, int TT, typename T>
+__global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_kernel(
+    const T* __restrict__ q, const T* __restrict__ k1, const int32_t* __restrict__ req_to_token,
+    const int32_t* __restrict__ token_req, const int32_t* __restrict__ token_pos,
+    int32_t* __restrict__ out, const Geometry geo) {
+  constexpr int kThreads = 32 * TT;
+  constexpr int kWT = kTiledWindows;
+  constexpr int kStages = kTiledStages;
+  constexpr int kRow = D + 8;
+  constexpr int kChunks = D / 8;
+  constexpr int kSteps = D / 16;
+  constexpr int kN = kWT / 8;  // n8 tiles per warp per staged tile
+  static_assert(kSteps % 2 == 0, "head dim must be a multiple of 32");
+  static_assert(kWT <= kThreads, "one thread per staged row looks up its page");
+  static_assert(2 * kN == 8, "each quad row pools exactly one of the tile's (n, e) windows");
+  constexpr uint32_t kFull = 0xffffffffu;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t score_row = align16(4 * int64_t{geo.width});  // bytes per token
+  const int64_t union_bytes = tiled_union_bytes<D>(TT, geo.num_selected);
+  T* ring = reinterpret_cast<T*>(smem);
+  unsigned char* scores_all = smem + union_bytes;
+  int64_t* row_offset =
+      reinterpret_cast<int64_t*>(scores_all + TT * score_row);                // [stages][kWT]
+  int* tile_req = reinterpret_cast<int*>(row_offset + kStages * kWT);         // [TT]
+  int* tile_nvis = tile_req + TT;                                             // [TT]
+  int* tile_pending = tile_nvis + TT;                                         // [TT]
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int quad_row = lane / 4;
+  const int quad_col = lane % 4;
+  const int g = static_cast<int>(blockIdx.x % geo.groups);
+  const int64_t t = int64_t{blockIdx.x / geo.groups} * TT + warp;
+  const bool in_range = t < geo.tokens;
+  uint32_t* scores = reinterpret_cast<uint32_t*>(scores_all + warp * score_row);
+  // selection scratch, overlaying the ring (see the layout above)
+  unsigned char* select_scratch = smem + warp * tiled_select_bytes(geo.num_selected);
+  uint32_t* hist = reinterpret_cast<uint32_t*>(select_scratch);                    // [256]
+  uint64_t* chosen = reinterpret_cast<uint64_t*>(select_scratch + 256 * 4);       // [k]
+
+  // this warp's token, exactly as the per-token kernel sees it
+  const int req = in_range ? token_req[t] : -1;
+  const int pos = in_range ? token_pos[t] : -1;
+  const int length = pos + 1;
+  int n_vis = length >= geo.kernel_size ? (length - geo.kernel_size) / geo.kernel_stride + 1 : 0;
+  if (req < 0) n_vis = 0;
+  const int qb = pos / geo.block_size;
+  const int ratio = geo.block_size / geo.kernel_stride;
+  const int n_elig = pos < 0 ? 0 : min(qb + 1, geo.width);
+  if (lane == 0) {
+    tile_req[warp] = req;
+    tile_nvis[warp] = n_vis;
+    tile_pending[warp] = in_range ? 1 : 0;
+  }
+
+  uint32_t qa[kSteps][4];
+  {
+    const uint16_t* q_tok = reinterpret_cast<const uint16_t*>(q) +
+                            (in_range ? t : 0) * geo.stride_qt +
+                            int64_t{g} * geo.group_heads * geo.stride_qh;
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+#pragma unroll
+        for (int up = 0; up < 2; ++up) {
+          const int row = quad_row + 8 * up;
+          const int col = 16 * s + 8 * half + 2 * quad_col;
+          uint32_t pair = 0u;
+          if (in_range && row < geo.group_heads) {
+            const uint16_t* p = q_tok + row * geo.stride_qh + col;
+            pair = static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 16);
+          }
+          qa[s][2 * half + up] = pair;
+        }
+      }
+    }
+  }
+  __syncthreads();  // tile bookkeeping is written
+
+  const T* k1_group = k1 + int64_t{g} * geo.stride_kg;
+  const float scale_log2 = geo.scale_log2;  // > 0 (checked on the host)
+  const bool live_lo = quad_row < geo.group_heads;
+  const bool live_hi = quad_row + 8 < geo.group_heads;
+  bool pending = in_range;  // warp-uniform
+
+  // One sweep per distinct request among the tile's tokens (one in the common case). Every
+  // thread reads the same bookkeeping, so the loop and its barriers are uniform over the CTA.
+  for (;;) {
+    int leader = -1;
+    for (int w = 0; w < TT; ++w) {
+      if (tile_pending[w]) {
+        leader = w;
+        break;
+      }
+    }
+    if (leader < 0) break;
+    const int sweep_req = tile_req[leader];
+    int sweep_vis = 0;
+    for (int w = 0; w < TT; ++w) {
+      if (tile_pending[w] && tile_req[w] == sweep_req) sweep_vis = max(sweep_vis, tile_nvis[w]);
+    }
+    const bool active = pending && req == sweep_req;
+    __syncthreads();  // every thread has read tile_pending before it changes
+    if (active && lane == 0) tile_pending[warp] = 0;
+    pending = pending && !active;
+
+    const int32_t* rt_row =
+        req_to_token + (sweep_req < 0 ? 0 : int64_t{sweep_req}) * geo.stride_rt;
+    const int n_tiles = (sweep_vis + kWT - 1) / kWT;
+
+    auto locate_tile = [&](int tile) {
+      if (tid < kWT) {
+        const int c = tile * kWT + tid;
+        int64_t offset = -1;
+        if (c < sweep_vis) {
+          const int block = c / ratio;
+          const int64_t page = rt_row[int64_t{block} * geo.block_size] / geo.block_size;
+          offset = page * geo.stride_kp + int64_t{c - block * ratio} * geo.stride_ks;
+        }
+        row_offset[(tile % kStages) * kWT + tid] = offset;
+      }
+    };
+    auto load_tile = [&](int tile) {
+      T* dst = ring + (tile % kStages) * kWT * kRow;
+      const int64_t* offsets = row_offset + (tile % kStages) * kWT;
+      for (int i = tid; i < kWT * kChunks; i += kThreads) {
+        const int row = i / kChunks;
+        const int chunk = i % kChunks;
+        const int64_t offset = offsets[row];
+        const T* src = offset >= 0 ? k1_group + offset + chunk * 8 : k1_group;
+        cp_async16(dst + row * kRow + chunk * 8, src, offset >= 0 ? 16 : 0);
+      }
+    };
+    // the staged tile's kWT windows -> this token's raw q.k (times scale_log2 where used, fused
+    // into the exp2 argument; the tile max is taken before scaling, which commutes with a
+    // positive scale exactly): rows quad_row
+    // (acc[n][0..1]) and quad_row + 8 (acc[n][2..3]), windows 8n + 2*quad_col + {0,1}
+    auto score_tile = [&](int tile, float (&acc)[kN][4]) {
+      const T* base = ring + (tile % kStages) * kWT * kRow;
+#pragma unroll
+      for (int n = 0; n < kN; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+      }
+#pragma unroll
+      for (int s = 0; s < kSteps; s += 2) {
+#pragma unroll
+        for (int n = 0; n < kN; ++n) {
+          uint32_t b[4];
+          ldmatrix_x4(b, base + (8 * n + (lane % 8)) * kRow + 16 * s + 8 * (lane / 8));
+          MmaType<T>::mma(acc[n], qa[s], b[0], b[1]);
+          MmaType<T>::mma(acc[n], qa[s + 1], b[2], b[3]);
+        }
+      }
+    };
+    // the ring as in the per-token kernel; warps not in this sweep copy and wait but score nothing
+    auto sweep = [&](auto&& body) {
+#pragma unroll
+      for (int s = 0; s < kStages - 1; ++s) {
+        if (s < n_tiles) locate_tile(s);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int s = 0; s < kStages - 1; ++s) {
+        if (s < n_tiles) load_tile(s);
+        cp_async_commit();
+      }
+      for (int tile = 0; tile < n_tiles; ++tile) {
+        const int next = tile + kStages - 1;
+        if (next < n_tiles) locate_tile(next);
+        cp_async_wait<kStages - 2>();
+        __syncthreads();
+        if (next < n_tiles) load_tile(next);
+        cp_async_commit();
+        if (active) body(tile);
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+    };
+
+    // ---- pass 1: this token's per-head softmax max and sum (log2 units) ----
+    float m[2] = {-INFINITY, -INFINITY};
+    float l[2] = {0.f, 0.f};
+    // Tiles wholly inside the token's windows (all but its last) skip the per-window masks.
+    sweep([&](int tile) {
+      float acc[kN][4];
+      score_tile(tile, acc);
+      const int c0 = tile * kWT + 2 * quad_col;
+      auto accumulate = [&](auto whole) {
+        constexpr bool kWhole = decltype(whole)::value;
+#pragma unroll
+        for (int up = 0; up < 2; ++up) {
+          float tile_max = -INFINITY;
+#pragma unroll
+          for (int n = 0; n < kN; ++n) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              if (kWhole || c0 + 8 * n + e < n_vis) {
+                tile_max = fmaxf(tile_max, acc[n][2 * up + e]);
+              }
+            }
+          }
+          const float m_new = fmaxf(m[up], tile_max * scale_log2);
+          const float m_safe = m_new == -INFINITY ? 0.f : m_new;
+          float sum = 0.f;
+#pragma unroll
+          for (int n = 0; n < kN; ++n) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              if (kWhole || c0 + 8 * n + e < n_vis) {
+                sum += exp2f(fmaf(acc[n][2 * up + e], scale_log2, -m_safe));
+              }
+            }
+          }
+          l[up] = l[up] * exp2f(m[up] - m_safe) + sum;
+          m[up] = m_new;
+        }
+      };
+      if ((tile + 1) * kWT <= n_vis) {
+        accumulate(std::true_type{});
+      } else {
+        accumulate(std::false_type{});
+      }
+    });
+    // merge over the quad's lanes: the warp then holds its rows' full statistics
+    float m_row[2], il_row[2];
+#pragma unroll
+    for (int up = 0; up < 2; ++up) {
+#pragma unroll
+      for (int off = 1; off < 4; off *= 2) {
+        const float m_o = __shfl_xor_sync(kFull, m[up], off);
+        const float l_o = __shfl_xor_sync(kFull, l[up], off);
+        const float m_new = fmaxf(m[up], m_o);
+        const float m_safe = m_new == -INFINITY ? 0.f : m_new;
+        l[up] = l[up] * exp2f(m[up] - m_safe) + l_o * exp2f(m_o - m_safe);
+        m[up] = m_new;
+      }
+      m_row[up] = m[up] == -INFINITY ? 0.f : m[up];
+      il_row[up] = l[up] > 0.f ? 1.f / l[up] : 0.f;
+    }
+    const float m_lo = m_row[0], il_lo = live_lo ? il_row[0] : 0.f;
+    const float m_hi = m_row[1], il_hi = live_hi ? il_row[1] : 0.f;
+    if (active) {
+      for (int b = lane; b < n_elig; b += 32) scores[b] = 0u;
+      __syncwarp();
+    }
+
+    // ---- pass 2: group probability of each window, max-pooled into its blocks ----
+    sweep([&](int tile) {
+      float acc[kN][4];
+      score_tile(tile, acc);
+      const int c0 = tile * kWT + 2 * quad_col;
+      // v[2n + e]: this lane's head rows' share of window c0 + 8n + e
+      float v[8];
+      auto shares = [&](auto whole) {
+        constexpr bool kWhole = decltype(whole)::value;
+#pragma unroll
+        for (int n = 0; n < kN; ++n) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float p = 0.f;
+            if (kWhole || c0 + 8 * n + e < n_vis) {
+              if (live_lo) p = exp2f(fmaf(acc[n][e], scale_log2, -m_lo)) * il_lo;
+              if (live_hi) p += exp2f(fmaf(acc[n][2 + e], scale_log2, -m_hi)) * il_hi;
+            }
+            v[2 * n + e] = p;
+          }
+        }
+      };
+      if ((tile + 1) * kWT <= n_vis) {
+        shares(std::true_type{});
+      } else {
+        shares(std::false_type{});
+      }
+      // Sum each window over the 8 quad rows as a reduce-scatter: at each step a lane keeps half
+      // of its values and adds its partner's share of them, so quad row r ends with the one sum
+      // v[r] (7 shuffles instead of 3 per window), and one atomic instruction pools all 32.
+      const bool r2 = (quad_row & 4) != 0, r1 = (quad_row & 2) != 0, r0 = (quad_row & 1) != 0;
+      float w[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float give = r2 ? v[i] : v[i + 4];
+        w[i] = (r2 ? v[i + 4] : v[i]) + __shfl_xor_sync(kFull, give, 16);
+      }  // w[i]: j = i + 4 * r2
+      float x[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const float give = r1 ? w[i] : w[i + 2];
+        x[i] = (r1 ? w[i + 2] : w[i]) + __shfl_xor_sync(kFull, give, 8);
+      }  // x[i]: j = i + 2 * r1 + 4 * r2
+      const float give_last = r0 ? x[0] : x[1];
+      const float mine = (r0 ? x[1] : x[0]) + __shfl_xor_sync(kFull, give_last, 4);  // j = r
+      const int my_c = c0 + 8 * (quad_row / 2) + quad_row % 2;
+      if (my_c < n_vis) {
+        const int b = (my_c + 1) / ratio;
+        const uint32_t bits = __float_as_uint(mine);
+        if (b < n_elig) atomicMax(&scores[b], bits);
+        if ((my_c + 1) % ratio == 0 && b >= 1 && b - 1 < n_elig) atomicMax(&scores[b - 1], bits);
+      }
+    });
+
+    // ---- select (one warp per token): the num_selected largest keys (hi desc, block asc) ----
+    if (active) {
+      __syncwarp();  // this warp's pooling is complete
+      const int k = geo.num_selected;
+      const int init_blocks = geo.init_blocks, local_blocks = geo.local_blocks;
+      const uint32_t lanes_below = (1u << lane) - 1u;
+      auto hi_of = [&](int b) {
+        return block_hi(scores[b], b, qb, init_blocks, local_blocks);
+      };
+      auto key_of = [&](int b) {
+        return (static_cast<uint64_t>(hi_of(b)) << 32) |
+               (0xFFFFFFFFu - static_cast<uint32_t>(b));
+      };
+      int n_chosen = n_elig;
+      if (n_elig <= k) {
+        for (int b = lane; b < n_elig; b += 32) chosen[b] = key_of(b);
+      } else {
+        n_chosen = k;
+        uint32_t prefix = 0u, mask = 0u;
+        int remaining = k;  // rank, among the keys matching prefix, of the k-th largest
+        for (int shift = 24; shift >= 0; shift -= 8) {
+          for (int i = lane; i < 256; i += 32) hist[i] = 0u;
+          __syncwarp();
+          for (int base = 0; base < n_elig; base += 32) {
+            const int b = base + lane;
+            const uint32_t h = b < n_elig ? hi_of(b) : 0u;
+            const bool in = b < n_elig && (h & mask) == prefix;
+            const uint32_t digit = (h >> shift) & 255u;
+            const uint32_t in_lanes = __ballot_sync(kFull, in);
+            // one atomic per distinct digit: the top digits of similar scores mostly coincide
+            if (in) {
+              const uint32_t peers = __match_any_sync(in_lanes, digit);
+              if (lane == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
+            }
+          }
+          __syncwarp();
+          // lane j holds bins [8j, 8j + 8); the digit is where the count from the top reaches
+          // `remaining`
+          uint32_t bins[8];
+          uint32_t own = 0u;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            bins[j] = hist[8 * lane + j];
+            own += bins[j];
+          }
+          uint32_t from_here = own;  // keys with digit >= 8 * lane
+#pragma unroll
+          for (int off = 1; off < 32; off *= 2) {
+            const uint32_t v = __shfl_down_sync(kFull, from_here, off);
+            if (lane + off < 32) from_here += v;
+          }
+          const uint32_t above = from_here - own;  // keys with digit >= 8 * (lane + 1)
+          const uint32_t want = static_cast<uint32_t>(remaining);
+          const bool crossing = above < want && want <= from_here;
+          int digit_found = 0, rest = 0;
+          if (crossing) {
+            uint32_t cum = above;
+#pragma unroll
+            for (int j = 7; j >= 0; --j) {
+              if (cum + bins[j] >= want) {
+                digit_found = 8 * lane + j;
+                rest = static_cast<int>(want - cum);
+                break;
+              }
+              cum += bins[j];
+            }
+          }
+          const int src = __ffs(__ballot_sync(kFull, crossing)) - 1;
+          digit_found = __shfl_sync(kFull, digit_found, src);
+          rest = __shfl_sync(kFull, rest, src);
+          prefix |= static_cast<uint32_t>(digit_found) << shift;
+          mask |= 255u << shift;
+          remaining = rest;
+          __syncwarp();  // the histogram is cleared for the next digit
+        }
+        const uint32_t kth = prefix;
+        const int take_equal = remaining;  // the lowest blocks with hi == kth
+        const int n_greater = k - take_equal;
+        int greater_before = 0, equal_before = 0;
+        for (int base = 0; base < n_elig; base += 32) {
+          const int b = base + lane;
+          const uint32_t h = b < n_elig ? hi_of(b) : 0u;
+          const bool greater = b < n_elig && h > kth;
+          const bool equal = b < n_elig && h == kth;
+          const uint32_t greater_lanes = __ballot_sync(kFull, greater);
+          const uint32_t equal_lanes = __ballot_sync(kFull, equal);
+          if (greater) chosen[greater_before + __popc(greater_lanes & lanes_below)] = key_of(b);
+          const int rank_equal = equal_before + __popc(equal_lanes & lanes_below);
+          if (equal && rank_equal < take_equal) chosen[n_greater + rank_equal] = key_of(b);
+          greater_before += __popc(greater_lanes);
+          equal_before += __popc(equal_lanes);
+        }
+      }
+      __syncwarp();
+      int32_t* out_row = out + (t * geo.groups + g) * int64_t{k};
+      for (int i = lane; i < n_chosen; i += 32) {
+        const uint64_t key = chosen[i];
+        int rank = 0;
+        for (int j = 0; j < n_chosen; ++j) rank += chosen[j] > key;
+        out_row[rank] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key));
+      }
+      for (int i = n_chosen + lane; i < k; i += 32) out_row[i] = -1;
+    }
+    __syncthreads();  // tile_pending is read again by the next sweep's leader search
+  }
+}
+
 template <int D, int NW, typename T>
 void launch(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& req_to_token,
             const at::Tensor& token_req, const at::Tensor& token_pos, at::Tensor& out,
@@ -472,11 +939,43 @@ void launch(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& req_to_
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <int D, int TT, typename T>
+void launch_tiled(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& req_to_token,
+                  const at::Tensor& token_req, const at::Tensor& token_pos, at::Tensor& out,
+                  const Geometry& geo, int64_t smem) {
+  auto kernel = select_blocks_tiled_kernel<D, TT, T>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  const int64_t ctas = (int64_t{geo.tokens} + TT - 1) / TT * geo.groups;
+  kernel<<<static_cast<unsigned>(ctas), 32 * TT, static_cast<size_t>(smem),
+           c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(q.data_ptr()), reinterpret_cast<const T*>(k1.data_ptr()),
+      req_to_token.data_ptr<int32_t>(), token_req.data_ptr<int32_t>(),
+      token_pos.data_ptr<int32_t>(), out.data_ptr<int32_t>(), geo);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// tile_tokens: 8 or 4 tokens per CTA (the tiled kernel, as many as shared memory allows), 0 the
+// per-token kernel, which also takes widths too large for a tile's block scores.
 template <int D, typename T>
-void launch_for_warps(bool wide, const at::Tensor& q, const at::Tensor& k1,
+void launch_for_warps(int tile_tokens, bool wide, const at::Tensor& q, const at::Tensor& k1,
                       const at::Tensor& req_to_token, const at::Tensor& token_req,
                       const at::Tensor& token_pos, at::Tensor& out, const Geometry& geo,
                       int64_t max_smem) {
+  if (tile_tokens >= 8) {
+    const int64_t smem = tiled_smem_bytes<D, 8>(geo.width, geo.num_selected);
+    if (smem <= max_smem) {
+      return launch_tiled<D, 8, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
+    }
+  }
+  if (tile_tokens >= 4) {
+    const int64_t smem = tiled_smem_bytes<D, 4>(geo.width, geo.num_selected);
+    if (smem <= max_smem) {
+      return launch_tiled<D, 4, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
+    }
+  }
   // Few CTAs (decode): 8 warps put twice the windows in flight per CTA; many CTAs (prefill):
   // 4 warps and a deeper ring, several CTAs per SM.
   if (wide) {
@@ -493,17 +992,17 @@ void launch_for_warps(bool wide, const at::Tensor& q, const at::Tensor& k1,
 }
 
 template <typename T>
-void launch_for_dim(int64_t dim, bool wide, const at::Tensor& q, const at::Tensor& k1,
-                    const at::Tensor& req_to_token, const at::Tensor& token_req,
-                    const at::Tensor& token_pos, at::Tensor& out, const Geometry& geo,
-                    int64_t max_smem) {
+void launch_for_dim(int64_t dim, int tile_tokens, bool wide, const at::Tensor& q,
+                    const at::Tensor& k1, const at::Tensor& req_to_token,
+                    const at::Tensor& token_req, const at::Tensor& token_pos, at::Tensor& out,
+                    const Geometry& geo, int64_t max_smem) {
   switch (dim) {
     case 64:
-      return launch_for_warps<64, T>(wide, q, k1, req_to_token, token_req, token_pos, out, geo,
-                                     max_smem);
+      return launch_for_warps<64, T>(tile_tokens, wide, q, k1, req_to_token, token_req,
+                                     token_pos, out, geo, max_smem);
     case 128:
-      return launch_for_warps<128, T>(wide, q, k1, req_to_token, token_req, token_pos, out, geo,
-                                      max_smem);
+      return launch_for_warps<128, T>(tile_tokens, wide, q, k1, req_to_token, token_req,
+                                      token_pos, out, geo, max_smem);
     default:
       TORCH_CHECK(false, "select_blocks: head dim ", dim, " not compiled: use 64 or 128");
   }
@@ -556,6 +1055,8 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1,
                   init_blocks >= 0 && local_blocks >= 0,
               "select_blocks: need 1 <= num_selected <= width, got ", num_selected, " and ", width);
   TORCH_CHECK(tokens * groups < (int64_t{1} << 31), "select_blocks: ", tokens, " tokens too many");
+  TORCH_CHECK(scale > 0.0 && std::isfinite(scale), "select_blocks: scale must be positive, got ",
+              scale);
 
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({tokens, groups, num_selected}, q.options().dtype(at::kInt));
@@ -587,12 +1088,27 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1,
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t max_smem = max_smem_int;
   const bool wide = tokens * groups < 2 * int64_t{sms};
+  // Tiles of 8 (else 4) tokens once that makes at least one CTA per SM (prefill); below that
+  // the per-token kernel keeps more SMs busy. SALA_SGLANG_SELECT_TILE=1 / 4 / 8 forces the
+  // per-token kernel or that many tokens per CTA (benchmarks and tests; read on the host at each
+  // call, so capture bakes it in like any other launch parameter).
+  int tile_tokens = 0;
+  if ((tokens + 7) / 8 * groups >= sms) {
+    tile_tokens = 8;
+  } else if ((tokens + 3) / 4 * groups >= sms) {
+    tile_tokens = 4;
+  }
+  if (const char* env = std::getenv("SALA_SGLANG_SELECT_TILE")) {
+    const int forced = std::atoi(env);
+    if (forced == 1) tile_tokens = 0;
+    if (forced == 4 || forced == 8) tile_tokens = forced;
+  }
   if (q.scalar_type() == at::kBFloat16) {
-    launch_for_dim<__nv_bfloat16>(dim, wide, q, k1, req_to_token, token_req, token_pos, out, geo,
-                                  max_smem);
+    launch_for_dim<__nv_bfloat16>(dim, tile_tokens, wide, q, k1, req_to_token, token_req,
+                                  token_pos, out, geo, max_smem);
   } else {
-    launch_for_dim<__half>(dim, wide, q, k1, req_to_token, token_req, token_pos, out, geo,
-                           max_smem);
+    launch_for_dim<__half>(dim, tile_tokens, wide, q, k1, req_to_token, token_req, token_pos,
+                           out, geo, max_smem);
   }
   return out;
 }

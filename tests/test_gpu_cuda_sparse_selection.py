@@ -15,30 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from cuda_extension import ON_GPU, needs_extension
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels"))
 from sparse_inputs import compressed_buffers, paged_cache  # noqa: E402
 
 from sala_sglang.config import MiniCPMSALAConfig, SparseConfig  # noqa: E402
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = ON_GPU
 
 # Two reference scores count as a near-tie within this fraction of the larger (plus a floor for
 # scores near 0): fp32 with bf16/fp16 inputs is ~1e-6 relative off the float64 reference.
 REL_TOL = 1e-3
 ABS_TOL = 1e-6
-
-
-def _extension_built() -> bool:
-    from sala_sglang.ops import _cuda
-
-    return torch.cuda.is_available() and _cuda.available()
-
-
-needs_extension = pytest.mark.skipif(not _extension_built(), reason="sala_sglang._C is not built")
 
 
 def _geometry(name: str) -> tuple[SparseConfig, int, int, int]:
@@ -171,12 +160,19 @@ GEOMETRIES = ["released", "tiny"]
 DTYPES = [torch.bfloat16, torch.float16]
 
 
+# SALA_SGLANG_SELECT_TILE: "1" the per-token kernel, "4" / "8" tokens per CTA (the tiled one)
+TILES = ["1", "4", "8"]
+
+
 @needs_extension
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_prefill_runs_of_one_request(geometry: str, dtype: torch.dtype) -> None:
+def test_prefill_runs_of_one_request(geometry: str, dtype: torch.dtype, tile: str,
+                                     monkeypatch) -> None:
     """Many neighbouring tokens of one request: a run from position 0 (no window visible yet,
     then fewer blocks than n_sel) and a run far past n_sel * block_size."""
+    monkeypatch.setenv("SALA_SGLANG_SELECT_TILE", tile)
     cfg = _geometry(geometry)[0]
     far = 20 * cfg.num_selected_blocks * cfg.block_size // 7 + 5  # ~2.9x n_sel blocks, unaligned
     case = Case(geometry, dtype, [far], seed=1)
@@ -184,15 +180,19 @@ def test_prefill_runs_of_one_request(geometry: str, dtype: torch.dtype) -> None:
     late = list(range(far - 250, far))
     q, treq, pos = case.queries([1] * (len(early) + len(late)), early + late)
     width = far // cfg.block_size + 1
-    check_selection(case, q, treq, pos, width, 1, f"{geometry} {dtype} prefill one request")
+    check_selection(case, q, treq, pos, width, 1,
+                    f"{geometry} {dtype} tile {tile} prefill one request")
 
 
 @needs_extension
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_prefill_several_requests(geometry: str, dtype: torch.dtype) -> None:
+def test_prefill_several_requests(geometry: str, dtype: torch.dtype, tile: str,
+                                  monkeypatch) -> None:
     """Runs of three requests (lengths not multiples of the block size), one batch, positions
     around block boundaries, below and above n_sel * block_size."""
+    monkeypatch.setenv("SALA_SGLANG_SELECT_TILE", tile)
     cfg = _geometry(geometry)[0]
     bs, span = cfg.block_size, cfg.num_selected_blocks * cfg.block_size
     lengths = [3 * span + 7, span // 2 + 3, span + bs + 1]
@@ -205,7 +205,69 @@ def test_prefill_several_requests(geometry: str, dtype: torch.dtype) -> None:
         pos += run
     q, treq_t, pos_t = case.queries(treq, pos)
     width = max(lengths) // bs + 3
-    check_selection(case, q, treq_t, pos_t, width, 1, f"{geometry} {dtype} prefill 3 requests")
+    check_selection(case, q, treq_t, pos_t, width, 1,
+                    f"{geometry} {dtype} tile {tile} prefill 3 requests")
+
+
+def _interleaved_tokens(case: Case, count: int, seed: int) -> tuple[list[int], list[int]]:
+    """`count` tokens of all the case's requests in a random order: most tiles of 4 or 8 mix
+    requests, and positions within a tile are far apart."""
+    gen = torch.Generator().manual_seed(seed)
+    treq = torch.randint(1, len(case.lengths) + 1, (count,), generator=gen).tolist()
+    pos = [int(torch.randint(0, case.lengths[r - 1], (1,), generator=gen)) for r in treq]
+    return treq, pos
+
+
+@needs_extension
+@pytest.mark.parametrize("tile", ["4", "8"])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_tiled_tiles_mixing_requests(geometry: str, tile: str, monkeypatch) -> None:
+    """Tiles whose tokens belong to different requests (swept one request at a time), token
+    counts that are not a multiple of the tile (the last tile runs past the end), and a batch
+    smaller than one tile."""
+    monkeypatch.setenv("SALA_SGLANG_SELECT_TILE", tile)
+    cfg = _geometry(geometry)[0]
+    bs, span = cfg.block_size, cfg.num_selected_blocks * cfg.block_size
+    lengths = [3 * span + 7, span // 2 + 3, span + bs + 1, 2 * bs + 5]
+    case = Case(geometry, torch.bfloat16, lengths, seed=8)
+    width = max(lengths) // bs + 2
+    for count in (8 * 37 + 3, 4 * 9 + 1, 5, 1):
+        treq, pos = _interleaved_tokens(case, count, seed=count)
+        q, treq_t, pos_t = case.queries(treq, pos)
+        check_selection(case, q, treq_t, pos_t, width, 1,
+                        f"{geometry} tile {tile} {count} interleaved tokens")
+
+
+@needs_extension
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_tiled_kernel_is_exact_under_regrouping(geometry: str, monkeypatch) -> None:
+    """The tiled kernel scores a token the same way whatever shares its tile: each warp sweeps
+    all of its token's windows in the same order. So 4 or 8 tokens per CTA, on the tokens in
+    request order or shuffled so that every tile mixes requests, give bit-identical blocks."""
+    cfg = _geometry(geometry)[0]
+    bs, span = cfg.block_size, cfg.num_selected_blocks * cfg.block_size
+    lengths = [4 * span + 3, span + 5, 3 * bs]
+    case = Case(geometry, torch.float16, lengths, seed=9)
+    width = max(lengths) // bs + 1
+    treq, pos = [], []
+    for r, n in enumerate(lengths):  # runs of consecutive positions, as a prefill chunk
+        start = max(0, n - 150)
+        treq += [r + 1] * (n - start)
+        pos += list(range(start, n))
+    q, treq_t, pos_t = case.queries(treq, pos)
+    results = {}
+    for tile in ("4", "8"):
+        monkeypatch.setenv("SALA_SGLANG_SELECT_TILE", tile)
+        results[tile] = case.select(q, treq_t, pos_t, width, "cuda")
+        perm = torch.randperm(q.shape[0], generator=torch.Generator().manual_seed(10)).cuda()
+        shuffled = case.select(q[perm], treq_t[perm], pos_t[perm], width, "cuda")
+        unshuffled = torch.empty_like(shuffled)
+        unshuffled[perm] = shuffled
+        diff = (unshuffled != results[tile]).any(-1).any(-1).nonzero().flatten().tolist()
+        assert not diff, f"tile {tile}: shuffling changed tokens {diff[:20]}"
+    diff = (results["4"] != results["8"]).any(-1).any(-1).nonzero().flatten().tolist()
+    assert not diff, f"tiles of 4 and of 8 differ at tokens {diff[:20]}"
+    check_selection(case, q, treq_t, pos_t, width, 1, f"{geometry} tiled runs")
 
 
 @needs_extension
@@ -228,7 +290,10 @@ def test_decode_batches_with_a_wide_static_width(geometry: str, dtype: torch.dty
 
 
 @needs_extension
-def test_cuda_selection_replays_in_a_cuda_graph() -> None:
+@pytest.mark.parametrize("tile", ["auto", "8"])
+def test_cuda_selection_replays_in_a_cuda_graph(tile: str, monkeypatch) -> None:
+    if tile != "auto":  # the tiled kernel, its 4 tokens of 3 requests in one CTA
+        monkeypatch.setenv("SALA_SGLANG_SELECT_TILE", tile)
     case = Case("released", torch.bfloat16, [9001, 20000, 333], seed=4)
     cfg = case.cfg
     q, treq, pos = case.queries([1, 2, 3, 2], [9000, 19999, 332, 7000])

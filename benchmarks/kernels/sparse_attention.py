@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -89,6 +90,10 @@ class Record:
 
 def timed(fn: Callable[[], object], iters: int) -> float:
     return round(gpu_time_ms(fn, warmup=2, iters=iters), 4)
+
+
+# csrc/sparse_selection.cu reads this at each call: "1" one token per CTA, "4" / "8" per CTA.
+SELECT_TILE_ENV = "SALA_SGLANG_SELECT_TILE"
 
 
 # Decode rows are timed as CUDA-graph replays, as serving runs them (eager timings of these
@@ -323,6 +328,21 @@ def bench_selection(rec: Record, inp: SparseInputs, case: str, scale: float, spl
                 overlap_with_ours=overlap(cuda_sel, sel, width),
                 ref_ok=selection_ok(inp, k1c, cuda_sel, rows),
                 speedup_vs_triton=round(ours["ms"] / t["ms"], 2))
+        # the CUDA kernel's variants, forced: one token per CTA, or 4 / 8 tokens per CTA
+        for tile in ("1", "4", "8"):
+            saved = os.environ.get(SELECT_TILE_ENV)
+            os.environ[SELECT_TILE_ENV] = tile
+            try:
+                tile_sel = cuda_fn()
+                t = timed_row(cuda_fn, iters)
+            finally:
+                if saved is None:
+                    os.environ.pop(SELECT_TILE_ENV, None)
+                else:
+                    os.environ[SELECT_TILE_ENV] = saved
+            rec.add(section="select", case=case, impl=f"ours cuda tile {tile}", **t, flops=flops,
+                    overlap_with_ours=overlap(tile_sel, sel, width),
+                    speedup_vs_triton=round(ours["ms"] / t["ms"], 2))
     else:
         rec.data.setdefault("cuda_selection_skipped", {})[case] = why
         rec.log(f"  ours cuda: not run ({why})")

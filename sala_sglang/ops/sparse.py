@@ -371,12 +371,14 @@ def select_blocks(
     impl: "cuda" (csrc/sparse_selection.cu, fused; ValueError where it cannot run), "triton", or
     None (see `_cuda.choose_cuda`).
     num_splits (split-K over windows) shapes the Triton kernels only; the CUDA kernel accepts and
-    ignores it (it widens its CTAs to 8 warps instead when there are few (token, kv head) pairs)."""
+    ignores it (it widens its CTAs to 8 warps instead when there are few (token, kv head) pairs,
+    and scores 4 or 8 neighbouring tokens per CTA when there are many; SALA_SGLANG_SELECT_TILE=1/4/8
+    forces one token, 4 or 8 per CTA)."""
     if _cuda.choose_cuda(
         "select_blocks", impl, q, CUDA_FASTER["select_blocks"],
-        lambda: cuda_selection_unsupported(q, k1, req_to_token, token_req, token_pos, kernel_size,
-                                           kernel_stride, block_size, num_selected,
-                                           max(width, num_selected)),
+        lambda: "scale must be positive" if scale <= 0 else cuda_selection_unsupported(
+            q, k1, req_to_token, token_req, token_pos, kernel_size, kernel_stride, block_size,
+            num_selected, max(width, num_selected)),
     ):
         return torch.ops.sala_sglang.select_blocks(
             q, k1, req_to_token, token_req, token_pos, kernel_size, kernel_stride, block_size,
@@ -389,7 +391,8 @@ def select_blocks(
 
 # Geometry of csrc/sparse_selection.cu: head dims compiled, most query heads per kv head (one
 # m16 tile), and its dynamic shared memory (kept in step with smem_bytes there; the 8-warp
-# variant, the larger one, bounds both).
+# per-token variant, the larger one, bounds both; the token-tiled kernel falls back to it where
+# its TT rows of block scores do not fit).
 _CUDA_SELECT_HEAD_DIMS = (64, 128)
 _CUDA_SELECT_MAX_GROUP = 16
 
