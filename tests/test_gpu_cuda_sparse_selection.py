@@ -349,10 +349,10 @@ def test_auto_dispatch_follows_the_measured_choice_and_the_override(monkeypatch)
     monkeypatch.setattr(ops, "_select_blocks_triton", spy)
     case = Case("tiny", torch.float16, [700, 90], seed=6)
     q, treq, pos = case.queries([1, 2, 1], [699, 89, 300])
-    monkeypatch.setattr(ops, "_cuda_selection_faster", lambda *args: True)
+    monkeypatch.setitem(ops.CUDA_FASTER, "select_blocks", True)
     assert torch.equal(case.select(q, treq, pos, 64, None), case.select(q, treq, pos, 64, "cuda"))
     assert calls == []
-    monkeypatch.setattr(ops, "_cuda_selection_faster", lambda *args: False)
+    monkeypatch.setitem(ops.CUDA_FASTER, "select_blocks", False)
     case.select(q, treq, pos, 64, None)
     assert calls == ["triton"]
     monkeypatch.setenv("SALA_SGLANG_KERNELS", "cuda")

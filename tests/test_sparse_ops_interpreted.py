@@ -159,16 +159,3 @@ def test_auto_dispatch_follows_the_measured_choice_and_the_override(monkeypatch)
     assert _cuda.choose_cuda("op", "cuda", cuda, False, fits)  # an explicit impl wins
     with pytest.raises(ValueError, match="op: impl='cuda' cannot run: width too large"):
         _cuda.choose_cuda("op", "cuda", cuda, True, too_big)
-
-
-def test_selection_takes_cuda_only_where_it_was_measured_faster(monkeypatch) -> None:
-    import torch
-
-    from sala_sglang.ops import sparse
-
-    monkeypatch.setattr(sparse, "_multiprocessors", lambda device: 132)  # an H100
-    gpu = torch.device("cuda", 0)
-    assert sparse._cuda_selection_faster(8192, 2, 2048, gpu)  # a 128K prefill chunk
-    assert not sparse._cuda_selection_faster(8192, 2, 8192, gpu)  # 512K: Triton was 2x faster
-    assert not sparse._cuda_selection_faster(32, 2, 2048, gpu)  # a decode batch
-    assert not sparse._cuda_selection_faster(520, 2, 2048, gpu)  # too few 8-token CTAs

@@ -26,39 +26,14 @@ import triton.language as tl
 from sala_sglang.ops import _cuda
 
 # Which kernel each op runs when both can (impl=None), from one H100 run of
-# benchmarks/kernels/sparse_attention.py and sparse_compress.py on the same inputs (bf16, released
-# geometry; results/kernels_sparse_cuda2_h100.json, kernels_sparse_compress_h100.json):
-#   compression: CUDA 7.4 vs Triton 20.9 us per 8192-token chunk, 3.5 vs 17.3 us per decode step;
-#   attention: CUDA 13.1 / 15.0 / 15.2 vs Triton 6.4 / 7.1 / 10.0 ms per 8192-token chunk at
-#   32K / 128K / 512K; decode 0.025 / 0.041 / 0.108 vs 0.031 / 0.047 / 0.104 ms at batch 1 / 8 / 32
-#   (6 us at most per layer and step: not worth a second kernel in the decode path);
-#   selection: see `_cuda_selection_faster`.
-CUDA_FASTER = {"compress_new_windows": True, "block_sparse_attention": False}
-# The fused CUDA selection wins when it can score 8 tokens per CTA and keep their block scores in
-# shared memory: an 8192-token chunk 1.65 vs 3.30 ms at 32K, 6.74 vs 10.77 ms at 128K (width
-# 2048 blocks). At 512K (width 8192) it fell back to fewer tokens per CTA: 83.5 vs 40.4 ms; a
-# decode batch (one token per request, 1-32 tokens) 0.31-0.36 vs 0.07-0.18 ms.
-CUDA_SELECT_MAX_WIDTH = 2048
-CUDA_SELECT_TOKENS_PER_CTA = 8
-
-
-def _cuda_selection_faster(tokens: int, groups: int, width: int, device: torch.device) -> bool:
-    """Whether the batch fills every SM with 8-token CTAs at a width where that was measured
-    faster than Triton (host-side only)."""
-    ctas = -(-tokens // CUDA_SELECT_TOKENS_PER_CTA) * groups
-    return width <= CUDA_SELECT_MAX_WIDTH and ctas >= _multiprocessors(device)
-
-
-@functools.cache
-def _device_properties(device_index: int):
-    return torch.cuda.get_device_properties(device_index)
-
-
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1 << 30
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _device_properties(index).multi_processor_count
+# benchmarks/kernels/sparse_attention.py and sparse_compress.py on the same inputs (ms, bf16,
+# released geometry; results/kernels_sparse_cuda_h100.json, kernels_sparse_compress_h100.json):
+#   compression: CUDA 7.4 us vs Triton 20.9 us per 8192-token chunk, 3.5 vs 17.3 us per decode step;
+#   selection: CUDA 24.4 vs Triton 11.1 ms at 128K prefill, 0.32 vs 0.07 ms at batch-1 decode;
+#   attention: CUDA 14.0 vs Triton 6.7 ms at 128K prefill, 0.028 / 0.054 / 0.113 vs
+#   0.032 / 0.047 / 0.096 ms at batch 1 / 8 / 32 decode.
+CUDA_FASTER = {"compress_new_windows": True, "select_blocks": False,
+               "block_sparse_attention": False}
 
 
 @triton.jit
@@ -400,8 +375,7 @@ def select_blocks(
     and scores 4 or 8 neighbouring tokens per CTA when there are many; SALA_SGLANG_SELECT_TILE=1/4/8
     forces one token, 4 or 8 per CTA)."""
     if _cuda.choose_cuda(
-        "select_blocks", impl, q,
-        _cuda_selection_faster(q.shape[0], k1.shape[2], max(width, num_selected), q.device),
+        "select_blocks", impl, q, CUDA_FASTER["select_blocks"],
         lambda: "scale must be positive" if scale <= 0 else cuda_selection_unsupported(
             q, k1, req_to_token, token_req, token_pos, kernel_size, kernel_stride, block_size,
             num_selected, max(width, num_selected)),
@@ -431,8 +405,9 @@ def _cuda_selection_smem_bytes(width: int, num_selected: int, dim: int) -> int:
     return ring + align16(4 * width) + align16(8 * num_selected) + 8192
 
 
+@functools.cache
 def _max_shared_memory(device_index: int) -> int:
-    props = _device_properties(device_index)
+    props = torch.cuda.get_device_properties(device_index)
     return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
 
 
