@@ -35,8 +35,8 @@ from sala_sglang.ops import _cuda
 #   32K / 128K / 512K (8 tokens per CTA while their block scores fit in shared memory); decode
 #   0.31-0.36 vs 0.07-0.18 ms. Faster for prefill up to 128K, but not the default: served with
 #   every op on CUDA (SALA_SGLANG_KERNELS=cuda), one fp16 position of the 700-token test prompt
-#   missed the reference by 0.10 (tolerance 0.05; Triton: 0.046), so it waits for that to be
-#   understood, as wip/sparse-next's kernels do.
+#   missed the reference by 0.10 (tolerance 0.05; at most 0.046 with the Triton kernels), so it
+#   waits for that to be understood, as wip/sparse-next's kernels do.
 CUDA_FASTER = {"compress_new_windows": True, "select_blocks": False,
                "block_sparse_attention": False}
 
