@@ -126,6 +126,39 @@ __device__ __forceinline__ uint32_t block_hi(uint32_t score_bits, int b, int qb,
   return (forced ? 0x7F800000u : score_bits) + 1u;
 }
 
+// Where each K1 row of a staged tile of kWT windows starts (elements from the kv head's K1), -1
+// past the n_vis visible windows: one thread per row does the page lookup, so the copy loop that
+// follows does no division.
+template <int kWT>
+__device__ __forceinline__ void locate_k1_rows(int64_t* offsets, int tile, int n_vis, int tid,
+                                               const int32_t* rt_row, const Geometry& geo,
+                                               int ratio) {
+  if (tid < kWT) {
+    const int c = tile * kWT + tid;
+    int64_t offset = -1;
+    if (c < n_vis) {
+      const int block = c / ratio;  // block_size is a multiple of kernel_stride
+      const int64_t page = rt_row[int64_t{block} * geo.block_size] / geo.block_size;
+      offset = page * geo.stride_kp + int64_t{c - block * ratio} * geo.stride_ks;
+    }
+    offsets[tid] = offset;
+  }
+}
+
+// Start the copies of a located tile into its ring slot (rows of kRow elements).
+template <int kWT, int kRow, int kChunks, int kThreads, typename T>
+__device__ __forceinline__ void stage_k1_rows(T* dst, const int64_t* offsets, const T* k1_group,
+                                              int tid) {
+  for (int i = tid; i < kWT * kChunks; i += kThreads) {
+    const int row = i / kChunks;
+    const int chunk = i % kChunks;
+    const int64_t offset = offsets[row];
+    // src_bytes 0 zero-fills the row; the source must still be a valid address
+    const T* src = offset >= 0 ? k1_group + offset + chunk * 8 : k1_group;
+    cp_async16(dst + row * kRow + chunk * 8, src, offset >= 0 ? 16 : 0);
+  }
+}
+
 template <int D, int NW, typename T>
 __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
     const T* __restrict__ q, const T* __restrict__ k1, const int32_t* __restrict__ req_to_token,
@@ -206,31 +239,14 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
   const T* k1_group = k1 + int64_t{g} * geo.stride_kg;
   const int n_tiles = (n_vis + kWT - 1) / kWT;
 
-  // Where each K1 row of a tile starts (elements from k1_group), -1 past the visible windows:
-  // one thread per row does the page lookup, so the copy loop below does no division.
   auto locate_tile = [&](int tile) {
-    if (tid < kWT) {
-      const int c = tile * kWT + tid;
-      int64_t offset = -1;
-      if (c < n_vis) {
-        const int block = c / ratio;  // block_size is a multiple of kernel_stride
-        const int64_t page = rt_row[int64_t{block} * geo.block_size] / geo.block_size;
-        offset = page * geo.stride_kp + int64_t{c - block * ratio} * geo.stride_ks;
-      }
-      row_offset[(tile % kStages) * kWT + tid] = offset;
-    }
+    locate_k1_rows<kWT>(row_offset + (tile % kStages) * kWT, tile, n_vis, tid, rt_row, geo,
+                        ratio);
   };
   auto load_tile = [&](int tile) {
-    T* dst = ring + (tile % kStages) * kWT * kRow;
-    const int64_t* offsets = row_offset + (tile % kStages) * kWT;
-    for (int i = tid; i < kWT * kChunks; i += kThreads) {
-      const int row = i / kChunks;
-      const int chunk = i % kChunks;
-      const int64_t offset = offsets[row];
-      // src_bytes 0 zero-fills the row; the source must still be a valid address
-      const T* src = offset >= 0 ? k1_group + offset + chunk * 8 : k1_group;
-      cp_async16(dst + row * kRow + chunk * 8, src, offset >= 0 ? 16 : 0);
-    }
+    stage_k1_rows<kWT, kRow, kChunks, kThreads>(ring + (tile % kStages) * kWT * kRow,
+                                                row_offset + (tile % kStages) * kWT, k1_group,
+                                                tid);
   };
 
   // This warp's 16 windows of the tile in shared memory -> logits (log2 units) of rows
@@ -624,27 +640,13 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
     const int n_tiles = (sweep_vis + kWT - 1) / kWT;
 
     auto locate_tile = [&](int tile) {
-      if (tid < kWT) {
-        const int c = tile * kWT + tid;
-        int64_t offset = -1;
-        if (c < sweep_vis) {
-          const int block = c / ratio;
-          const int64_t page = rt_row[int64_t{block} * geo.block_size] / geo.block_size;
-          offset = page * geo.stride_kp + int64_t{c - block * ratio} * geo.stride_ks;
-        }
-        row_offset[(tile % kStages) * kWT + tid] = offset;
-      }
+      locate_k1_rows<kWT>(row_offset + (tile % kStages) * kWT, tile, sweep_vis, tid, rt_row, geo,
+                          ratio);
     };
     auto load_tile = [&](int tile) {
-      T* dst = ring + (tile % kStages) * kWT * kRow;
-      const int64_t* offsets = row_offset + (tile % kStages) * kWT;
-      for (int i = tid; i < kWT * kChunks; i += kThreads) {
-        const int row = i / kChunks;
-        const int chunk = i % kChunks;
-        const int64_t offset = offsets[row];
-        const T* src = offset >= 0 ? k1_group + offset + chunk * 8 : k1_group;
-        cp_async16(dst + row * kRow + chunk * 8, src, offset >= 0 ? 16 : 0);
-      }
+      stage_k1_rows<kWT, kRow, kChunks, kThreads>(ring + (tile % kStages) * kWT * kRow,
+                                                  row_offset + (tile % kStages) * kWT, k1_group,
+                                                  tid);
     };
     // the staged tile's kWT windows -> this token's raw q.k (times scale_log2 where used, fused
     // into the exp2 argument; the tile max is taken before scaling, which commutes with a
