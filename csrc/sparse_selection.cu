@@ -159,6 +159,36 @@ __device__ __forceinline__ void stage_k1_rows(T* dst, const int64_t* offsets, co
   }
 }
 
+// Streams n_tiles K1 tiles through a kStages-deep cp.async ring and calls body(tile) once each
+// tile is in shared memory (when score; a CTA's idle warps still copy and meet the barriers).
+// locate(tile) writes a tile's row offsets one barrier before load(tile) reads them; one barrier
+// per tile.
+template <int kStages, typename Locate, typename Load, typename Body>
+__device__ __forceinline__ void ring_sweep(int n_tiles, bool score, Locate&& locate, Load&& load,
+                                           Body&& body) {
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_tiles) locate(s);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_tiles) load(s);
+    cp_async_commit();
+  }
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int next = tile + kStages - 1;
+    if (next < n_tiles) locate(next);
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile is in; every warp is done with the slot refilled next
+    if (next < n_tiles) load(next);
+    cp_async_commit();
+    if (score) body(tile);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+}
+
 template <int D, int NW, typename T>
 __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
     const T* __restrict__ q, const T* __restrict__ k1, const int32_t* __restrict__ req_to_token,
@@ -276,30 +306,8 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
     }
   };
 
-  // Multi-stage ring over the visible windows; one barrier per tile.
-  // Row offsets of a tile are written one barrier before its copies read them.
   auto sweep = [&](auto&& body) {
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < n_tiles) locate_tile(s);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < n_tiles) load_tile(s);
-      cp_async_commit();
-    }
-    for (int tile = 0; tile < n_tiles; ++tile) {
-      const int next = tile + kStages - 1;
-      if (next < n_tiles) locate_tile(next);
-      cp_async_wait<kStages - 2>();
-      __syncthreads();  // tile is in; every warp is done with the slot refilled next
-      if (next < n_tiles) load_tile(next);
-      cp_async_commit();
-      body(tile);
-    }
-    cp_async_wait<0>();
-    __syncthreads();
+    ring_sweep<kStages>(n_tiles, true, locate_tile, load_tile, body);
   };
 
   // ---- pass 1: per-head softmax max and sum (log2 units) ----
@@ -670,29 +678,9 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
         }
       }
     };
-    // the ring as in the per-token kernel; warps not in this sweep copy and wait but score nothing
+    // warps not in this sweep copy and wait but score nothing
     auto sweep = [&](auto&& body) {
-#pragma unroll
-      for (int s = 0; s < kStages - 1; ++s) {
-        if (s < n_tiles) locate_tile(s);
-      }
-      __syncthreads();
-#pragma unroll
-      for (int s = 0; s < kStages - 1; ++s) {
-        if (s < n_tiles) load_tile(s);
-        cp_async_commit();
-      }
-      for (int tile = 0; tile < n_tiles; ++tile) {
-        const int next = tile + kStages - 1;
-        if (next < n_tiles) locate_tile(next);
-        cp_async_wait<kStages - 2>();
-        __syncthreads();
-        if (next < n_tiles) load_tile(next);
-        cp_async_commit();
-        if (active) body(tile);
-      }
-      cp_async_wait<0>();
-      __syncthreads();
+      ring_sweep<kStages>(n_tiles, active, locate_tile, load_tile, body);
     };
 
     // ---- pass 1: this token's per-head softmax max and sum (log2 units) ----
