@@ -11,7 +11,7 @@
 # model in benchmarks/plot_long_context.py, the newest point of a length winning:
 #   sweep-sala-short (32K-256K, then bench_serving: 16 prompts of 32K-128K, concurrency 8 and
 #   unlimited)  sweep-sala-long (512K, 1M)  sweep-dense (32K-512K)  serving-dense (bench_serving)
-#   compare (both models at 64K-256K in one call, on one machine)
+#   compare-sala, compare-dense (both models at 64K-256K, back to back on one machine)
 set -uo pipefail
 out="${OUT:-gpu-logs}"
 mkdir -p "$out"
@@ -49,16 +49,18 @@ for part in "$@"; do
                              --concurrency --tag long_context_sala_long ;;
         sweep-dense) run "$part" long_context "${DENSE[@]}" --lengths 32768 65536 131072 262144 \
                          524288 --concurrency --tag long_context_qwen3-8b_flashinfer ;;
-        # Both models back to back on one machine, so the ratios come from one run (about 9 of
-        # the 10 minutes a device call may take).
-        compare) run compare-sala long_context --model sala --lengths 65536 131072 262144 \
-                     --concurrency --tag long_context_compare_sala
-                 run compare-dense long_context "${DENSE[@]}" --lengths 65536 131072 262144 \
-                     --concurrency --tag long_context_compare_qwen3-8b ;;
+        # Both models at 64K-256K on one machine, for ratios from one run: the SALA part took
+        # 267 s, the dense part more than the rest of a 10-minute call (its server alone 211 s),
+        # so run them in back-to-back calls while the machine is still held.
+        compare-sala) run "$part" long_context --model sala --lengths 65536 131072 262144 \
+                          --concurrency --tag long_context_compare_sala ;;
+        compare-dense) run "$part" long_context "${DENSE[@]}" --lengths 65536 131072 262144 \
+                           --concurrency --tag long_context_compare_qwen3-8b ;;
         serving-dense) run "$part" long_context "${DENSE[@]}" --lengths --concurrency 8 0 \
                            --serving-prompts 16 --tag long_context_qwen3-8b_serving ;;
         *) echo "unknown part: $part (ops, http, serving-graph, serving-other, soak, profile," \
-                "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare, serving-cuda)"
+                "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare-sala," \
+                "compare-dense, serving-cuda)"
            exit 2 ;;
     esac
 done

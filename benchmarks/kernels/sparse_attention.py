@@ -9,7 +9,7 @@
   (FlashInfer fa2/fa3, PyTorch flash SDPA) over the whole context as the no-sparsity anchor.
   "ours" is the Triton kernel (as on main); where `sala_sglang._C` is built, its row also times the
   CUDA op (csrc/sparse_attention.cu) on the same inputs: cuda_ms, cuda_speedup (Triton ms / CUDA
-  ms), cuda_rel_err_vs_ours, cuda_ref_rel_err. The layer rows run the Triton kernel.
+  ms), cuda_rel_err_vs_ours, cuda_ref_rel_err. The layer rows run what serving dispatches to.
 
 Prefill = the last 8192-token chunk of a 32K/128K/512K prompt (what chunked prefill runs), one
 request, every token sparse. Decode = batch 1/8/32 of 128K-token requests, one query each, timed
@@ -30,6 +30,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -330,16 +331,9 @@ def bench_selection(rec: Record, inp: SparseInputs, case: str, scale: float, spl
                 speedup_vs_triton=round(ours["ms"] / t["ms"], 2))
         # the CUDA kernel's variants, forced: one token per CTA, or 4 / 8 tokens per CTA
         for tile in ("1", "4", "8"):
-            saved = os.environ.get(SELECT_TILE_ENV)
-            os.environ[SELECT_TILE_ENV] = tile
-            try:
+            with mock.patch.dict(os.environ, {SELECT_TILE_ENV: tile}):
                 tile_sel = cuda_fn()
                 t = timed_row(cuda_fn, iters)
-            finally:
-                if saved is None:
-                    os.environ.pop(SELECT_TILE_ENV, None)
-                else:
-                    os.environ[SELECT_TILE_ENV] = saved
             rec.add(section="select", case=case, impl=f"ours cuda tile {tile}", **t, flops=flops,
                     overlap_with_ours=overlap(tile_sel, sel, width),
                     speedup_vs_triton=round(ours["ms"] / t["ms"], 2))
