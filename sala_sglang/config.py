@@ -200,17 +200,18 @@ class SparseConfig:
 
     def num_k1(self, length: int) -> int:
         """Complete K1 windows over `length` cached keys."""
-        return _num_windows(length, self.kernel_size, self.kernel_stride)
+        return complete_windows(length, self.kernel_size, self.kernel_stride)
 
     def num_k2(self, length: int) -> int:
         """Complete K2 windows over `length` cached keys."""
-        return _num_windows(length, self.k2_kernel_size, self.k2_kernel_stride)
+        return complete_windows(length, self.k2_kernel_size, self.k2_kernel_stride)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in SPARSE_CONFIG_KEYS}
 
 
-def _num_windows(length: int, size: int, stride: int) -> int:
+def complete_windows(length: int, size: int, stride: int) -> int:
+    """Windows of `size` keys, `stride` apart, that lie wholly within `length` keys."""
     return 0 if length < size else (length - size) // stride + 1
 
 

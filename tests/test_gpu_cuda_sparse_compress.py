@@ -17,6 +17,8 @@ from cuda_extension import ON_GPU, child_stdout, needs_extension
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels"))
 from sparse_inputs import paged_cache  # noqa: E402
 
+from sala_sglang.config import complete_windows  # noqa: E402
+
 pytestmark = ON_GPU
 
 GROUPS = 2
@@ -32,7 +34,7 @@ class Geometry:
     dim: int
 
     def windows(self, length: int) -> int:
-        return (length - self.kernel) // self.stride + 1 if length >= self.kernel else 0
+        return complete_windows(length, self.kernel, self.stride)
 
     @property
     def rows(self) -> int:

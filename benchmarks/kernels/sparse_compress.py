@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import RESULTS, gpu_time_ms, header, measured_peaks, write_result  # noqa: E402
 
-from sala_sglang.config import MiniCPMSALAConfig  # noqa: E402
+from sala_sglang.config import MiniCPMSALAConfig, complete_windows  # noqa: E402
 from sala_sglang.ops import _cuda  # noqa: E402
 from sala_sglang.ops import sparse as ops  # noqa: E402
 
@@ -50,7 +50,7 @@ class Compression:
     stride: int
 
     def windows(self, length: int) -> int:
-        return (length - self.kernel) // self.stride + 1 if length >= self.kernel else 0
+        return complete_windows(length, self.kernel, self.stride)
 
 
 @dataclass
