@@ -93,11 +93,19 @@ def test_entries_that_do_not_line_up_are_refused(setup) -> None:
 
 
 def _noisy_answer(reference, prompt: list[int], answer: dict, q_noise: float, seed: int) -> dict:
-    """`answer` with every logprob taken from the reference under stage-1 noise (seed)."""
+    """`answer` as the reference gives it under stage-1 noise (seed)."""
+    from sala_sglang.served_check import _noisy_stage1
+
+    return _answer_from(reference, prompt, answer, _noisy_stage1(q_noise, seed))
+
+
+def _answer_from(reference, prompt: list[int], answer: dict, stage1) -> dict:
+    """`answer` with every logprob taken from the reference with its block scoring passed
+    through `stage1`."""
     from sala_sglang.served_check import _reference_logprobs
 
     sequence = prompt + answer["output_ids"]
-    _, logprobs = _reference_logprobs(reference, sequence, len(prompt), q_noise, seed)
+    _, logprobs = _reference_logprobs(reference, sequence, len(prompt), stage1)
     noisy = {**answer, "meta_info": {**answer["meta_info"]}}
     # entry j (of the whole sequence) scores token j given tokens < j: reference row j - 1
     for key, first in (("input_token_logprobs", 0), ("output_token_logprobs", len(prompt))):
@@ -126,3 +134,32 @@ def test_rounding_sized_selection_misses_are_excused_within_the_noise_count(spar
                                  q_noise=noise, trials=4)
     assert report["noisy_reference_misses"] > 0, report
     assert 0 < report["selection_excused"] <= report["noisy_reference_misses"], report
+
+
+def test_a_miss_that_one_near_tie_taken_the_other_way_explains_is_excused(sparse_setup) -> None:
+    # At position 184 of this prompt the reference picks block 3 over block 4 at an exact tie
+    # (they share their best window); taking it the other way moves that row's logprob past
+    # LOGPROB_TOL. An answer computed that way is what a kernel that rounds the tie the other
+    # way serves: excused, and the pair named. Off by more, the same row is reported.
+    from sala_sglang.served_check import _near_tie_swaps, _swapped_stage1
+
+    reference, prompt, answer = sparse_setup
+    sequence = prompt + answer["output_ids"]
+    swap = (184, 0, 0, 3, 4, 0.0)
+    assert swap in _near_tie_swaps(reference, sequence, len(prompt), [184], rel=0.0)
+    swapped = _answer_from(reference, prompt, answer, _swapped_stage1(*swap[:5]))
+    entry = swapped["meta_info"]["input_token_logprobs"][185]
+    assert abs(entry[0] - answer["meta_info"]["input_token_logprobs"][185][0]) > LOGPROB_TOL
+
+    # q_noise this small moves nothing, so only the near-tie search can excuse the row
+    report = served_vs_reference(reference, prompt, swapped, q_noise=1e-9, trials=1,
+                                 tie_rel=1e-3)
+    assert report["tie_excused"] == 1 and report["near_ties"] == [swap], report
+    assert report["max_logprob_err"] <= LOGPROB_TOL and report["selection_excused"] == 0, report
+
+    entries = [list(e) for e in swapped["meta_info"]["input_token_logprobs"]]
+    entries[185][0] += 3 * LOGPROB_TOL
+    off = {**swapped, "meta_info": {**swapped["meta_info"], "input_token_logprobs": entries}}
+    report = served_vs_reference(reference, prompt, off, q_noise=1e-9, trials=1, tie_rel=1e-3)
+    assert report["tie_excused"] == 0 and report["worst_rows"][0][0] == 184, report
+    assert report["max_logprob_err"] > 2 * LOGPROB_TOL, report
