@@ -115,6 +115,7 @@ struct Geometry {
   int tokens, groups, group_heads;
   int kernel_size, kernel_stride, block_size;
   int init_blocks, local_blocks, num_selected, width;
+  int segment;                               // blocks per segment (token-tiled kernel only)
   float scale_log2;                          // softmax scale * log2(e): exp2 throughout
 };
 
@@ -159,29 +160,29 @@ __device__ __forceinline__ void stage_k1_rows(T* dst, const int64_t* offsets, co
   }
 }
 
-// Streams n_tiles K1 tiles through a kStages-deep cp.async ring and calls body(tile) once each
-// tile is in shared memory (when score; a CTA's idle warps still copy and meet the barriers).
-// locate(tile) writes a tile's row offsets one barrier before load(tile) reads them; one barrier
-// per tile.
+// Streams K1 tiles [first, end) through a kStages-deep cp.async ring and calls body(tile) once
+// each tile is in shared memory (when score; a CTA's idle warps still copy and meet the
+// barriers). locate(tile) writes a tile's row offsets one barrier before load(tile) reads them;
+// one barrier per tile. Nothing is in flight on return.
 template <int kStages, typename Locate, typename Load, typename Body>
-__device__ __forceinline__ void ring_sweep(int n_tiles, bool score, Locate&& locate, Load&& load,
-                                           Body&& body) {
+__device__ __forceinline__ void ring_sweep(int first, int end, bool score, Locate&& locate,
+                                           Load&& load, Body&& body) {
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_tiles) locate(s);
+    if (first + s < end) locate(first + s);
   }
   __syncthreads();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_tiles) load(s);
+    if (first + s < end) load(first + s);
     cp_async_commit();
   }
-  for (int tile = 0; tile < n_tiles; ++tile) {
+  for (int tile = first; tile < end; ++tile) {
     const int next = tile + kStages - 1;
-    if (next < n_tiles) locate(next);
+    if (next < end) locate(next);
     cp_async_wait<kStages - 2>();
     __syncthreads();  // tile is in; every warp is done with the slot refilled next
-    if (next < n_tiles) load(next);
+    if (next < end) load(next);
     cp_async_commit();
     if (score) body(tile);
   }
@@ -307,7 +308,7 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
   };
 
   auto sweep = [&](auto&& body) {
-    ring_sweep<kStages>(n_tiles, true, locate_tile, load_tile, body);
+    ring_sweep<kStages>(0, n_tiles, true, locate_tile, load_tile, body);
   };
 
   // ---- pass 1: per-head softmax max and sum (log2 units) ----
@@ -494,12 +495,20 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
 // top-k, so nothing is merged across warps. Tokens of a tile that belong to different requests
 // (a request's first or last tokens) are swept one request at a time.
 //
+// Block scores are kept for one segment of `segment` blocks at a time: the second pass sweeps
+// the windows of a segment's blocks, and each warp merges the segment's blocks into its token's
+// running num_selected best. So shared memory does not grow with the context: at 512K (8192
+// blocks) 8 scores rows of the whole width would leave one CTA of 4 warps per SM. The result is
+// the same for any segment length: scores are exact per block, and the merge keeps the order
+// (score desc, block asc).
+//
 // Dynamic shared memory:
 //   max(K1 ring, TT * (1024 + align16(8 * num_selected)))
 //       the ring (kTiledStages * kTiledWindows * (D + 8) * 2) while sweeping; each warp's radix
 //       histogram and chosen keys while selecting (no copy is in flight then: each sweep ends
 //       with cp.async.wait_group 0 and a barrier, and the next starts after one)
-//   + TT * align16(4 * width)        block scores, one row per token
+//   + TT * align16(8 * num_selected) each warp's best keys so far, sorted (kept across segments)
+//   + TT * align16(4 * segment)      block scores of the current segment, one row per token
 //   + tiled_scratch_bytes(TT)        row offsets, tile bookkeeping
 
 constexpr int kTiledWindows = 32;  // windows per staged tile: 4 n8 tiles per warp
@@ -523,14 +532,18 @@ __host__ __device__ constexpr int64_t tiled_union_bytes(int tt, int64_t num_sele
 }
 
 __host__ __device__ constexpr int64_t tiled_scratch_bytes(int tt) {
-  return align16(int64_t{kTiledStages} * kTiledWindows * 8 + int64_t{3} * tt * 4);
+  return align16(int64_t{kTiledStages} * kTiledWindows * 8 + int64_t{4} * tt * 4);
 }
 
 template <int D, int TT>
-int64_t tiled_smem_bytes(int64_t width, int64_t num_selected) {
-  return tiled_union_bytes<D>(TT, num_selected) + TT * align16(4 * width) +
-         tiled_scratch_bytes(TT);
+int64_t tiled_smem_bytes(int64_t segment, int64_t num_selected) {
+  return tiled_union_bytes<D>(TT, num_selected) + TT * align16(8 * num_selected) +
+         TT * align16(4 * segment) + tiled_scratch_bytes(TT);
 }
+
+// Blocks per segment: the 128K width, where 8-token CTAs measured fastest, two per SM (D 128:
+// 105 KB each).
+constexpr int64_t kTiledSegmentBlocks = 2048;
 
 // Register cap from the CTAs per SM that shared memory allows at 128K context (width 2048,
 // D 128): three of 4 warps, two of 8.
@@ -552,15 +565,18 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
   constexpr uint32_t kFull = 0xffffffffu;
 
   extern __shared__ __align__(16) unsigned char smem[];
-  const int64_t score_row = align16(4 * int64_t{geo.width});  // bytes per token
+  const int64_t score_row = align16(4 * int64_t{geo.segment});  // bytes per token
+  const int64_t best_row = align16(8 * int64_t{geo.num_selected});
   const int64_t union_bytes = tiled_union_bytes<D>(TT, geo.num_selected);
   T* ring = reinterpret_cast<T*>(smem);
-  unsigned char* scores_all = smem + union_bytes;
+  unsigned char* best_all = smem + union_bytes;
+  unsigned char* scores_all = best_all + TT * best_row;
   int64_t* row_offset =
       reinterpret_cast<int64_t*>(scores_all + TT * score_row);                // [stages][kWT]
   int* tile_req = reinterpret_cast<int*>(row_offset + kStages * kWT);         // [TT]
   int* tile_nvis = tile_req + TT;                                             // [TT]
-  int* tile_pending = tile_nvis + TT;                                         // [TT]
+  int* tile_nelig = tile_nvis + TT;                                           // [TT]
+  int* tile_pending = tile_nelig + TT;                                        // [TT]
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -571,6 +587,7 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
   const int64_t t = int64_t{blockIdx.x / geo.groups} * TT + warp;
   const bool in_range = t < geo.tokens;
   uint32_t* scores = reinterpret_cast<uint32_t*>(scores_all + warp * score_row);
+  uint64_t* best = reinterpret_cast<uint64_t*>(best_all + warp * best_row);  // sorted, best first
   // selection scratch, overlaying the ring (see the layout above)
   unsigned char* select_scratch = smem + warp * tiled_select_bytes(geo.num_selected);
   uint32_t* hist = reinterpret_cast<uint32_t*>(select_scratch);                    // [256]
@@ -588,6 +605,7 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
   if (lane == 0) {
     tile_req[warp] = req;
     tile_nvis[warp] = n_vis;
+    tile_nelig[warp] = n_elig;
     tile_pending[warp] = in_range ? 1 : 0;
   }
 
@@ -634,9 +652,12 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
     }
     if (leader < 0) break;
     const int sweep_req = tile_req[leader];
-    int sweep_vis = 0;
+    int sweep_vis = 0, sweep_elig = 0;
     for (int w = 0; w < TT; ++w) {
-      if (tile_pending[w] && tile_req[w] == sweep_req) sweep_vis = max(sweep_vis, tile_nvis[w]);
+      if (tile_pending[w] && tile_req[w] == sweep_req) {
+        sweep_vis = max(sweep_vis, tile_nvis[w]);
+        sweep_elig = max(sweep_elig, tile_nelig[w]);
+      }
     }
     const bool active = pending && req == sweep_req;
     __syncthreads();  // every thread has read tile_pending before it changes
@@ -679,15 +700,15 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
       }
     };
     // warps not in this sweep copy and wait but score nothing
-    auto sweep = [&](auto&& body) {
-      ring_sweep<kStages>(n_tiles, active, locate_tile, load_tile, body);
+    auto sweep = [&](int first, int end, auto&& body) {
+      ring_sweep<kStages>(first, end, active, locate_tile, load_tile, body);
     };
 
     // ---- pass 1: this token's per-head softmax max and sum (log2 units) ----
     float m[2] = {-INFINITY, -INFINITY};
     float l[2] = {0.f, 0.f};
     // Tiles wholly inside the token's windows (all but its last) skip the per-window masks.
-    sweep([&](int tile) {
+    sweep(0, n_tiles, [&](int tile) {
       float acc[kN][4];
       score_tile(tile, acc);
       const int c0 = tile * kWT + 2 * quad_col;
@@ -745,167 +766,194 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
     }
     const float m_lo = m_row[0], il_lo = live_lo ? il_row[0] : 0.f;
     const float m_hi = m_row[1], il_hi = live_hi ? il_row[1] : 0.f;
-    if (active) {
-      for (int b = lane; b < n_elig; b += 32) scores[b] = 0u;
-      __syncwarp();
+    // ---- pass 2, a segment of blocks at a time: the group probability of each window,
+    // max-pooled into its blocks [b0, b1), then merged into the token's best keys ----
+    const int init_blocks = geo.init_blocks, local_blocks = geo.local_blocks;
+    const int k = geo.num_selected;
+    const uint32_t lanes_below = (1u << lane) - 1u;
+    int n_best = 0;  // keys in `best`
+    for (int b0 = 0; b0 < sweep_elig; b0 += geo.segment) {
+      const int b1 = min(b0 + geo.segment, sweep_elig);
+      // block b pools windows [ratio * b - 1, ratio * b + ratio)
+      const int c_lo = max(0, ratio * b0 - 1);
+      const int c_hi = min(sweep_vis, ratio * b1);
+      const int first = c_lo / kWT;
+      const int end = c_hi > c_lo ? (c_hi - 1) / kWT + 1 : first;
+      const int n_seg = max(0, min(b1, n_elig) - b0);  // this token's blocks in the segment
+      if (active) {
+        for (int i = lane; i < n_seg; i += 32) scores[i] = 0u;
+        __syncwarp();
+      }
+      sweep(first, end, [&](int tile) {
+        float acc[kN][4];
+        score_tile(tile, acc);
+        const int c0 = tile * kWT + 2 * quad_col;
+        // v[2n + e]: this lane's head rows' share of window c0 + 8n + e
+        float v[8];
+        auto shares = [&](auto whole) {
+          constexpr bool kWhole = decltype(whole)::value;
+#pragma unroll
+          for (int n = 0; n < kN; ++n) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float p = 0.f;
+              if (kWhole || c0 + 8 * n + e < n_vis) {
+                if (live_lo) p = exp2f(fmaf(acc[n][e], scale_log2, -m_lo)) * il_lo;
+                if (live_hi) p += exp2f(fmaf(acc[n][2 + e], scale_log2, -m_hi)) * il_hi;
+              }
+              v[2 * n + e] = p;
+            }
+          }
+        };
+        if ((tile + 1) * kWT <= n_vis) {
+          shares(std::true_type{});
+        } else {
+          shares(std::false_type{});
+        }
+        // Sum each window over the 8 quad rows as a reduce-scatter: at each step a lane keeps
+        // half of its values and adds its partner's share of them, so quad row r ends with the
+        // one sum v[r] (7 shuffles instead of 3 per window), and one atomic instruction pools
+        // all 32.
+        const bool r2 = (quad_row & 4) != 0, r1 = (quad_row & 2) != 0, r0 = (quad_row & 1) != 0;
+        float w[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float give = r2 ? v[i] : v[i + 4];
+          w[i] = (r2 ? v[i + 4] : v[i]) + __shfl_xor_sync(kFull, give, 16);
+        }  // w[i]: j = i + 4 * r2
+        float x[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const float give = r1 ? w[i] : w[i + 2];
+          x[i] = (r1 ? w[i + 2] : w[i]) + __shfl_xor_sync(kFull, give, 8);
+        }  // x[i]: j = i + 2 * r1 + 4 * r2
+        const float give_last = r0 ? x[0] : x[1];
+        const float mine = (r0 ? x[1] : x[0]) + __shfl_xor_sync(kFull, give_last, 4);  // j = r
+        const int my_c = c0 + 8 * (quad_row / 2) + quad_row % 2;
+        if (my_c < n_vis) {
+          // this segment's part of [0, n_elig): blocks b0 + [0, n_seg)
+          const int b = (my_c + 1) / ratio - b0;
+          const uint32_t bits = __float_as_uint(mine);
+          if (b >= 0 && b < n_seg) atomicMax(&scores[b], bits);
+          if ((my_c + 1) % ratio == 0 && b >= 1 && b - 1 < n_seg) {
+            atomicMax(&scores[b - 1], bits);
+          }
+        }
+      });
+
+      // ---- merge (one warp per token): the k largest keys (hi desc, block asc) among the
+      // best so far and the segment's blocks. Items i < n_best are the best keys, sorted; the
+      // rest are blocks b0 + i - n_best, all above every earlier block, so taking items with
+      // equal hi in item order takes the lower blocks first. ----
+      if (active) {
+        __syncwarp();  // this warp's pooling is complete
+        const int n_items = n_best + n_seg;
+        auto key_of = [&](int i) -> uint64_t {
+          if (i < n_best) return best[i];
+          const int b = b0 + i - n_best;
+          const uint32_t hi = block_hi(scores[i - n_best], b, qb, init_blocks, local_blocks);
+          return (static_cast<uint64_t>(hi) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(b));
+        };
+        auto hi_of = [&](int i) { return static_cast<uint32_t>(key_of(i) >> 32); };
+        int n_chosen = n_items;
+        if (n_items <= k) {
+          for (int i = lane; i < n_items; i += 32) chosen[i] = key_of(i);
+        } else {
+          n_chosen = k;
+          uint32_t prefix = 0u, mask = 0u;
+          int remaining = k;  // rank, among the keys matching prefix, of the k-th largest
+          for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int i = lane; i < 256; i += 32) hist[i] = 0u;
+            __syncwarp();
+            for (int base = 0; base < n_items; base += 32) {
+              const int i = base + lane;
+              const uint32_t h = i < n_items ? hi_of(i) : 0u;
+              const bool in = i < n_items && (h & mask) == prefix;
+              const uint32_t digit = (h >> shift) & 255u;
+              const uint32_t in_lanes = __ballot_sync(kFull, in);
+              // one atomic per distinct digit: the top digits of similar scores mostly coincide
+              if (in) {
+                const uint32_t peers = __match_any_sync(in_lanes, digit);
+                if (lane == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
+              }
+            }
+            __syncwarp();
+            // lane j holds bins [8j, 8j + 8); the digit is where the count from the top reaches
+            // `remaining`
+            uint32_t bins[8];
+            uint32_t own = 0u;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+              bins[j] = hist[8 * lane + j];
+              own += bins[j];
+            }
+            uint32_t from_here = own;  // keys with digit >= 8 * lane
+#pragma unroll
+            for (int off = 1; off < 32; off *= 2) {
+              const uint32_t v = __shfl_down_sync(kFull, from_here, off);
+              if (lane + off < 32) from_here += v;
+            }
+            const uint32_t above = from_here - own;  // keys with digit >= 8 * (lane + 1)
+            const uint32_t want = static_cast<uint32_t>(remaining);
+            const bool crossing = above < want && want <= from_here;
+            int digit_found = 0, rest = 0;
+            if (crossing) {
+              uint32_t cum = above;
+#pragma unroll
+              for (int j = 7; j >= 0; --j) {
+                if (cum + bins[j] >= want) {
+                  digit_found = 8 * lane + j;
+                  rest = static_cast<int>(want - cum);
+                  break;
+                }
+                cum += bins[j];
+              }
+            }
+            const int src = __ffs(__ballot_sync(kFull, crossing)) - 1;
+            digit_found = __shfl_sync(kFull, digit_found, src);
+            rest = __shfl_sync(kFull, rest, src);
+            prefix |= static_cast<uint32_t>(digit_found) << shift;
+            mask |= 255u << shift;
+            remaining = rest;
+            __syncwarp();  // the histogram is cleared for the next digit
+          }
+          const uint32_t kth = prefix;
+          const int take_equal = remaining;  // the first items (lowest blocks) with hi == kth
+          const int n_greater = k - take_equal;
+          int greater_before = 0, equal_before = 0;
+          for (int base = 0; base < n_items; base += 32) {
+            const int i = base + lane;
+            const uint32_t h = i < n_items ? hi_of(i) : 0u;
+            const bool greater = i < n_items && h > kth;
+            const bool equal = i < n_items && h == kth;
+            const uint32_t greater_lanes = __ballot_sync(kFull, greater);
+            const uint32_t equal_lanes = __ballot_sync(kFull, equal);
+            if (greater) chosen[greater_before + __popc(greater_lanes & lanes_below)] = key_of(i);
+            const int rank_equal = equal_before + __popc(equal_lanes & lanes_below);
+            if (equal && rank_equal < take_equal) chosen[n_greater + rank_equal] = key_of(i);
+            greater_before += __popc(greater_lanes);
+            equal_before += __popc(equal_lanes);
+          }
+        }
+        __syncwarp();  // `chosen` is complete
+        // rank sort into `best` (keys are distinct: blocks are), best first
+        for (int i = lane; i < n_chosen; i += 32) {
+          const uint64_t key = chosen[i];
+          int rank = 0;
+          for (int j = 0; j < n_chosen; ++j) rank += chosen[j] > key;
+          best[rank] = key;
+        }
+        n_best = n_chosen;
+        __syncwarp();  // `best` is complete before the next merge or the output reads it
+      }
     }
 
-    // ---- pass 2: group probability of each window, max-pooled into its blocks ----
-    sweep([&](int tile) {
-      float acc[kN][4];
-      score_tile(tile, acc);
-      const int c0 = tile * kWT + 2 * quad_col;
-      // v[2n + e]: this lane's head rows' share of window c0 + 8n + e
-      float v[8];
-      auto shares = [&](auto whole) {
-        constexpr bool kWhole = decltype(whole)::value;
-#pragma unroll
-        for (int n = 0; n < kN; ++n) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float p = 0.f;
-            if (kWhole || c0 + 8 * n + e < n_vis) {
-              if (live_lo) p = exp2f(fmaf(acc[n][e], scale_log2, -m_lo)) * il_lo;
-              if (live_hi) p += exp2f(fmaf(acc[n][2 + e], scale_log2, -m_hi)) * il_hi;
-            }
-            v[2 * n + e] = p;
-          }
-        }
-      };
-      if ((tile + 1) * kWT <= n_vis) {
-        shares(std::true_type{});
-      } else {
-        shares(std::false_type{});
-      }
-      // Sum each window over the 8 quad rows as a reduce-scatter: at each step a lane keeps half
-      // of its values and adds its partner's share of them, so quad row r ends with the one sum
-      // v[r] (7 shuffles instead of 3 per window), and one atomic instruction pools all 32.
-      const bool r2 = (quad_row & 4) != 0, r1 = (quad_row & 2) != 0, r0 = (quad_row & 1) != 0;
-      float w[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float give = r2 ? v[i] : v[i + 4];
-        w[i] = (r2 ? v[i + 4] : v[i]) + __shfl_xor_sync(kFull, give, 16);
-      }  // w[i]: j = i + 4 * r2
-      float x[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const float give = r1 ? w[i] : w[i + 2];
-        x[i] = (r1 ? w[i + 2] : w[i]) + __shfl_xor_sync(kFull, give, 8);
-      }  // x[i]: j = i + 2 * r1 + 4 * r2
-      const float give_last = r0 ? x[0] : x[1];
-      const float mine = (r0 ? x[1] : x[0]) + __shfl_xor_sync(kFull, give_last, 4);  // j = r
-      const int my_c = c0 + 8 * (quad_row / 2) + quad_row % 2;
-      if (my_c < n_vis) {
-        const int b = (my_c + 1) / ratio;
-        const uint32_t bits = __float_as_uint(mine);
-        if (b < n_elig) atomicMax(&scores[b], bits);
-        if ((my_c + 1) % ratio == 0 && b >= 1 && b - 1 < n_elig) atomicMax(&scores[b - 1], bits);
-      }
-    });
-
-    // ---- select (one warp per token): the num_selected largest keys (hi desc, block asc) ----
     if (active) {
-      __syncwarp();  // this warp's pooling is complete
-      const int k = geo.num_selected;
-      const int init_blocks = geo.init_blocks, local_blocks = geo.local_blocks;
-      const uint32_t lanes_below = (1u << lane) - 1u;
-      auto hi_of = [&](int b) {
-        return block_hi(scores[b], b, qb, init_blocks, local_blocks);
-      };
-      auto key_of = [&](int b) {
-        return (static_cast<uint64_t>(hi_of(b)) << 32) |
-               (0xFFFFFFFFu - static_cast<uint32_t>(b));
-      };
-      int n_chosen = n_elig;
-      if (n_elig <= k) {
-        for (int b = lane; b < n_elig; b += 32) chosen[b] = key_of(b);
-      } else {
-        n_chosen = k;
-        uint32_t prefix = 0u, mask = 0u;
-        int remaining = k;  // rank, among the keys matching prefix, of the k-th largest
-        for (int shift = 24; shift >= 0; shift -= 8) {
-          for (int i = lane; i < 256; i += 32) hist[i] = 0u;
-          __syncwarp();
-          for (int base = 0; base < n_elig; base += 32) {
-            const int b = base + lane;
-            const uint32_t h = b < n_elig ? hi_of(b) : 0u;
-            const bool in = b < n_elig && (h & mask) == prefix;
-            const uint32_t digit = (h >> shift) & 255u;
-            const uint32_t in_lanes = __ballot_sync(kFull, in);
-            // one atomic per distinct digit: the top digits of similar scores mostly coincide
-            if (in) {
-              const uint32_t peers = __match_any_sync(in_lanes, digit);
-              if (lane == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
-            }
-          }
-          __syncwarp();
-          // lane j holds bins [8j, 8j + 8); the digit is where the count from the top reaches
-          // `remaining`
-          uint32_t bins[8];
-          uint32_t own = 0u;
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            bins[j] = hist[8 * lane + j];
-            own += bins[j];
-          }
-          uint32_t from_here = own;  // keys with digit >= 8 * lane
-#pragma unroll
-          for (int off = 1; off < 32; off *= 2) {
-            const uint32_t v = __shfl_down_sync(kFull, from_here, off);
-            if (lane + off < 32) from_here += v;
-          }
-          const uint32_t above = from_here - own;  // keys with digit >= 8 * (lane + 1)
-          const uint32_t want = static_cast<uint32_t>(remaining);
-          const bool crossing = above < want && want <= from_here;
-          int digit_found = 0, rest = 0;
-          if (crossing) {
-            uint32_t cum = above;
-#pragma unroll
-            for (int j = 7; j >= 0; --j) {
-              if (cum + bins[j] >= want) {
-                digit_found = 8 * lane + j;
-                rest = static_cast<int>(want - cum);
-                break;
-              }
-              cum += bins[j];
-            }
-          }
-          const int src = __ffs(__ballot_sync(kFull, crossing)) - 1;
-          digit_found = __shfl_sync(kFull, digit_found, src);
-          rest = __shfl_sync(kFull, rest, src);
-          prefix |= static_cast<uint32_t>(digit_found) << shift;
-          mask |= 255u << shift;
-          remaining = rest;
-          __syncwarp();  // the histogram is cleared for the next digit
-        }
-        const uint32_t kth = prefix;
-        const int take_equal = remaining;  // the lowest blocks with hi == kth
-        const int n_greater = k - take_equal;
-        int greater_before = 0, equal_before = 0;
-        for (int base = 0; base < n_elig; base += 32) {
-          const int b = base + lane;
-          const uint32_t h = b < n_elig ? hi_of(b) : 0u;
-          const bool greater = b < n_elig && h > kth;
-          const bool equal = b < n_elig && h == kth;
-          const uint32_t greater_lanes = __ballot_sync(kFull, greater);
-          const uint32_t equal_lanes = __ballot_sync(kFull, equal);
-          if (greater) chosen[greater_before + __popc(greater_lanes & lanes_below)] = key_of(b);
-          const int rank_equal = equal_before + __popc(equal_lanes & lanes_below);
-          if (equal && rank_equal < take_equal) chosen[n_greater + rank_equal] = key_of(b);
-          greater_before += __popc(greater_lanes);
-          equal_before += __popc(equal_lanes);
-        }
-      }
-      __syncwarp();
       int32_t* out_row = out + (t * geo.groups + g) * int64_t{k};
-      for (int i = lane; i < n_chosen; i += 32) {
-        const uint64_t key = chosen[i];
-        int rank = 0;
-        for (int j = 0; j < n_chosen; ++j) rank += chosen[j] > key;
-        out_row[rank] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key));
+      for (int i = lane; i < k; i += 32) {
+        out_row[i] = i < n_best ? static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(best[i]))
+                                : -1;
       }
-      for (int i = n_chosen + lane; i < k; i += 32) out_row[i] = -1;
     }
     __syncthreads();  // tile_pending is read again by the next sweep's leader search
   }
@@ -948,20 +996,20 @@ void launch_tiled(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& r
 }
 
 // tile_tokens: 8 or 4 tokens per CTA (the tiled kernel, as many as shared memory allows), 0 the
-// per-token kernel, which also takes widths too large for a tile's block scores.
+// per-token kernel.
 template <int D, typename T>
 void launch_for_warps(int tile_tokens, bool wide, const at::Tensor& q, const at::Tensor& k1,
                       const at::Tensor& req_to_token, const at::Tensor& token_req,
                       const at::Tensor& token_pos, at::Tensor& out, const Geometry& geo,
                       int64_t max_smem) {
   if (tile_tokens >= 8) {
-    const int64_t smem = tiled_smem_bytes<D, 8>(geo.width, geo.num_selected);
+    const int64_t smem = tiled_smem_bytes<D, 8>(geo.segment, geo.num_selected);
     if (smem <= max_smem) {
       return launch_tiled<D, 8, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
     }
   }
   if (tile_tokens >= 4) {
-    const int64_t smem = tiled_smem_bytes<D, 4>(geo.width, geo.num_selected);
+    const int64_t smem = tiled_smem_bytes<D, 4>(geo.segment, geo.num_selected);
     if (smem <= max_smem) {
       return launch_tiled<D, 4, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
     }
@@ -1069,6 +1117,13 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1,
   geo.local_blocks = static_cast<int>(std::min<int64_t>(local_blocks, 1 << 30));
   geo.num_selected = static_cast<int>(num_selected);
   geo.width = static_cast<int>(width);
+  // SALA_SGLANG_SELECT_SEGMENT forces shorter segments (tests: several at small widths)
+  int64_t segment = std::min(width, kTiledSegmentBlocks);
+  if (const char* env = std::getenv("SALA_SGLANG_SELECT_SEGMENT")) {
+    const int64_t forced = std::atoll(env);
+    if (forced >= 1) segment = std::min(width, forced);
+  }
+  geo.segment = static_cast<int>(segment);
   geo.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
   int device = 0, max_smem_int = 0, sms = 0;

@@ -271,6 +271,39 @@ def test_tiled_kernel_is_exact_under_regrouping(geometry: str, monkeypatch) -> N
 
 
 @needs_extension
+@pytest.mark.parametrize("tile", ["4", "8"])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_tiled_segments_give_the_same_blocks(geometry: str, tile: str, monkeypatch) -> None:
+    """The tiled kernel keeps block scores a segment at a time and merges each segment into the
+    running best (SALA_SGLANG_SELECT_SEGMENT, 2048 blocks by default): any segment length, down
+    to one block, and segments that split a tile of windows, must give bit-identical blocks, in
+    tiles of one request and in tiles that mix requests."""
+    monkeypatch.setenv("SALA_SGLANG_SELECT_TILE", tile)
+    cfg = _geometry(geometry)[0]
+    bs, span = cfg.block_size, cfg.num_selected_blocks * cfg.block_size
+    lengths = [4 * span + 3, span + 5, 3 * bs, 2 * span + bs // 2]
+    case = Case(geometry, torch.bfloat16, lengths, seed=11)
+    width = max(lengths) // bs + 1
+    treq, pos = [], []
+    for r, n in enumerate(lengths):  # runs of consecutive positions, as a prefill chunk
+        start = max(0, n - 120)
+        treq += [r + 1] * (n - start)
+        pos += list(range(start, n))
+    mixed_req, mixed_pos = _interleaved_tokens(case, 8 * 29 + 5, seed=12)
+    for label, (treq_l, pos_l) in {"runs": (treq, pos), "mixed": (mixed_req, mixed_pos)}.items():
+        q, treq_t, pos_t = case.queries(treq_l, pos_l)
+        monkeypatch.delenv("SALA_SGLANG_SELECT_SEGMENT", raising=False)
+        whole = case.select(q, treq_t, pos_t, width, "cuda")
+        for segment in ("1", "3", "5", str(cfg.num_selected_blocks + 1), str(width // 2)):
+            monkeypatch.setenv("SALA_SGLANG_SELECT_SEGMENT", segment)
+            got = case.select(q, treq_t, pos_t, width, "cuda")
+            diff = (got != whole).any(-1).any(-1).nonzero().flatten().tolist()
+            assert not diff, f"{label}, segments of {segment} blocks: tokens {diff[:20]} differ"
+        check_selection(case, q, treq_t, pos_t, width, 1,
+                        f"{geometry} tile {tile} {label}, segments of {width // 2} blocks")
+
+
+@needs_extension
 @pytest.mark.parametrize("batch", [1, 8, 32])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
@@ -349,10 +382,10 @@ def test_auto_dispatch_follows_the_measured_choice_and_the_override(monkeypatch)
     monkeypatch.setattr(ops, "_select_blocks_triton", spy)
     case = Case("tiny", torch.float16, [700, 90], seed=6)
     q, treq, pos = case.queries([1, 2, 1], [699, 89, 300])
-    monkeypatch.setitem(ops.CUDA_FASTER, "select_blocks", True)
+    monkeypatch.setattr(ops, "_cuda_selection_faster", lambda *args: True)
     assert torch.equal(case.select(q, treq, pos, 64, None), case.select(q, treq, pos, 64, "cuda"))
     assert calls == []
-    monkeypatch.setitem(ops.CUDA_FASTER, "select_blocks", False)
+    monkeypatch.setattr(ops, "_cuda_selection_faster", lambda *args: False)
     case.select(q, treq, pos, 64, None)
     assert calls == ["triton"]
     monkeypatch.setenv("SALA_SGLANG_KERNELS", "cuda")

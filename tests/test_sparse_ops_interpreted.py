@@ -159,3 +159,16 @@ def test_auto_dispatch_follows_the_measured_choice_and_the_override(monkeypatch)
     assert _cuda.choose_cuda("op", "cuda", cuda, False, fits)  # an explicit impl wins
     with pytest.raises(ValueError, match="op: impl='cuda' cannot run: width too large"):
         _cuda.choose_cuda("op", "cuda", cuda, True, too_big)
+
+
+def test_selection_takes_cuda_where_8_token_ctas_fill_the_gpu(monkeypatch) -> None:
+    import torch
+
+    from sala_sglang.ops import sparse
+
+    monkeypatch.setattr(sparse, "_multiprocessors", lambda device: 132)  # an H100
+    gpu = torch.device("cuda", 0)
+    assert sparse._cuda_selection_faster(8192, 2, gpu)  # a prefill chunk
+    assert sparse._cuda_selection_faster(528, 2, gpu)  # 132 CTAs of 8 tokens
+    assert not sparse._cuda_selection_faster(520, 2, gpu)  # 130: fewer CTAs than SMs
+    assert not sparse._cuda_selection_faster(32, 2, gpu)  # a decode batch

@@ -31,14 +31,31 @@ from sala_sglang.ops import _cuda
 #   compression: CUDA 7.4 vs Triton 20.9 us per 8192-token chunk, 3.5 vs 17.3 us per decode step.
 #   attention: CUDA 13.1 / 15.0 / 15.2 vs Triton 6.4 / 7.1 / 10.0 ms per 8192-token chunk at
 #   32K / 128K / 512K; decode 0.025 / 0.041 / 0.108 vs 0.031 / 0.047 / 0.104 ms at batch 1 / 8 / 32.
-#   selection: CUDA 1.65 / 6.74 / 83.5 vs Triton 3.30 / 10.77 / 40.4 ms per 8192-token chunk at
-#   32K / 128K / 512K (8 tokens per CTA while their block scores fit in shared memory); decode
-#   0.31-0.36 vs 0.07-0.18 ms. Faster for prefill up to 128K, but not the default: served with
-#   every op on CUDA (SALA_SGLANG_KERNELS=cuda), one fp16 position of the 700-token test prompt
-#   missed the reference by 0.10 (tolerance 0.05; at most 0.046 with the Triton kernels), so it
-#   waits for that to be understood, as wip/sparse-next's kernels do.
-CUDA_FASTER = {"compress_new_windows": True, "select_blocks": False,
-               "block_sparse_attention": False}
+#   selection: see `_cuda_selection_faster`.
+CUDA_FASTER = {"compress_new_windows": True, "block_sparse_attention": False}
+# The fused CUDA selection wins where it scores 8 neighbouring tokens per CTA (prefill): an
+# 8192-token chunk 1.65 vs 3.30 ms at 32K, 6.74 vs 10.77 ms at 128K. A decode batch (one token
+# per request, 1-32 tokens) takes 0.31-0.36 vs 0.07-0.18 ms on it. Its block scores are kept
+# 2048 blocks at a time, so wider contexts keep two 8-token CTAs per SM.
+CUDA_SELECT_TOKENS_PER_CTA = 8
+
+
+def _cuda_selection_faster(tokens: int, groups: int, device: torch.device) -> bool:
+    """Whether the batch fills every SM with 8-token CTAs (host-side only)."""
+    ctas = -(-tokens // CUDA_SELECT_TOKENS_PER_CTA) * groups
+    return ctas >= _multiprocessors(device)
+
+
+@functools.cache
+def _device_properties(device_index: int):
+    return torch.cuda.get_device_properties(device_index)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1 << 30
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_properties(index).multi_processor_count
 
 
 @triton.jit
@@ -378,9 +395,10 @@ def select_blocks(
     num_splits (split-K over windows) shapes the Triton kernels only; the CUDA kernel accepts and
     ignores it (it widens its CTAs to 8 warps instead when there are few (token, kv head) pairs,
     and scores 4 or 8 neighbouring tokens per CTA when there are many; SALA_SGLANG_SELECT_TILE=1/4/8
-    forces one token, 4 or 8 per CTA)."""
+    forces one token, 4 or 8 per CTA, and SALA_SGLANG_SELECT_SEGMENT=n makes those keep block
+    scores n blocks at a time, 2048 by default)."""
     if _cuda.choose_cuda(
-        "select_blocks", impl, q, CUDA_FASTER["select_blocks"],
+        "select_blocks", impl, q, _cuda_selection_faster(q.shape[0], k1.shape[2], q.device),
         lambda: "scale must be positive" if scale <= 0 else cuda_selection_unsupported(
             q, k1, req_to_token, token_req, token_pos, kernel_size, kernel_stride, block_size,
             num_selected, max(width, num_selected)),
@@ -410,9 +428,8 @@ def _cuda_selection_smem_bytes(width: int, num_selected: int, dim: int) -> int:
     return ring + align16(4 * width) + align16(8 * num_selected) + 8192
 
 
-@functools.cache
 def _max_shared_memory(device_index: int) -> int:
-    props = torch.cuda.get_device_properties(device_index)
+    props = _device_properties(device_index)
     return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
 
 
