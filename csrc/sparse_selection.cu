@@ -768,9 +768,6 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
     const float m_hi = m_row[1], il_hi = live_hi ? il_row[1] : 0.f;
     // ---- pass 2, a segment of blocks at a time: the group probability of each window,
     // max-pooled into its blocks [b0, b1), then merged into the token's best keys ----
-    const int init_blocks = geo.init_blocks, local_blocks = geo.local_blocks;
-    const int k = geo.num_selected;
-    const uint32_t lanes_below = (1u << lane) - 1u;
     int n_best = 0;  // keys in `best`
     for (int b0 = 0; b0 < sweep_elig; b0 += geo.segment) {
       const int b1 = min(b0 + geo.segment, sweep_elig);
@@ -847,6 +844,9 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
       // equal hi in item order takes the lower blocks first. ----
       if (active) {
         __syncwarp();  // this warp's pooling is complete
+        const int k = geo.num_selected;
+        const int init_blocks = geo.init_blocks, local_blocks = geo.local_blocks;
+        const uint32_t lanes_below = (1u << lane) - 1u;
         const int n_items = n_best + n_seg;
         auto key_of = [&](int i) -> uint64_t {
           if (i < n_best) return best[i];
@@ -949,6 +949,7 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
     }
 
     if (active) {
+      const int k = geo.num_selected;
       int32_t* out_row = out + (t * geo.groups + g) * int64_t{k};
       for (int i = lane; i < k; i += 32) {
         out_row[i] = i < n_best ? static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(best[i]))

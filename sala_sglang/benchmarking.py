@@ -14,6 +14,7 @@ import functools
 import importlib.metadata as md
 import importlib.util
 import json
+import os
 import platform
 import shutil
 import signal
@@ -68,6 +69,9 @@ def header(benchmark: str, tag: str) -> dict:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "versions": versions(),
         "command": " ".join([sys.executable, *sys.argv]),
+        # the kernel overrides (SALA_SGLANG_KERNELS and the like) reach the server through the
+        # environment, not the command
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SALA_SGLANG")},
     }
 
 
