@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
     import json, math, torch
     from types import SimpleNamespace
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
-    import sala_sglang.attention.sparse_backend as sb
+    import sala_sglang.ops.sparse as ops
     from sala_sglang.attention.sparse_backend import SparseLayerBackend
     from sala_sglang.config import SparseConfig
     from sala_sglang.reference.sparse import compress_keys, sparse_layer_attention
@@ -58,13 +58,13 @@ SCRIPT = textwrap.dedent(
         rt[r + 1, :n] = (torch.tensor(own)[pos // BS] * BS + pos % BS).to(torch.int32)
 
     # a scratch budget of ~20 tokens at the widest prefill, so selection runs in pieces
-    sb.SELECTION_SCRATCH_BYTES = 20 * G * 32 * (4 * (BS // cfg.kernel_stride) + 8)
+    ops.SELECTION_SCRATCH_BYTES = 20 * G * 32 * (4 * (BS // cfg.kernel_stride) + 8)
     pieces, widths = [], []
-    select_blocks = sb.select_blocks
+    select_piece = ops._select_piece_triton
     def recorded(q, *args, **kwargs):
         pieces.append(q.shape[0])
-        return select_blocks(q, *args, **kwargs)
-    sb.select_blocks = recorded
+        return select_piece(q, *args, **kwargs)
+    ops._select_piece_triton = recorded
 
     be = object.__new__(SparseLayerBackend)
     be.sparse, be.token_to_kv_pool = cfg, pool

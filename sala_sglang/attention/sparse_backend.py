@@ -33,8 +33,6 @@ from sala_sglang.plugin import dense_as_sparse
 
 logger = logging.getLogger(__name__)
 
-# Bytes of selection scratch (window probabilities + block keys) one prefill slice may use.
-SELECTION_SCRATCH_BYTES = 512 << 20
 DECODE_SPLITS = 8
 
 
@@ -184,22 +182,11 @@ class SparseLayerBackend(AttentionBackend):
         tokens = q.shape[0]
         if not meta.select:
             return torch.full((tokens, 1, 1), -1, dtype=torch.int32, device=q.device)
-        groups = self.k1[layer_id].shape[2]
-        # fp32 window probabilities plus one int64 key per block, per token and kv head
-        per_token = groups * meta.width * (4 * sp.windows_per_block + 8)
-        # Pieces start on multiples of 16 tokens: the kernels are specialized on the alignment
-        # of the per-token metadata slices, and a new alignment compiles them again mid-prefill.
-        rows = max(16, SELECTION_SCRATCH_BYTES // per_token // 16 * 16)
-        pieces = [
-            select_blocks(
-                q[s : s + rows], self.k1[layer_id], self.req_to_token_pool.req_to_token,
-                meta.token_req[s : s + rows], meta.token_pos[s : s + rows],
-                sp.kernel_size, sp.kernel_stride, sp.block_size, sp.init_blocks,
-                sp.local_blocks, sp.num_selected_blocks, meta.width, self.scale, splits,
-            )
-            for s in range(0, tokens, rows)
-        ]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return select_blocks(
+            q, self.k1[layer_id], self.req_to_token_pool.req_to_token, meta.token_req,
+            meta.token_pos, sp.kernel_size, sp.kernel_stride, sp.block_size, sp.init_blocks,
+            sp.local_blocks, sp.num_selected_blocks, meta.width, self.scale, splits,
+        )
 
     def _attend(
         self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache: bool,
