@@ -37,12 +37,21 @@ def load_runs(results: Path) -> dict[str, dict]:
     return {label: run for label, run in runs.items() if run["points"]}
 
 
+# Environment variables that choose kernels in the server (recorded in each result's "env").
+KERNEL_OVERRIDES = ("SALA_SGLANG_KERNELS", "SALA_SGLANG_SELECT_TILE", "SALA_SGLANG_SELECT_SEGMENT")
+
+
 def _label(record: dict) -> str:
     """'sala (minicpm_flashinfer)', or 'sala fp8 (minicpm_flashinfer)' for a run served with
-    --quantization: quantized weights are another model, never merged with the bf16 points."""
+    --quantization: quantized weights are another model, never merged with the bf16 points. A
+    run with kernel overrides in its environment ('sala kernels=triton (...)') is a comparison,
+    not the default configuration, and is kept apart the same way."""
     flags = [f for flag in record.get("server_flags", []) for f in flag.split("=", 1)]
     quant = next((flags[i + 1] for i, f in enumerate(flags[:-1]) if f == "--quantization"), None)
-    name = record["model"].split(":")[0] + (f" {quant}" if quant else "")
+    env = record.get("env", {})
+    overrides = [f"{k.removeprefix('SALA_SGLANG_').lower()}={env[k]}"
+                 for k in KERNEL_OVERRIDES if k in env]
+    name = " ".join([record["model"].split(":")[0], *([quant] if quant else []), *overrides])
     return f"{name} ({record['attention_backend']})"
 
 

@@ -94,6 +94,23 @@ def test_a_quantized_run_is_its_own_model(tmp_path: Path) -> None:
     assert "| 128K | 6.00 | 107.0 | 50% |" in plot.table(runs)
 
 
+def test_a_run_with_kernel_overrides_is_kept_apart(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import plot_long_context as plot
+
+    default = {**_record("sala", "m", [{"input_tokens": 131072, "ttft_s": 5.5,
+                                         "decode_tok_per_s": 107.0, "mfu": 0.6}]),
+               "env": {"SALA_SGLANG_CUDA": "0"}}  # a build flag, not a kernel choice
+    forced = {**_record("sala", "m", [{"input_tokens": 131072, "ttft_s": 5.7,
+                                        "decode_tok_per_s": 106.0}], date="2026-11-23"),
+              "env": {"SALA_SGLANG_KERNELS": "triton"}}
+    (tmp_path / "long_context_sala_a.json").write_text(json.dumps(default))
+    (tmp_path / "long_context_sala_b.json").write_text(json.dumps(forced))
+    runs = plot.load_runs(tmp_path)
+    assert sorted(runs) == ["sala (m)", "sala kernels=triton (m)"]
+    assert "| 128K | 5.50 | 107.0 | 60% |" in plot.table(runs)
+
+
 def test_soak_plan_covers_both_modes_and_aborts() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import soak
