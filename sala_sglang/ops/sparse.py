@@ -413,9 +413,9 @@ def select_blocks(
 
 
 # Geometry of csrc/sparse_selection.cu: head dims compiled, most query heads per kv head (one
-# m16 tile), and its dynamic shared memory (kept in step with smem_bytes there; the 8-warp
-# per-token variant, the larger one, bounds both; the token-tiled kernel falls back to it where
-# its TT rows of block scores do not fit).
+# m16 tile), and the dynamic shared memory of its 8-warp per-token variant (kept in step with
+# smem_bytes there), which grows with the width; the token-tiled variant keeps at most 2048
+# blocks of scores per token (about 105 KB in all) and fits at any width.
 _CUDA_SELECT_HEAD_DIMS = (64, 128)
 _CUDA_SELECT_MAX_GROUP = 16
 
