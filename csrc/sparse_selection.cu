@@ -768,7 +768,6 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
     const float m_hi = m_row[1], il_hi = live_hi ? il_row[1] : 0.f;
     // ---- pass 2, a segment of blocks at a time: the group probability of each window,
     // max-pooled into its blocks [b0, b1), then merged into the token's best keys ----
-    int n_best = 0;  // keys in `best`
     for (int b0 = 0; b0 < sweep_elig; b0 += geo.segment) {
       const int b1 = min(b0 + geo.segment, sweep_elig);
       // block b pools windows [ratio * b - 1, ratio * b + ratio)
@@ -841,12 +840,15 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
       // ---- merge (one warp per token): the k largest keys (hi desc, block asc) among the
       // best so far and the segment's blocks. Items i < n_best are the best keys, sorted; the
       // rest are blocks b0 + i - n_best, all above every earlier block, so taking items with
-      // equal hi in item order takes the lower blocks first. ----
-      if (active) {
+      // equal hi in item order takes the lower blocks first. A token whose blocks end before
+      // b0 has nothing to merge. ----
+      if (active && n_seg > 0) {
         __syncwarp();  // this warp's pooling is complete
         const int k = geo.num_selected;
         const int init_blocks = geo.init_blocks, local_blocks = geo.local_blocks;
         const uint32_t lanes_below = (1u << lane) - 1u;
+        // every eligible block before b0 has been merged, and each merge keeps the k best
+        const int n_best = min(k, min(b0, n_elig));
         const int n_items = n_best + n_seg;
         auto key_of = [&](int i) -> uint64_t {
           if (i < n_best) return best[i];
@@ -943,13 +945,13 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
           for (int j = 0; j < n_chosen; ++j) rank += chosen[j] > key;
           best[rank] = key;
         }
-        n_best = n_chosen;
         __syncwarp();  // `best` is complete before the next merge or the output reads it
       }
     }
 
     if (active) {
       const int k = geo.num_selected;
+      const int n_best = min(k, n_elig);  // keys in `best`
       int32_t* out_row = out + (t * geo.groups + g) * int64_t{k};
       for (int i = lane; i < k; i += 32) {
         out_row[i] = i < n_best ? static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(best[i]))
