@@ -33,10 +33,10 @@ from sala_sglang.ops import _cuda
 #   32K / 128K / 512K; decode 0.025 / 0.041 / 0.108 vs 0.031 / 0.047 / 0.104 ms at batch 1 / 8 / 32.
 #   selection: see `_cuda_selection_faster`.
 CUDA_FASTER = {"compress_new_windows": True, "block_sparse_attention": False}
-# The fused CUDA selection wins where it scores 8 neighbouring tokens per CTA (prefill): an
-# 8192-token chunk 1.65 vs 3.30 ms at 32K, 6.74 vs 10.77 ms at 128K. A decode batch (one token
-# per request, 1-32 tokens) takes 0.31-0.36 vs 0.07-0.18 ms on it. Its block scores are kept
-# 2048 blocks at a time, so wider contexts keep two 8-token CTAs per SM.
+# The fused CUDA selection wins where it scores 8 neighbouring tokens per CTA (prefill; its block
+# scores kept 2048 blocks at a time): an 8192-token chunk 1.84 vs 3.28 ms at 32K, 7.61 vs 10.91
+# at 128K, 31.16 vs 40.34 at 512K (results/kernels_sparse_cuda3_h100.json). A decode batch (one
+# token per request, 1-32 tokens) takes 0.31-0.36 vs 0.07-0.18 ms on it.
 CUDA_SELECT_TOKENS_PER_CTA = 8
 
 
