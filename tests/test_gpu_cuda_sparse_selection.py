@@ -238,6 +238,16 @@ def test_tiled_tiles_mixing_requests(geometry: str, tile: str, monkeypatch) -> N
                         f"{geometry} tile {tile} {count} interleaved tokens")
 
 
+def _prefill_runs(lengths: list[int], last: int) -> tuple[list[int], list[int]]:
+    """The last `last` positions of each request in order, as a prefill chunk has them."""
+    treq, pos = [], []
+    for r, n in enumerate(lengths):
+        start = max(0, n - last)
+        treq += [r + 1] * (n - start)
+        pos += list(range(start, n))
+    return treq, pos
+
+
 @needs_extension
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_tiled_kernel_is_exact_under_regrouping(geometry: str, monkeypatch) -> None:
@@ -249,12 +259,7 @@ def test_tiled_kernel_is_exact_under_regrouping(geometry: str, monkeypatch) -> N
     lengths = [4 * span + 3, span + 5, 3 * bs]
     case = Case(geometry, torch.float16, lengths, seed=9)
     width = max(lengths) // bs + 1
-    treq, pos = [], []
-    for r, n in enumerate(lengths):  # runs of consecutive positions, as a prefill chunk
-        start = max(0, n - 150)
-        treq += [r + 1] * (n - start)
-        pos += list(range(start, n))
-    q, treq_t, pos_t = case.queries(treq, pos)
+    q, treq_t, pos_t = case.queries(*_prefill_runs(lengths, 150))
     results = {}
     for tile in ("4", "8"):
         monkeypatch.setenv("SALA_SGLANG_SELECT_TILE", tile)
@@ -284,13 +289,9 @@ def test_tiled_segments_give_the_same_blocks(geometry: str, tile: str, monkeypat
     lengths = [4 * span + 3, span + 5, 3 * bs, 2 * span + bs // 2]
     case = Case(geometry, torch.bfloat16, lengths, seed=11)
     width = max(lengths) // bs + 1
-    treq, pos = [], []
-    for r, n in enumerate(lengths):  # runs of consecutive positions, as a prefill chunk
-        start = max(0, n - 120)
-        treq += [r + 1] * (n - start)
-        pos += list(range(start, n))
-    mixed_req, mixed_pos = _interleaved_tokens(case, 8 * 29 + 5, seed=12)
-    for label, (treq_l, pos_l) in {"runs": (treq, pos), "mixed": (mixed_req, mixed_pos)}.items():
+    batches = {"runs": _prefill_runs(lengths, 120),
+               "mixed": _interleaved_tokens(case, 8 * 29 + 5, seed=12)}
+    for label, (treq_l, pos_l) in batches.items():
         q, treq_t, pos_t = case.queries(treq_l, pos_l)
         monkeypatch.delenv("SALA_SGLANG_SELECT_SEGMENT", raising=False)
         whole = case.select(q, treq_t, pos_t, width, "cuda")

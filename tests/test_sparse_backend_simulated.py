@@ -60,11 +60,11 @@ SCRIPT = textwrap.dedent(
     # a scratch budget of ~20 tokens at the widest prefill, so selection runs in pieces
     ops.SELECTION_SCRATCH_BYTES = 20 * G * 32 * (4 * (BS // cfg.kernel_stride) + 8)
     pieces, widths = [], []
-    select_piece = ops._select_piece_triton
+    select_piece = ops._select_blocks_triton
     def recorded(q, *args, **kwargs):
         pieces.append(q.shape[0])
         return select_piece(q, *args, **kwargs)
-    ops._select_piece_triton = recorded
+    ops._select_blocks_triton = recorded
 
     be = object.__new__(SparseLayerBackend)
     be.sparse, be.token_to_kv_pool = cfg, pool

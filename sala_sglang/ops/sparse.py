@@ -364,6 +364,9 @@ def _block_keys_kernel(
 TOKEN_TILE = 4
 WINDOW_TILE = 64
 KEY_BLOCKS = 128
+# Bytes of Triton selection scratch (window probabilities + block keys) one launch may use:
+# longer batches are selected in pieces (the CUDA kernel needs none).
+SELECTION_SCRATCH_BYTES = 512 << 20
 
 
 def select_blocks(
@@ -407,9 +410,18 @@ def select_blocks(
             q, k1, req_to_token, token_req, token_pos, kernel_size, kernel_stride, block_size,
             init_blocks, local_blocks, num_selected, max(width, num_selected), scale,
         )
-    return _select_blocks_triton(q, k1, req_to_token, token_req, token_pos, kernel_size,
-                                 kernel_stride, block_size, init_blocks, local_blocks,
-                                 num_selected, width, scale, num_splits)
+    # fp32 window probabilities plus one int64 key per block, per token and kv head
+    per_token = k1.shape[2] * max(width, num_selected) * (4 * (block_size // kernel_stride) + 8)
+    # Pieces start on multiples of 16 tokens: the kernels are specialized on the alignment of
+    # the per-token metadata slices, and a new alignment compiles them again mid-prefill.
+    rows = max(16, SELECTION_SCRATCH_BYTES // per_token // 16 * 16)
+    pieces = [
+        _select_blocks_triton(q[s : s + rows], k1, req_to_token, token_req[s : s + rows],
+                              token_pos[s : s + rows], kernel_size, kernel_stride, block_size,
+                              init_blocks, local_blocks, num_selected, width, scale, num_splits)
+        for s in range(0, q.shape[0], rows)
+    ]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 # Geometry of csrc/sparse_selection.cu: head dims compiled, most query heads per kv head (one
@@ -479,42 +491,7 @@ def cuda_selection_unsupported(
     return None
 
 
-# Bytes of Triton selection scratch (window probabilities + block keys) one launch may use:
-# longer batches are selected in pieces.
-SELECTION_SCRATCH_BYTES = 512 << 20
-
-
 def _select_blocks_triton(
-    q: torch.Tensor,
-    k1: torch.Tensor,
-    req_to_token: torch.Tensor,
-    token_req: torch.Tensor,
-    token_pos: torch.Tensor,
-    kernel_size: int,
-    kernel_stride: int,
-    block_size: int,
-    init_blocks: int,
-    local_blocks: int,
-    num_selected: int,
-    width: int,
-    scale: float,
-    num_splits: int = 1,
-) -> torch.Tensor:
-    # fp32 window probabilities plus one int64 key per block, per token and kv head
-    per_token = k1.shape[2] * max(width, num_selected) * (4 * (block_size // kernel_stride) + 8)
-    # Pieces start on multiples of 16 tokens: the kernels are specialized on the alignment of
-    # the per-token metadata slices, and a new alignment compiles them again mid-prefill.
-    rows = max(16, SELECTION_SCRATCH_BYTES // per_token // 16 * 16)
-    pieces = [
-        _select_piece_triton(q[s : s + rows], k1, req_to_token, token_req[s : s + rows],
-                             token_pos[s : s + rows], kernel_size, kernel_stride, block_size,
-                             init_blocks, local_blocks, num_selected, width, scale, num_splits)
-        for s in range(0, q.shape[0], rows)
-    ]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-
-def _select_piece_triton(
     q: torch.Tensor,
     k1: torch.Tensor,
     req_to_token: torch.Tensor,
