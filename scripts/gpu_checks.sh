@@ -5,6 +5,9 @@
 #   bash scripts/gpu_checks.sh serving-graph    # tiny model served = reference, fp16 graph modes
 #   bash scripts/gpu_checks.sh serving-other    # eager+mixed-chunk fp16 and bf16 modes
 #   bash scripts/gpu_checks.sh serving-cuda     # graph fp16/bf16 with every op on its CUDA kernel
+#   bash scripts/gpu_checks.sh serving-segments # graph fp16, CUDA selection in 8-token CTAs that
+#                                               # merge 3-block segments (the tiny suite's widths
+#                                               # never need a second segment otherwise)
 #   bash scripts/gpu_checks.sh soak             # 1000 requests, 10% aborted, pools free after
 #   bash scripts/gpu_checks.sh profile          # where a decode step's time goes (real config)
 # The long-context benchmark (real configs) in parts that each fit one call; results merge by
@@ -40,6 +43,9 @@ for part in "$@"; do
         # Every op on its CUDA kernel where one exists, also where Triton is the faster one.
         serving-cuda) SALA_SGLANG_KERNELS=cuda run serving-cuda pytest_gpu tests/test_gpu_serving.py \
                           -k "graph_fp16 and not dense_as_sparse or graph_bf16" ;;
+        serving-segments) SALA_SGLANG_KERNELS=cuda SALA_SGLANG_SELECT_TILE=8 SALA_SGLANG_SELECT_SEGMENT=3 \
+                              run serving-segments pytest_gpu tests/test_gpu_serving.py \
+                              -k "graph_fp16 and not dense_as_sparse" ;;
         soak) run soak python benchmarks/soak.py --out "$out" ;;
         profile) run profile python benchmarks/profile_decode.py --out "$out" ;;
         # One server for both: SALA's startup (graph capture, Triton JIT) is 80-190 s.
@@ -60,7 +66,7 @@ for part in "$@"; do
                            --serving-prompts 16 --tag long_context_qwen3-8b_serving ;;
         *) echo "unknown part: $part (ops, http, serving-graph, serving-other, soak, profile," \
                 "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare-sala," \
-                "compare-dense, serving-cuda)"
+                "compare-dense, serving-cuda, serving-segments)"
            exit 2 ;;
     esac
 done
