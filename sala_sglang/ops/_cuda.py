@@ -28,6 +28,18 @@ def available() -> bool:
     return True
 
 
+@functools.cache
+def _properties_of(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def device_properties(device: torch.device):
+    """A CUDA device's properties (SM count, shared memory), read once per device; a device
+    without an index is the current one."""
+    return _properties_of(device.index if device.index is not None
+                          else torch.cuda.current_device())
+
+
 def use_compiled(op: str, x: torch.Tensor) -> bool:
     """True when `op` should run its compiled kernel on x (extension loaded, x on a CUDA device);
     logs the first choice of each kind per op."""

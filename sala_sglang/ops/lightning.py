@@ -17,7 +17,6 @@ read twice instead of once; no per-chunk state is written to memory.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 
 import torch
@@ -199,12 +198,11 @@ def _check(q: torch.Tensor, state: torch.Tensor) -> int:
     return dim
 
 
-@functools.cache
 def _parallel_programs(device: torch.device) -> int:
     """Programs that keep the device busy: a few per SM (one lane for the CPU interpreter)."""
     if device.type != "cuda":
         return 1
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * _cuda.device_properties(device).multi_processor_count
 
 
 def _segment_len(tokens: int, batch: int, programs_per_segment: int, chunk: int,

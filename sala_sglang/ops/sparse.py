@@ -17,8 +17,6 @@ the tensors are on a GPU and the geometry is one the kernel compiles; else its T
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -46,16 +44,10 @@ def _cuda_selection_faster(tokens: int, groups: int, device: torch.device) -> bo
     return ctas >= _multiprocessors(device)
 
 
-@functools.cache
-def _device_properties(device_index: int):
-    return torch.cuda.get_device_properties(device_index)
-
-
 def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 1 << 30
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _device_properties(index).multi_processor_count
+    return _cuda.device_properties(device).multi_processor_count
 
 
 @triton.jit
@@ -440,8 +432,8 @@ def _cuda_selection_smem_bytes(width: int, num_selected: int, dim: int) -> int:
     return ring + align16(4 * width) + align16(8 * num_selected) + 8192
 
 
-def _max_shared_memory(device_index: int) -> int:
-    props = _device_properties(device_index)
+def _max_shared_memory(device: torch.device) -> int:
+    props = _cuda.device_properties(device)
     return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
 
 
@@ -484,8 +476,7 @@ def cuda_selection_unsupported(
     if not (token_req.is_contiguous() and token_pos.is_contiguous()):
         return "token_req and token_pos must be contiguous"
     need = _cuda_selection_smem_bytes(width, num_selected, dim)
-    have = _max_shared_memory(q.device.index if q.device.index is not None
-                              else torch.cuda.current_device())
+    have = _max_shared_memory(q.device)
     if need > have:
         return f"width {width} needs {need} bytes of shared memory, the device allows {have}"
     return None
