@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from sala_sglang import benchmarking
-from sala_sglang.benchmarking import gpu_time_ms, header, measure_bf16_peak, versions  # noqa: F401
+from sala_sglang import bench
+from sala_sglang.bench import gpu_time_ms, header, measure_bf16_peak, versions  # noqa: F401
 from sala_sglang.config import RELEASED_CONFIG_PATH as RELEASED_CONFIG  # noqa: F401
 
 HERE = Path(__file__).resolve().parent
@@ -17,7 +17,7 @@ RESULTS = HERE / "results"
 
 
 def write_result(record: dict, name: str, out: Path = RESULTS) -> Path:
-    path = benchmarking.write_result(record, name, out)
+    path = bench.write_result(record, name, out)
     print(f"wrote {path}", flush=True)
     return path
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import requests
 
-from sala_sglang.benchmarking import (
+from sala_sglang.bench import (
     COMMON_FLAGS, MODELS, header, prepare_model_dir, random_ids, stream_one, write_result,
 )
-from sala_sglang.served_check import Server
+from sala_sglang.testing.server import Server
 from sala_sglang.tiny import TINY_VOCAB_SIZE
 
 TRACE_WAIT_S = 300

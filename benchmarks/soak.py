@@ -30,8 +30,8 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, header, write_result  # noqa: E402
 
-from sala_sglang.benchmarking import random_ids  # noqa: E402
-from sala_sglang.served_check import Server  # noqa: E402
+from sala_sglang.bench import random_ids  # noqa: E402
+from sala_sglang.testing.server import Server  # noqa: E402
 from sala_sglang.tiny import TINY_VOCAB_SIZE, make_tiny  # noqa: E402
 
 

@@ -10,14 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-# OpenBMB's serving flags for MiniCPM-SALA (SPEC section 3). The plugin itself turns the radix
-# cache off and pages the KV cache by the InfLLM-v2 block size, so those flags are not needed.
-RECOMMENDED_SERVE_FLAGS = (
-    "--attention-backend", "minicpm_flashinfer",
-    "--chunked-prefill-size", "8192",
-    "--max-running-requests", "32",
-    "--skip-server-warmup",
-)
+from sala_sglang.server_args import RECOMMENDED_SERVE_FLAGS
+
 
 
 def _run_make_tiny(args: argparse.Namespace) -> int:
@@ -111,7 +105,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
 def _run_check(args: argparse.Namespace) -> int:
     import torch
 
-    from sala_sglang.self_check import check_reference, check_served
+    from sala_sglang.check import check_reference, check_served
 
     model = _tiny_checkpoint(Path(args.model) if args.model else default_tiny_dir())
     problems = check_reference(model)
@@ -140,13 +134,13 @@ def _add_check(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from sala_sglang.benchmarking import bench
+    from sala_sglang.bench import bench
 
     return bench(args)
 
 
 def _add_bench(subparsers: argparse._SubParsersAction) -> None:
-    from sala_sglang.benchmarking import add_arguments
+    from sala_sglang.bench import add_arguments
 
     p = subparsers.add_parser(
         "bench",

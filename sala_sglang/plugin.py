@@ -7,18 +7,21 @@ SGLang calls `register()` through the `sglang.srt.plugins` entry point in every 
 
 from __future__ import annotations
 
-import argparse
 import logging
 from typing import Any
 
 from sala_sglang.config import MiniCPMSALAConfig
-from sala_sglang.server_checks import ARCHITECTURE, BACKEND_NAMES
+from sala_sglang.server_args import (
+    ARCHITECTURE,
+    BACKEND_NAMES,
+    add_cli_args,
+    adjust_server_args,
+    from_cli_args,
+)
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_SGLANG = "0.5.16"
-DENSE_AS_SPARSE_FLAG = "--dense-as-sparse"
-DENSE_AS_SPARSE_ATTR = "dense_as_sparse"
 
 _registered = False
 
@@ -122,16 +125,19 @@ def _register_server_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(
-        "sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args, HookType.AFTER
+        "sglang.srt.server_args.ServerArgs.add_cli_args", add_cli_args, HookType.AFTER
     )
     HookRegistry.register(
-        "sglang.srt.server_args.ServerArgs.from_cli_args", _from_cli_args, HookType.AROUND
+        "sglang.srt.server_args.ServerArgs.from_cli_args", from_cli_args, HookType.AROUND
     )
     HookRegistry.register(
         "sglang.srt.server_args.ServerArgs.__post_init__", _before_post_init, HookType.BEFORE
     )
-    from sala_sglang.memory import add_compressed_keys_to_cell_size
-    from sala_sglang.pool_checks import check_state_slots_when_idle
+    from sala_sglang.hooks import (
+        add_compressed_keys_to_cell_size,
+        check_state_slots_when_idle,
+        reject_out_of_vocab_ids,
+    )
 
     HookRegistry.register(
         "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
@@ -145,8 +151,6 @@ def _register_server_hooks() -> None:
         check_state_slots_when_idle,
         HookType.AFTER,
     )
-    from sala_sglang.request_checks import reject_out_of_vocab_ids
-
     HookRegistry.register(
         "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
         reject_out_of_vocab_ids,
@@ -157,37 +161,8 @@ def _register_server_hooks() -> None:
     HookRegistry.apply_hooks()
 
 
-def _add_cli_args(result: Any, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
-    if DENSE_AS_SPARSE_FLAG not in parser._option_string_actions:
-        parser.add_argument(
-            DENSE_AS_SPARSE_FLAG,
-            action="store_true",
-            default=False,
-            help="MiniCPM-SALA: use InfLLM-v2 sparse attention for every token (dense_len = 0), "
-            "as OpenBMB's serving default; otherwise prompts shorter than the config's "
-            "sparse_config.dense_len use dense attention.",
-        )
-    return result
-
-
-def _from_cli_args(original: Any, cls_or_args: Any, *rest: Any, **kwargs: Any) -> Any:
-    # ServerArgs keeps only its dataclass fields; carry our flag across as an attribute, which
-    # pickling to the scheduler process preserves.
-    args = rest[0] if rest else kwargs.get("args")
-    server_args = original(cls_or_args, *rest, **kwargs)
-    setattr(server_args, DENSE_AS_SPARSE_ATTR, bool(getattr(args, DENSE_AS_SPARSE_ATTR, False)))
-    return server_args
-
-
 def _before_post_init(server_args: Any, *args: Any, **kwargs: Any) -> None:
-    from sala_sglang.server_checks import adjust_server_args
-
     adjust_server_args(server_args)
-
-
-def dense_as_sparse(server_args: Any) -> bool:
-    """Whether `--dense-as-sparse` was given to the server."""
-    return bool(getattr(server_args, DENSE_AS_SPARSE_ATTR, False))
 
 
 def _register_model() -> None:

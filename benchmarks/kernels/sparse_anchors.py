@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from sparse_inputs import SparseInputs
+from sala_sglang.testing.paged_inputs import SparseInputs
 
 Runner = Callable[[], torch.Tensor]
 

@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sparse_anchors as anchors  # noqa: E402
 from common import RESULTS, gpu_time_ms, header, measured_peaks, write_result  # noqa: E402
-from sparse_inputs import SparseInputs, decode_batch, prefill_chunk  # noqa: E402
+from sala_sglang.testing.paged_inputs import SparseInputs, decode_batch, prefill_chunk  # noqa: E402
 
 from sala_sglang.config import MiniCPMSALAConfig  # noqa: E402
 from sala_sglang.ops import sparse as ops  # noqa: E402

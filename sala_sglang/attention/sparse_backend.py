@@ -29,7 +29,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.runtime_context import get_parallel
 
 from sala_sglang.ops.sparse import block_sparse_attention, compress_new_windows, select_blocks
-from sala_sglang.plugin import dense_as_sparse
+from sala_sglang.server_args import dense_as_sparse
 
 logger = logging.getLogger(__name__)
 

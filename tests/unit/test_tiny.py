@@ -16,7 +16,7 @@ from sala_sglang.cli import main
 from sala_sglang.config import LINEAR_MIXER, RELEASED_CONFIG_PATH, SPARSE_MIXER, MiniCPMSALAConfig
 from sala_sglang.tiny import DATA_DIR, TINY_CONFIG, make_tiny
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT_FILES = {
     "config.json",
     "generation_config.json",

@@ -1,11 +1,14 @@
-"""Server options for MiniCPM-SALA: defaults it needs and options it cannot serve with.
+"""Names, flags and server options of MiniCPM-SALA, shared by the plugin, the CLI and the backend.
 
-Runs before SGLang's own `ServerArgs.__post_init__` (a plugin hook), so a bad option fails at
-startup, in the launching process, with a message that names it.
+A leaf module (it imports nothing of the package): the architecture and backend names, the
+`--dense-as-sparse` flag and its reader, OpenBMB's recommended serve flags, and
+`adjust_server_args`, which runs before SGLang's own `ServerArgs.__post_init__` (a plugin hook) so
+a bad option fails at startup, in the launching process, with a message that names it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -16,6 +19,46 @@ logger = logging.getLogger(__name__)
 ARCHITECTURE = "MiniCPMSALAForCausalLM"
 # The second name is what command lines written for OpenBMB's fork and upstream SGLang use.
 BACKEND_NAMES = ("minicpm_flashinfer", "minicpm_flashattn")
+DENSE_AS_SPARSE_FLAG = "--dense-as-sparse"
+DENSE_AS_SPARSE_ATTR = "dense_as_sparse"
+
+# OpenBMB's serving flags for MiniCPM-SALA (SPEC section 3). The plugin itself turns the radix
+# cache off and pages the KV cache by the InfLLM-v2 block size, so those flags are not needed.
+RECOMMENDED_SERVE_FLAGS = (
+    "--attention-backend", "minicpm_flashinfer",
+    "--chunked-prefill-size", "8192",
+    "--max-running-requests", "32",
+    "--skip-server-warmup",
+)
+
+
+def dense_as_sparse(server_args: Any) -> bool:
+    """Whether `--dense-as-sparse` was given to the server."""
+    return bool(getattr(server_args, DENSE_AS_SPARSE_ATTR, False))
+
+
+def add_cli_args(result: Any, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
+    """After `ServerArgs.add_cli_args`: add `--dense-as-sparse` to SGLang's parser."""
+    if DENSE_AS_SPARSE_FLAG not in parser._option_string_actions:
+        parser.add_argument(
+            DENSE_AS_SPARSE_FLAG,
+            action="store_true",
+            default=False,
+            help="MiniCPM-SALA: use InfLLM-v2 sparse attention for every token (dense_len = 0), "
+            "as OpenBMB's serving default; otherwise prompts shorter than the config's "
+            "sparse_config.dense_len use dense attention.",
+        )
+    return result
+
+
+def from_cli_args(original: Any, cls_or_args: Any, *rest: Any, **kwargs: Any) -> Any:
+    """Around `ServerArgs.from_cli_args`: keep `--dense-as-sparse` on the ServerArgs."""
+    # ServerArgs keeps only its dataclass fields; carry our flag across as an attribute, which
+    # pickling to the scheduler process preserves.
+    args = rest[0] if rest else kwargs.get("args")
+    server_args = original(cls_or_args, *rest, **kwargs)
+    setattr(server_args, DENSE_AS_SPARSE_ATTR, bool(getattr(args, DENSE_AS_SPARSE_ATTR, False)))
+    return server_args
 
 
 class UnsupportedServerOption(ValueError):

@@ -26,7 +26,7 @@ pytestmark = [
 ]
 
 CHUNK = 64
-from sala_sglang.served_check import LOGPROB_TOL  # noqa: E402  (SPEC section 4)
+from sala_sglang.testing.compare import LOGPROB_TOL  # noqa: E402  (SPEC section 4)
 # In bf16 the logits themselves are rounded to bf16 (spacing 0.03 at |logit| 4-8), which alone
 # moves some logprobs past 5e-2 (measured up to 0.076, with no token flips). The exactness modes
 # therefore serve in float16 (8x finer rounding; SGLang's fused norms have no float32 kernel),
@@ -79,7 +79,7 @@ def reference(server, references: dict):
 
 @pytest.fixture(scope="module", params=sorted(SERVER_MODES))
 def server(request, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    from sala_sglang.served_check import Server
+    from sala_sglang.testing.server import Server
 
     log = tmp_path_factory.mktemp("logs") / f"server_{request.param}.log"
     srv = Server(tiny_dir, log, *SERVER_MODES[request.param])
@@ -97,7 +97,7 @@ def _prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
 
 
 def _check(server, reference, prompt: list[int], result: dict) -> dict:
-    from sala_sglang.served_check import served_vs_reference
+    from sala_sglang.testing.compare import served_vs_reference
 
     noise = BF16_Q_NOISE if server.mode.endswith("bf16") else FP16_Q_NOISE
     try:

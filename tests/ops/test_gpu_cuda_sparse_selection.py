@@ -17,8 +17,7 @@ import pytest
 import torch
 from cuda_extension import ON_GPU, needs_extension
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels"))
-from sparse_inputs import compressed_buffers, paged_cache  # noqa: E402
+from sala_sglang.testing.paged_inputs import compressed_buffers, paged_cache
 
 from sala_sglang.config import MiniCPMSALAConfig, SparseConfig  # noqa: E402
 

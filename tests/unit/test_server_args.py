@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("sglang")
 
 from sala_sglang import plugin  # noqa: E402
-from sala_sglang.server_checks import UnsupportedServerOption, is_minicpm_sala  # noqa: E402
+from sala_sglang.server_args import UnsupportedServerOption, is_minicpm_sala  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Inputs for the InfLLM-v2 ops in the serving layout (sala_sglang/attention/sparse_backend.py):
 a paged KV cache with shuffled pages (page size = block size), its req_to_token table, the K1/K2
 compressed-key buffers beside the pages, and per-token query metadata. Shared by
-benchmarks/kernels/sparse_attention.py and tests/test_gpu_sparse_ops.py.
+the kernel benchmarks and the op tests.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from sala_sglang.config import MiniCPMSALAConfig
-from sala_sglang.memory import add_compressed_keys_to_cell_size, compressed_key_bytes_per_token
+from sala_sglang.hooks import add_compressed_keys_to_cell_size, compressed_key_bytes_per_token
 
 
 def test_released_model_adds_a_sixteenth_and_a_sixty_fourth_of_k() -> None:

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("sglang")
 
 from sala_sglang import plugin  # noqa: E402
-from sala_sglang.request_checks import reject_out_of_vocab_ids  # noqa: E402
+from sala_sglang.hooks import reject_out_of_vocab_ids  # noqa: E402
 
 
 def _manager(hf_config) -> SimpleNamespace:

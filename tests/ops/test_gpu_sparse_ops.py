@@ -13,8 +13,7 @@ import pytest
 import torch
 
 # the paged-cache builder is shared with benchmarks/kernels/sparse_attention.py
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels"))
-from sparse_inputs import compressed_buffers, paged_cache  # noqa: E402
+from sala_sglang.testing.paged_inputs import compressed_buffers, paged_cache
 
 pytestmark = [
     pytest.mark.gpu,

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import requests
 
-from sala_sglang.cli import RECOMMENDED_SERVE_FLAGS
+from sala_sglang.server_args import RECOMMENDED_SERVE_FLAGS
 from sala_sglang.config import RELEASED_CONFIG_PATH, MiniCPMSALAConfig
-from sala_sglang.memory import compressed_key_bytes_per_token
-from sala_sglang.served_check import Server
+from sala_sglang.hooks import compressed_key_bytes_per_token
+from sala_sglang.testing.server import Server
 from sala_sglang.tiny import TINY_VOCAB_SIZE, TOKENIZER_CONFIG, TOKENIZER_PATH
 
 DATA_DIR = Path(__file__).resolve().parent / "data"

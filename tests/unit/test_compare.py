@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sala_sglang.served_check import LOGPROB_TOL, served_vs_reference
+from sala_sglang.testing.compare import LOGPROB_TOL, served_vs_reference
 
 
 def _fake_answer(reference, prompt: list[int], new_tokens: int) -> dict:
@@ -94,7 +94,7 @@ def test_entries_that_do_not_line_up_are_refused(setup) -> None:
 
 def _noisy_answer(reference, prompt: list[int], answer: dict, q_noise: float, seed: int) -> dict:
     """`answer` as the reference gives it under stage-1 noise (seed)."""
-    from sala_sglang.served_check import _noisy_stage1
+    from sala_sglang.testing.compare import _noisy_stage1
 
     return _answer_from(reference, prompt, answer, _noisy_stage1(q_noise, seed))
 
@@ -102,7 +102,7 @@ def _noisy_answer(reference, prompt: list[int], answer: dict, q_noise: float, se
 def _answer_from(reference, prompt: list[int], answer: dict, stage1) -> dict:
     """`answer` with every logprob taken from the reference with its block scoring passed
     through `stage1`."""
-    from sala_sglang.served_check import _reference_logprobs
+    from sala_sglang.testing.compare import _reference_logprobs
 
     sequence = prompt + answer["output_ids"]
     _, logprobs = _reference_logprobs(reference, sequence, len(prompt), stage1)
@@ -141,7 +141,7 @@ def test_a_miss_that_one_near_tie_taken_the_other_way_explains_is_excused(sparse
     # (they share their best window); taking it the other way moves that row's logprob past
     # LOGPROB_TOL. An answer computed that way is what a kernel that rounds the tie the other
     # way serves: excused, and the pair named. Off by more, the same row is reported.
-    from sala_sglang.served_check import _near_tie_swaps, _swapped_stage1
+    from sala_sglang.testing.compare import _near_tie_swaps, _swapped_stage1
 
     reference, prompt, answer = sparse_setup
     sequence = prompt + answer["output_ids"]

@@ -17,8 +17,7 @@ import torch
 from cuda_extension import ON_GPU, needs_extension
 
 # the paged-cache builder is shared with benchmarks/kernels/sparse_attention.py
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels"))
-from sparse_inputs import paged_cache  # noqa: E402
+from sala_sglang.testing.paged_inputs import paged_cache
 
 pytestmark = ON_GPU
 

@@ -124,7 +124,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("tp", [1, 2])  # the tiny checkpoint has 2 kv heads
 def test_sglang_model_matches_reference_around_attention(tp: int, tmp_path: Path) -> None:
-    from sala_sglang.served_check import free_port
+    from sala_sglang.testing.server import free_port
     from sala_sglang.tiny import make_tiny
 
     path = make_tiny(tmp_path)

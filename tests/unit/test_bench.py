@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sala_sglang.benchmarking import MODELS, stream_one
+from sala_sglang.bench import MODELS, stream_one
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_sala_counts_match_the_spec() -> None:
@@ -142,7 +142,7 @@ def _stream_replies(monkeypatch: pytest.MonkeyPatch, lines: list[bytes],
             before_first()
             yield from lines
 
-    monkeypatch.setattr("sala_sglang.benchmarking.requests.post", lambda *a, **k: Streamed())
+    monkeypatch.setattr("sala_sglang.bench.requests.post", lambda *a, **k: Streamed())
 
 
 def test_streamed_rejection_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -198,14 +198,14 @@ def test_bench_serving_without_datasets_fails_before_starting_a_server(
 ) -> None:
     import importlib.util
 
-    from sala_sglang import benchmarking
+    from sala_sglang import bench
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(benchmarking.importlib.util, "find_spec",
+    monkeypatch.setattr(bench.importlib.util, "find_spec",
                         lambda name, *a: None if name == "datasets" else real_find_spec(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(benchmarking, "run", lambda args: pytest.fail("server started"))
-    assert benchmarking.main(["--lengths", "1024", "--concurrency", "8", "--no-peaks"]) == 2
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("server started"))
+    assert bench.main(["--lengths", "1024", "--concurrency", "8", "--no-peaks"]) == 2
     assert "needs the `datasets` package" in capsys.readouterr().err
 
 

@@ -25,7 +25,7 @@ GOOD = {"input_ids": [1, 7, 9, 11], "sampling_params": {"max_new_tokens": 4}}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    from sala_sglang.served_check import Server
+    from sala_sglang.testing.server import Server
     from sala_sglang.tiny import make_tiny
 
     tiny = make_tiny(tmp_path_factory.mktemp("tiny"))

@@ -48,7 +48,8 @@ def check_reference(model_dir: Path) -> list[str]:
 
 def check_served(model_dir: Path) -> list[str]:
     """Problems found comparing a served run (float16, small chunks) with the reference."""
-    from sala_sglang.served_check import LOGPROB_TOL, Server, served_vs_reference
+    from sala_sglang.testing.compare import LOGPROB_TOL, served_vs_reference
+    from sala_sglang.testing.server import Server
 
     reference = ReferenceModel.from_pretrained(model_dir, dtype=torch.float64)
     problems = []

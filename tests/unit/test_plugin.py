@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("sglang")
 
 from sala_sglang import plugin  # noqa: E402
+from sala_sglang import server_args  # noqa: E402
 from sala_sglang.config import MiniCPMSALAConfig  # noqa: E402
 
 
@@ -123,14 +124,14 @@ def test_both_backend_names_parse_and_dense_as_sparse_defaults_off(
     for name in ("minicpm_flashinfer", "minicpm_flashattn"):
         args = _server_args(tiny_dir, "--attention-backend", name)
         assert args.attention_backend == name
-        assert plugin.dense_as_sparse(args) is False
+        assert server_args.dense_as_sparse(args) is False
 
 
 def test_dense_as_sparse_survives_pickling_to_the_scheduler(
     registered: None, tiny_dir: Path
 ) -> None:
     args = _server_args(tiny_dir, "--attention-backend", "minicpm_flashinfer", "--dense-as-sparse")
-    assert plugin.dense_as_sparse(pickle.loads(pickle.dumps(args))) is True
+    assert server_args.dense_as_sparse(pickle.loads(pickle.dumps(args))) is True
 
 
 def test_config_loader_returns_our_class(registered: None, tiny_dir: Path) -> None:

@@ -1,0 +1,1 @@
+"""Test and benchmark harness: launch a server, compare it with the reference."""

@@ -1,0 +1,104 @@
+"""Launch `python -m sglang.launch_server` with the plugin for tests and benchmarks, and talk to
+it (health, /generate with logprobs, load counters)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+STARTUP_TIMEOUT_S = 900
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m sglang.launch_server` in its own process group, log kept in a file."""
+
+    def __init__(
+        self, model_dir: Path, log_path: Path, *flags: str, env: dict | None = None
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [
+            sys.executable, "-m", "sglang.launch_server",
+            "--model-path", str(model_dir),
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--attention-backend", "minicpm_flashinfer",
+            "--sampling-backend", "pytorch",
+            "--grammar-backend", "none",
+            "--mem-fraction-static", "0.5",
+            *flags,
+        ]
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1", **(env or {})},
+            start_new_session=True,
+        )
+
+    def wait_ready(self) -> None:
+        deadline = time.time() + STARTUP_TIMEOUT_S
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        raise TimeoutError(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{self.tail()}")
+
+    def tail(self, chars: int = 6000) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+    def load(self) -> dict:
+        """The scheduler's load counters from /v1/loads (first DP rank): running and waiting
+        requests, used and total KV tokens."""
+        r = requests.get(self.url + "/v1/loads", timeout=30)
+        r.raise_for_status()
+        return r.json()["loads"][0]
+
+    def generate(self, input_ids: list[int], max_new_tokens: int, **extra: Any) -> dict:
+        body = {
+            "input_ids": input_ids,
+            "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
+                                "ignore_eos": True},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+            "top_logprobs_num": 2,
+            **extra,
+        }
+        r = requests.post(self.url + "/generate", json=body, timeout=600)
+        r.raise_for_status()
+        return r.json()
