@@ -1,12 +1,19 @@
-"""Shared test helpers: small MiniCPM-SALA configs and randomly initialised reference models."""
+"""Shared test helpers: small MiniCPM-SALA configs, randomly initialised reference models, the
+relative-error helper, the `gpu` marker's skip and the `impl` / `device` fixtures of op tests."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+
+# Triton decides between compiling and interpreting a kernel when it is defined, so this is set
+# before any test imports one: without a GPU every Triton kernel runs in the CPU interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sala_sglang.config import MiniCPMSALAConfig
 
@@ -78,6 +85,38 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("inf")
     return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` skip where no CUDA GPU is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def extension_built() -> bool:
+    """Whether the compiled kernels (`sala_sglang._C`) load on a visible CUDA GPU."""
+    from sala_sglang.ops import _cuda
+
+    return torch.cuda.is_available() and _cuda.available()
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def impl(request: pytest.FixtureRequest) -> str:
+    """Each implementation of an op: Triton (the CPU interpreter without a GPU) and CUDA (skipped
+    unless `sala_sglang._C` is built and a GPU is visible)."""
+    if request.param == "cuda" and not extension_built():
+        pytest.skip("sala_sglang._C is not built or no CUDA GPU")
+    return request.param
+
+
+@pytest.fixture
+def device() -> str:
+    """Where op tests put their tensors: the GPU when there is one, else the CPU (interpreter)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Callable
 
 import torch
+
+from sala_sglang.ops.overrides import IMPLS
 
 log = logging.getLogger(__name__)
 _reported: set[tuple[str, bool]] = set()
@@ -51,27 +52,19 @@ def use_compiled(op: str, x: torch.Tensor) -> bool:
     return compiled
 
 
-IMPLS = ("cuda", "triton")
-# Set to "cuda" or "triton" to make every op with both kernels run that one where it can (an
-# end-to-end check of the other kernel); unset, each op takes the one measured faster.
-FORCE_ENV = "SALA_SGLANG_KERNELS"
-
-
 def choose_cuda(op: str, impl: str | None, x: torch.Tensor, cuda_faster: bool,
                 unsupported: Callable[[], str | None]) -> bool:
     """Whether `op` runs its CUDA kernel. impl "cuda" requires it (ValueError naming why it cannot
     run), "triton" refuses it, None takes the faster one (`cuda_faster`, from the H100 kernel
-    benchmarks) unless FORCE_ENV says otherwise, falling back to Triton wherever CUDA cannot run.
+    benchmarks), falling back to Triton wherever CUDA cannot run. The caller resolves environment
+    overrides (`overrides.KernelOverrides`, read once per backend) into impl.
     `unsupported()` returns why the CUDA kernel cannot take the arguments, or None; it must read
     host metadata only (it runs while CUDA graphs are captured)."""
     if impl not in (None, *IMPLS):
         raise ValueError(f"{op}: impl={impl!r}; expected 'cuda', 'triton' or None")
     required = impl == "cuda"
     if impl is None:
-        forced = os.environ.get(FORCE_ENV, "")
-        if forced not in ("", *IMPLS):
-            raise ValueError(f"{FORCE_ENV}={forced!r}; expected 'cuda', 'triton' or unset")
-        impl = forced or ("cuda" if cuda_faster else "triton")
+        impl = "cuda" if cuda_faster else "triton"
     if impl == "triton":
         return False
     why = None if (x.is_cuda and available()) else \
