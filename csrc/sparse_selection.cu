@@ -40,7 +40,11 @@
 #include <cstdlib>
 #include <type_traits>
 
+#include "ptx.cuh"
+
 namespace {
+
+namespace ptx = sala::ptx;
 
 constexpr int kMaxGroupHeads = 16;  // one m16 tile of query heads
 constexpr int kScratchBytes = 8192;
@@ -62,50 +66,6 @@ __host__ __device__ constexpr int64_t ring_bytes() {
 template <int D, int NW>
 int64_t smem_bytes(int64_t width, int64_t num_selected) {
   return ring_bytes<D, NW>() + align16(4 * width) + align16(8 * num_selected) + kScratchBytes;
-}
-
-template <typename T>
-struct MmaType;
-template <>
-struct MmaType<__nv_bfloat16> {
-  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <>
-struct MmaType<__half> {
-  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared; src_bytes 0 writes zeros (windows past the visible ones).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-               "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
 }
 
 struct Geometry {
@@ -156,7 +116,7 @@ __device__ __forceinline__ void stage_k1_rows(T* dst, const int64_t* offsets, co
     const int64_t offset = offsets[row];
     // src_bytes 0 zero-fills the row; the source must still be a valid address
     const T* src = offset >= 0 ? k1_group + offset + chunk * 8 : k1_group;
-    cp_async16(dst + row * kRow + chunk * 8, src, offset >= 0 ? 16 : 0);
+    ptx::cp_async_16_zfill(dst + row * kRow + chunk * 8, src, offset >= 0 ? 16 : 0);
   }
 }
 
@@ -175,18 +135,18 @@ __device__ __forceinline__ void ring_sweep(int first, int end, bool score, Locat
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (first + s < end) load(first + s);
-    cp_async_commit();
+    ptx::cp_async_commit();
   }
   for (int tile = first; tile < end; ++tile) {
     const int next = tile + kStages - 1;
     if (next < end) locate(next);
-    cp_async_wait<kStages - 2>();
+    ptx::cp_async_wait<kStages - 2>();
     __syncthreads();  // tile is in; every warp is done with the slot refilled next
     if (next < end) load(next);
-    cp_async_commit();
+    ptx::cp_async_commit();
     if (score) body(tile);
   }
-  cp_async_wait<0>();
+  ptx::cp_async_wait<0>();
   __syncthreads();
 }
 
@@ -295,9 +255,9 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
       for (int n = 0; n < 2; ++n) {
         // matrices: dims [16s, +8), [16s + 8, +8), [16s + 16, +8), [16s + 24, +8) of 8 windows
         uint32_t b[4];
-        ldmatrix_x4(b, base + (8 * n + (lane % 8)) * kRow + 16 * s + 8 * (lane / 8));
-        MmaType<T>::mma(acc[n], qa[s], b[0], b[1]);
-        MmaType<T>::mma(acc[n], qa[s + 1], b[2], b[3]);
+        ptx::ldmatrix_x4(b, base + (8 * n + (lane % 8)) * kRow + 16 * s + 8 * (lane / 8));
+        ptx::mma_m16n8k16<T>(acc[n], qa[s], b[0], b[1]);
+        ptx::mma_m16n8k16<T>(acc[n], qa[s + 1], b[2], b[3]);
       }
     }
 #pragma unroll
@@ -693,9 +653,9 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
 #pragma unroll
         for (int n = 0; n < kN; ++n) {
           uint32_t b[4];
-          ldmatrix_x4(b, base + (8 * n + (lane % 8)) * kRow + 16 * s + 8 * (lane / 8));
-          MmaType<T>::mma(acc[n], qa[s], b[0], b[1]);
-          MmaType<T>::mma(acc[n], qa[s + 1], b[2], b[3]);
+          ptx::ldmatrix_x4(b, base + (8 * n + (lane % 8)) * kRow + 16 * s + 8 * (lane / 8));
+          ptx::mma_m16n8k16<T>(acc[n], qa[s], b[0], b[1]);
+          ptx::mma_m16n8k16<T>(acc[n], qa[s + 1], b[2], b[3]);
         }
       }
     };
