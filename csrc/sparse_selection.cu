@@ -16,10 +16,13 @@
 // a multi-stage shared-memory ring (rows padded by 16 bytes so ldmatrix is conflict-free).
 //
 // For prefill, select_blocks_tiled_kernel below does the same per token with 4 or 8 tokens per
-// CTA sharing each staged K1 tile; this per-token kernel serves decode and widths too large for
-// a tile's block scores.
+// CTA sharing each staged K1 tile; this per-token kernel, 4 or 8 warps wide, serves decode and
+// small batches. The op runs exactly the variant it is given (tile_tokens, warps, segment): the
+// caller's per-forward plan (sala_sglang/ops/infllm_v2/plan.py) picks it, asking
+// select_blocks_smem_bytes, which evaluates the layouts below, which variants fit the device. So
+// the layouts are written here only, and no call reads the environment or the device.
 //
-// Dynamic shared memory (kept in step with _cuda_selection_smem_bytes in ops/sparse.py):
+// Dynamic shared memory (smem_bytes<D, NW>):
 //   stages * window_tile * (D + 8) * 2   K1 ring
 //   + align16(4 * width)                 block scores (float bits, atomicMax-pooled)
 //   + align16(8 * num_selected)          chosen keys
@@ -37,7 +40,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 
 #include "ptx.cuh"
@@ -49,6 +51,8 @@ namespace ptx = sala::ptx;
 constexpr int kMaxGroupHeads = 16;  // one m16 tile of query heads
 constexpr int kScratchBytes = 8192;
 
+// Few CTAs (decode): 8 warps put twice the windows in flight per CTA. Many CTAs: 4 warps and a
+// deeper ring, several CTAs per SM.
 template <int NW>
 struct Tiling {
   static constexpr int kThreads = 32 * NW;
@@ -462,7 +466,7 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
 // the same for any segment length: scores are exact per block, and the merge keeps the order
 // (score desc, block asc).
 //
-// Dynamic shared memory:
+// Dynamic shared memory (tiled_smem_bytes<D, TT>):
 //   max(K1 ring, TT * (1024 + align16(8 * num_selected)))
 //       the ring (kTiledStages * kTiledWindows * (D + 8) * 2) while sweeping; each warp's radix
 //       histogram and chosen keys while selecting (no copy is in flight then: each sweep ends
@@ -501,12 +505,8 @@ int64_t tiled_smem_bytes(int64_t segment, int64_t num_selected) {
          TT * align16(4 * segment) + tiled_scratch_bytes(TT);
 }
 
-// Blocks per segment: the 128K width, where 8-token CTAs measured fastest, two per SM (D 128:
-// 105 KB each).
-constexpr int64_t kTiledSegmentBlocks = 2048;
-
-// Register cap from the CTAs per SM that shared memory allows at 128K context (width 2048,
-// D 128): three of 4 warps, two of 8.
+// Register cap from the CTAs per SM that shared memory allows at 128K context (a width and a
+// segment of 2048 blocks, D 128): three of 4 warps, two of 8.
 template <int D, int TT, typename T>
 __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_kernel(
     const T* __restrict__ q, const T* __restrict__ k1, const int32_t* __restrict__ req_to_token,
@@ -927,6 +927,7 @@ void launch(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& req_to_
             const at::Tensor& token_req, const at::Tensor& token_pos, at::Tensor& out,
             const Geometry& geo, int64_t smem) {
   auto kernel = select_blocks_kernel<D, NW, T>;
+  // Above 48 KiB a kernel must opt in; more than the device allows fails here, loudly.
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
@@ -945,6 +946,7 @@ void launch_tiled(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& r
                   const at::Tensor& token_req, const at::Tensor& token_pos, at::Tensor& out,
                   const Geometry& geo, int64_t smem) {
   auto kernel = select_blocks_tiled_kernel<D, TT, T>;
+  // Above 48 KiB a kernel must opt in; more than the device allows fails here, loudly.
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
@@ -958,55 +960,63 @@ void launch_tiled(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& r
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// tile_tokens: 8 or 4 tokens per CTA (the tiled kernel, as many as shared memory allows), 0 the
-// per-token kernel.
+// The dynamic shared memory of a variant's launch: tile_tokens 8 or 4 is the token-tiled kernel
+// with `segment` blocks of scores per token, 0 the per-token kernel `warps` warps wide. The launch
+// and select_blocks_smem_bytes both take it from here.
+template <int D>
+int64_t variant_smem_bytes(int64_t tile_tokens, int64_t warps, int64_t width, int64_t segment,
+                           int64_t num_selected) {
+  if (tile_tokens == 8) return tiled_smem_bytes<D, 8>(segment, num_selected);
+  if (tile_tokens == 4) return tiled_smem_bytes<D, 4>(segment, num_selected);
+  if (warps == 8) return smem_bytes<D, 8>(width, num_selected);
+  return smem_bytes<D, 4>(width, num_selected);
+}
+
 template <int D, typename T>
-void launch_for_warps(int tile_tokens, bool wide, const at::Tensor& q, const at::Tensor& k1,
-                      const at::Tensor& req_to_token, const at::Tensor& token_req,
-                      const at::Tensor& token_pos, at::Tensor& out, const Geometry& geo,
-                      int64_t max_smem) {
-  if (tile_tokens >= 8) {
-    const int64_t smem = tiled_smem_bytes<D, 8>(geo.segment, geo.num_selected);
-    if (smem <= max_smem) {
-      return launch_tiled<D, 8, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
-    }
-  }
-  if (tile_tokens >= 4) {
-    const int64_t smem = tiled_smem_bytes<D, 4>(geo.segment, geo.num_selected);
-    if (smem <= max_smem) {
-      return launch_tiled<D, 4, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
-    }
-  }
-  // Few CTAs (decode): 8 warps put twice the windows in flight per CTA; many CTAs (prefill):
-  // 4 warps and a deeper ring, several CTAs per SM.
-  if (wide) {
-    const int64_t smem = smem_bytes<D, 8>(geo.width, geo.num_selected);
-    TORCH_CHECK(smem <= max_smem, "select_blocks: width ", geo.width, " needs ", smem,
-                " bytes of shared memory, the device allows ", max_smem);
+void launch_variant(int64_t tile_tokens, int64_t warps, const at::Tensor& q, const at::Tensor& k1,
+                    const at::Tensor& req_to_token, const at::Tensor& token_req,
+                    const at::Tensor& token_pos, at::Tensor& out, const Geometry& geo) {
+  const int64_t smem =
+      variant_smem_bytes<D>(tile_tokens, warps, geo.width, geo.segment, geo.num_selected);
+  if (tile_tokens == 8) {
+    launch_tiled<D, 8, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
+  } else if (tile_tokens == 4) {
+    launch_tiled<D, 4, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
+  } else if (warps == 8) {
     launch<D, 8, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
   } else {
-    const int64_t smem = smem_bytes<D, 4>(geo.width, geo.num_selected);
-    TORCH_CHECK(smem <= max_smem, "select_blocks: width ", geo.width, " needs ", smem,
-                " bytes of shared memory, the device allows ", max_smem);
     launch<D, 4, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
   }
 }
 
 template <typename T>
-void launch_for_dim(int64_t dim, int tile_tokens, bool wide, const at::Tensor& q,
+void launch_for_dim(int64_t dim, int64_t tile_tokens, int64_t warps, const at::Tensor& q,
                     const at::Tensor& k1, const at::Tensor& req_to_token,
                     const at::Tensor& token_req, const at::Tensor& token_pos, at::Tensor& out,
-                    const Geometry& geo, int64_t max_smem) {
-  switch (dim) {
-    case 64:
-      return launch_for_warps<64, T>(tile_tokens, wide, q, k1, req_to_token, token_req,
-                                     token_pos, out, geo, max_smem);
-    case 128:
-      return launch_for_warps<128, T>(tile_tokens, wide, q, k1, req_to_token, token_req,
-                                      token_pos, out, geo, max_smem);
-    default:
-      TORCH_CHECK(false, "select_blocks: head dim ", dim, " not compiled: use 64 or 128");
+                    const Geometry& geo) {
+  if (dim == 64) {
+    launch_variant<64, T>(tile_tokens, warps, q, k1, req_to_token, token_req, token_pos, out, geo);
+  } else {
+    launch_variant<128, T>(tile_tokens, warps, q, k1, req_to_token, token_req, token_pos, out,
+                           geo);
   }
+}
+
+// What select_blocks and select_blocks_smem_bytes accept: the compiled head dims and variants,
+// and the sizes the layouts assume.
+void check_variant(const char* op, int64_t dim, int64_t tile_tokens, int64_t warps,
+                   int64_t segment, int64_t num_selected, int64_t width) {
+  TORCH_CHECK(dim == 64 || dim == 128, op, ": head dim ", dim, " not compiled: use 64 or 128");
+  TORCH_CHECK(tile_tokens == 0 || tile_tokens == 4 || tile_tokens == 8, op, ": tile_tokens ",
+              tile_tokens,
+              " not compiled: use 0 (the per-token kernel) or 4 or 8 (tokens per CTA of the "
+              "token-tiled kernel)");
+  TORCH_CHECK(warps == 4 || warps == 8, op, ": warps ", warps,
+              " not compiled: use 4 or 8 (the per-token kernel's warps per CTA)");
+  TORCH_CHECK(segment >= 1, op, ": segment ", segment,
+              " must be at least 1 (blocks of scores the token-tiled kernel keeps at a time)");
+  TORCH_CHECK(num_selected >= 1 && width >= num_selected && width < (int64_t{1} << 30), op,
+              ": need 1 <= num_selected <= width < 2^30, got ", num_selected, " and ", width);
 }
 
 void check_index(const at::Tensor& x, const char* name, const at::Tensor& q) {
@@ -1019,7 +1029,8 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1,
                          const at::Tensor& req_to_token, const at::Tensor& token_req,
                          const at::Tensor& token_pos, int64_t kernel_size, int64_t kernel_stride,
                          int64_t block_size, int64_t init_blocks, int64_t local_blocks,
-                         int64_t num_selected, int64_t width, double scale) {
+                         int64_t num_selected, int64_t width, double scale, int64_t tile_tokens,
+                         int64_t warps, int64_t segment) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.stride(2) == 1,
               "select_blocks: q must be a CUDA tensor [tokens, heads, dim] contiguous in dim, got ",
               q.sizes(), " on ", q.device());
@@ -1052,9 +1063,10 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1,
               "kernel_stride (k1 holding block_size / kernel_stride rows per page), got kernel ",
               kernel_size, ", stride ", kernel_stride, ", block ", block_size, ", rows ",
               k1.size(1));
-  TORCH_CHECK(num_selected >= 1 && width >= num_selected && width < (int64_t{1} << 30) &&
-                  init_blocks >= 0 && local_blocks >= 0,
-              "select_blocks: need 1 <= num_selected <= width, got ", num_selected, " and ", width);
+  check_variant("select_blocks", dim, tile_tokens, warps, segment, num_selected, width);
+  TORCH_CHECK(init_blocks >= 0 && local_blocks >= 0,
+              "select_blocks: init_blocks and local_blocks must be >= 0, got ", init_blocks,
+              " and ", local_blocks);
   TORCH_CHECK(tokens * groups < (int64_t{1} << 31), "select_blocks: ", tokens, " tokens too many");
   TORCH_CHECK(scale > 0.0 && std::isfinite(scale), "select_blocks: scale must be positive, got ",
               scale);
@@ -1080,51 +1092,36 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1,
   geo.local_blocks = static_cast<int>(std::min<int64_t>(local_blocks, 1 << 30));
   geo.num_selected = static_cast<int>(num_selected);
   geo.width = static_cast<int>(width);
-  // SALA_SGLANG_SELECT_SEGMENT forces shorter segments (tests: several at small widths)
-  int64_t segment = std::min(width, kTiledSegmentBlocks);
-  if (const char* env = std::getenv("SALA_SGLANG_SELECT_SEGMENT")) {
-    const int64_t forced = std::atoll(env);
-    if (forced >= 1) segment = std::min(width, forced);
-  }
-  geo.segment = static_cast<int>(segment);
+  geo.segment = static_cast<int>(std::min(segment, width));  // a longer one holds nothing more
   geo.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
-  int device = 0, max_smem_int = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(
-      cudaDeviceGetAttribute(&max_smem_int, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t max_smem = max_smem_int;
-  const bool wide = tokens * groups < 2 * int64_t{sms};
-  // Tiles of 8 (else 4) tokens once that makes at least one CTA per SM (prefill); below that
-  // the per-token kernel keeps more SMs busy. SALA_SGLANG_SELECT_TILE=1 / 4 / 8 forces the
-  // per-token kernel or that many tokens per CTA (benchmarks and tests; read on the host at each
-  // call, so capture bakes it in like any other launch parameter).
-  int tile_tokens = 0;
-  if ((tokens + 7) / 8 * groups >= sms) {
-    tile_tokens = 8;
-  } else if ((tokens + 3) / 4 * groups >= sms) {
-    tile_tokens = 4;
-  }
-  if (const char* env = std::getenv("SALA_SGLANG_SELECT_TILE")) {
-    const int forced = std::atoi(env);
-    if (forced == 1) tile_tokens = 0;
-    if (forced == 4 || forced == 8) tile_tokens = forced;
-  }
   if (q.scalar_type() == at::kBFloat16) {
-    launch_for_dim<__nv_bfloat16>(dim, tile_tokens, wide, q, k1, req_to_token, token_req,
-                                  token_pos, out, geo, max_smem);
+    launch_for_dim<__nv_bfloat16>(dim, tile_tokens, warps, q, k1, req_to_token, token_req,
+                                  token_pos, out, geo);
   } else {
-    launch_for_dim<__half>(dim, tile_tokens, wide, q, k1, req_to_token, token_req, token_pos,
-                           out, geo, max_smem);
+    launch_for_dim<__half>(dim, tile_tokens, warps, q, k1, req_to_token, token_req, token_pos,
+                           out, geo);
   }
   return out;
+}
+
+// Host arithmetic only: the plan asks it on any process, GPU or not, which variants fit.
+int64_t select_blocks_smem_bytes(int64_t head_dim, int64_t tile_tokens, int64_t warps,
+                                 int64_t width, int64_t segment, int64_t num_selected) {
+  check_variant("select_blocks_smem_bytes", head_dim, tile_tokens, warps, segment, num_selected,
+                width);
+  segment = std::min(segment, width);  // as select_blocks clamps it
+  if (head_dim == 64) {
+    return variant_smem_bytes<64>(tile_tokens, warps, width, segment, num_selected);
+  }
+  return variant_smem_bytes<128>(tile_tokens, warps, width, segment, num_selected);
 }
 
 // Shapes only, for torch.compile's fake tensors.
 at::Tensor select_blocks_meta(const at::Tensor& q, const at::Tensor& k1, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
-                              int64_t, int64_t, int64_t num_selected, int64_t, double) {
+                              int64_t, int64_t, int64_t num_selected, int64_t, double, int64_t,
+                              int64_t, int64_t) {
   return at::empty_symint({q.sym_size(0), k1.sym_size(2), c10::SymInt(num_selected)},
                           q.options().dtype(at::kInt));
 }
@@ -1135,7 +1132,13 @@ TORCH_LIBRARY_FRAGMENT(sala_sglang, m) {
   m.def(
       "select_blocks(Tensor q, Tensor k1, Tensor req_to_token, Tensor token_req, "
       "Tensor token_pos, int kernel_size, int kernel_stride, int block_size, int init_blocks, "
-      "int local_blocks, int num_selected, int width, float scale) -> Tensor");
+      "int local_blocks, int num_selected, int width, float scale, int tile_tokens, int warps, "
+      "int segment) -> Tensor");
+  // No tensor argument: one catch-all kernel, so a CPU-only process can call it too.
+  m.def(
+      "select_blocks_smem_bytes(int head_dim, int tile_tokens, int warps, int width, "
+      "int segment, int num_selected) -> int",
+      &select_blocks_smem_bytes);
 }
 
 TORCH_LIBRARY_IMPL(sala_sglang, CUDA, m) { m.impl("select_blocks", &select_blocks); }
