@@ -16,10 +16,9 @@
 // split writes a normalized fp32 partial and its log2-sum-exp, and a second kernel merges the
 // splits.
 //
-// num_splits > 1 (decode) is a floor: few tokens x kv heads leave most SMs idle, so the op splits
-// further, up to at most two CTAs per SM (rounding down: a second, mostly empty wave of CTAs
-// would cost a whole extra CTA time) while each split keeps at least kMinItemsPerSplit of the
-// n_sel selected blocks. Only host-side sizes decide this, so it is fixed under a CUDA graph.
+// The op runs exactly num_splits splits: how far to split (decode, where few tokens x kv heads
+// leave most SMs idle) is the caller's per-forward plan (sala_sglang/ops/infllm_v2/plan.py), which
+// knows the device, so nothing here queries it per call.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -44,11 +43,9 @@ constexpr int kStages = 3;   // chunks in flight per warp: kStages - 1 while one
 constexpr int kChunk = 16;   // keys per warp step (the k of the P.V mma)
 constexpr int kRows = 16;    // mma rows: the group's query heads, padded
 constexpr int kMaxGroup = kRows;
-constexpr int kMinItemsPerSplit = 4;
 // Blocks resolved per table fill: every sparse token of the released model (96 selected) and
 // every dense token up to 16K keys at block 64 fit in one fill; longer lists take several.
 constexpr int kItemCap = 256;
-constexpr int kCtasPerSm = 2;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -__builtin_huge_valf();
 
@@ -501,13 +498,6 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k_buffe
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({tokens, query_heads, dim}, q.options());
   if (tokens == 0) return out;
-  if (num_splits > 1) {
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
-    const int64_t want = (kCtasPerSm * sms) / (tokens * groups);
-    const int64_t most = std::max<int64_t>(1, selected.size(2) / kMinItemsPerSplit);
-    num_splits = std::max(num_splits, std::min(want, most));
-  }
   at::Tensor part_o, part_lse;
   if (num_splits > 1) {
     const auto f32 = q.options().dtype(at::kFloat);
