@@ -20,9 +20,9 @@
 // leave most SMs idle) is the caller's per-forward plan (sala_sglang/ops/infllm_v2/plan.py), which
 // knows the device, so nothing here queries it per call.
 
+#include <ATen/Dispatch_v2.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/Dispatch_v2.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -39,9 +39,9 @@ namespace ptx = sala::ptx;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kStages = 3;   // chunks in flight per warp: kStages - 1 while one is computed
-constexpr int kChunk = 16;   // keys per warp step (the k of the P.V mma)
-constexpr int kRows = 16;    // mma rows: the group's query heads, padded
+constexpr int kStages = 3;  // chunks in flight per warp: kStages - 1 while one is computed
+constexpr int kChunk = 16;  // keys per warp step (the k of the P.V mma)
+constexpr int kRows = 16;   // mma rows: the group's query heads, padded
 constexpr int kMaxGroup = kRows;
 // Blocks resolved per table fill: every sparse token of the released model (96 selected) and
 // every dense token up to 16K keys at block 64 fit in one fill; longer lists take several.
@@ -53,9 +53,9 @@ struct Params {
   const void* q;
   const void* k;
   const void* v;
-  void* out;         // [T, Hq, D] in q's dtype (num_splits == 1)
-  float* part_o;     // [T, Hq, splits, D] (num_splits > 1)
-  float* part_lse;   // [T, Hq, splits], log2 domain
+  void* out;        // [T, Hq, D] in q's dtype (num_splits == 1)
+  float* part_o;    // [T, Hq, splits, D] (num_splits > 1)
+  float* part_lse;  // [T, Hq, splits], log2 domain
   const int32_t* rt;
   const int32_t* token_req;
   const int32_t* token_pos;
@@ -66,14 +66,14 @@ struct Params {
   int64_t v_st, v_sg;
   int64_t rt_s0, rt_s1, rt_rows, rt_cols;
   int64_t sel_st, sel_sg, sel_si;
-  int64_t slots;     // rows of k/v_buffer
-  int sel_groups;    // selected.size(1): the dense-only batch passes a [T, 1, 1] placeholder
+  int64_t slots;   // rows of k/v_buffer
+  int sel_groups;  // selected.size(1): the dense-only batch passes a [T, 1, 1] placeholder
   int n_sel;
   int block_size;
   int group_size;
   int query_heads;
   int num_splits;
-  float qk_scale;    // scale * log2(e): the softmax runs on exp2
+  float qk_scale;  // scale * log2(e): the softmax runs on exp2
 };
 
 // A chunk tile is [kChunk keys][D] with the 16-byte units of key row r stored at unit ^ (r % 8):
@@ -491,9 +491,8 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k_buffe
   TORCH_CHECK(selected.device() == q.device() && selected.scalar_type() == at::kInt &&
                   selected.dim() == 3 && selected.size(0) == tokens && selected.size(1) >= 1 &&
                   selected.size(2) < (int64_t{1} << 31),
-              "block_sparse_attention: selected must be int32 [", tokens,
-              ", groups, n_sel] on ", q.device(), ", got ", selected.scalar_type(), " ",
-              selected.sizes());
+              "block_sparse_attention: selected must be int32 [", tokens, ", groups, n_sel] on ",
+              q.device(), ", got ", selected.scalar_type(), " ", selected.sizes());
 
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({tokens, query_heads, dim}, q.options());
@@ -540,12 +539,13 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k_buffe
   params.qk_scale = static_cast<float>(scale) * kLog2e;
 
   AT_DISPATCH_V2(q.scalar_type(), "block_sparse_attention", AT_WRAP([&] {
-    if (dim == 64) {
-      launch<scalar_t, 64>(params, tokens, groups, out, part_o, part_lse);
-    } else {
-      launch<scalar_t, 128>(params, tokens, groups, out, part_o, part_lse);
-    }
-  }), at::kHalf, at::kBFloat16);
+                   if (dim == 64) {
+                     launch<scalar_t, 64>(params, tokens, groups, out, part_o, part_lse);
+                   } else {
+                     launch<scalar_t, 128>(params, tokens, groups, out, part_o, part_lse);
+                   }
+                 }),
+                 at::kHalf, at::kBFloat16);
   return out;
 }
 

@@ -73,14 +73,14 @@ int64_t smem_bytes(int64_t width, int64_t num_selected) {
 }
 
 struct Geometry {
-  int64_t stride_qt, stride_qh;              // q [T, Hq, D], contiguous in D
-  int64_t stride_kp, stride_ks, stride_kg;   // k1 [pages, R, G, D], contiguous in D
-  int64_t stride_rt;                         // req_to_token [R, L] int32
+  int64_t stride_qt, stride_qh;             // q [T, Hq, D], contiguous in D
+  int64_t stride_kp, stride_ks, stride_kg;  // k1 [pages, R, G, D], contiguous in D
+  int64_t stride_rt;                        // req_to_token [R, L] int32
   int tokens, groups, group_heads;
   int kernel_size, kernel_stride, block_size;
   int init_blocks, local_blocks, num_selected, width;
-  int segment;                               // blocks per segment (token-tiled kernel only)
-  float scale_log2;                          // softmax scale * log2(e): exp2 throughout
+  int segment;       // blocks per segment (token-tiled kernel only)
+  float scale_log2;  // softmax scale * log2(e): exp2 throughout
 };
 
 // Upper half of the Triton kernel's int64 block key; 0 marks a block after the query's.
@@ -163,34 +163,34 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
   constexpr int kThreads = Tile::kThreads;
   constexpr int kWT = Tile::kWindowTile;
   constexpr int kStages = Tile::kStages;
-  constexpr int kRow = D + 8;          // padded K1 row (elements): 16-byte rows, no bank conflict
-  constexpr int kChunks = D / 8;       // 16-byte chunks per K1 row
-  constexpr int kSteps = D / 16;       // mma k steps
+  constexpr int kRow = D + 8;     // padded K1 row (elements): 16-byte rows, no bank conflict
+  constexpr int kChunks = D / 8;  // 16-byte chunks per K1 row
+  constexpr int kSteps = D / 16;  // mma k steps
   static_assert(kSteps % 2 == 0, "head dim must be a multiple of 32");
 
   extern __shared__ __align__(16) unsigned char smem[];
   T* ring = reinterpret_cast<T*>(smem);
   uint32_t* scores = reinterpret_cast<uint32_t*>(smem + ring_bytes<D, NW>());
-  uint64_t* chosen = reinterpret_cast<uint64_t*>(smem + ring_bytes<D, NW>() +
-                                                 align16(4 * int64_t{geo.width}));
-  unsigned char* scratch = reinterpret_cast<unsigned char*>(chosen) +
-                           align16(8 * int64_t{geo.num_selected});
-  int64_t* row_offset = reinterpret_cast<int64_t*>(scratch);    // [stages][window tile]
-  float* warp_m = reinterpret_cast<float*>(row_offset + kStages * kWT);  // [NW][16]
-  float* warp_l = warp_m + NW * kMaxGroupHeads;                 // [NW][16]
-  float* row_m = warp_l + NW * kMaxGroupHeads;                  // [16]
-  float* row_il = row_m + kMaxGroupHeads;                       // [16]
+  uint64_t* chosen =
+      reinterpret_cast<uint64_t*>(smem + ring_bytes<D, NW>() + align16(4 * int64_t{geo.width}));
+  unsigned char* scratch =
+      reinterpret_cast<unsigned char*>(chosen) + align16(8 * int64_t{geo.num_selected});
+  int64_t* row_offset = reinterpret_cast<int64_t*>(scratch);              // [stages][window tile]
+  float* warp_m = reinterpret_cast<float*>(row_offset + kStages * kWT);   // [NW][16]
+  float* warp_l = warp_m + NW * kMaxGroupHeads;                           // [NW][16]
+  float* row_m = warp_l + NW * kMaxGroupHeads;                            // [16]
+  float* row_il = row_m + kMaxGroupHeads;                                 // [16]
   uint32_t* hist = reinterpret_cast<uint32_t*>(row_il + kMaxGroupHeads);  // [256]
-  int* shared_int = reinterpret_cast<int*>(hist + 256);         // [NW + 4]
-  static_assert(kStages * kWT * 8 + (2 * NW * kMaxGroupHeads + 2 * kMaxGroupHeads) * 4 +
-                        256 * 4 + (NW + 4) * 4 <= kScratchBytes,
+  int* shared_int = reinterpret_cast<int*>(hist + 256);                   // [NW + 4]
+  static_assert((kStages * kWT * 8 + (2 * NW * kMaxGroupHeads + 2 * kMaxGroupHeads) * 4 + 256 * 4 +
+                 (NW + 4) * 4) <= kScratchBytes,
                 "scratch overflow");
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
-  const int quad_row = lane / 4;   // mma groupID: head rows quad_row, quad_row + 8
-  const int quad_col = lane % 4;   // mma threadID_in_group: window columns 2*quad_col, +1
+  const int quad_row = lane / 4;  // mma groupID: head rows quad_row, quad_row + 8
+  const int quad_col = lane % 4;  // mma threadID_in_group: window columns 2*quad_col, +1
   const int64_t t = blockIdx.x / geo.groups;
   const int g = blockIdx.x % geo.groups;
 
@@ -214,9 +214,9 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {      // columns k, k + 8
+      for (int half = 0; half < 2; ++half) {  // columns k, k + 8
 #pragma unroll
-        for (int up = 0; up < 2; ++up) {          // rows quad_row, quad_row + 8
+        for (int up = 0; up < 2; ++up) {  // rows quad_row, quad_row + 8
           const int row = quad_row + 8 * up;
           const int col = 16 * s + 8 * half + 2 * quad_col;
           uint32_t pair = 0u;
@@ -235,18 +235,16 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
   const int n_tiles = (n_vis + kWT - 1) / kWT;
 
   auto locate_tile = [&](int tile) {
-    locate_k1_rows<kWT>(row_offset + (tile % kStages) * kWT, tile, n_vis, tid, rt_row, geo,
-                        ratio);
+    locate_k1_rows<kWT>(row_offset + (tile % kStages) * kWT, tile, n_vis, tid, rt_row, geo, ratio);
   };
   auto load_tile = [&](int tile) {
     stage_k1_rows<kWT, kRow, kChunks, kThreads>(ring + (tile % kStages) * kWT * kRow,
-                                                row_offset + (tile % kStages) * kWT, k1_group,
-                                                tid);
+                                                row_offset + (tile % kStages) * kWT, k1_group, tid);
   };
 
   // This warp's 16 windows of the tile in shared memory -> logits (log2 units) of rows
   // quad_row (acc[n][0..1]) and quad_row + 8 (acc[n][2..3]), windows 8n + 2*quad_col + {0,1}.
-  auto score_tile = [&](int tile, float (&acc)[2][4]) {
+  auto score_tile = [&](int tile, float(&acc)[2][4]) {
     const T* base = ring + (tile % kStages) * kWT * kRow + (warp * 16) * kRow;
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
@@ -531,12 +529,11 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
   T* ring = reinterpret_cast<T*>(smem);
   unsigned char* best_all = smem + union_bytes;
   unsigned char* scores_all = best_all + TT * best_row;
-  int64_t* row_offset =
-      reinterpret_cast<int64_t*>(scores_all + TT * score_row);                // [stages][kWT]
-  int* tile_req = reinterpret_cast<int*>(row_offset + kStages * kWT);         // [TT]
-  int* tile_nvis = tile_req + TT;                                             // [TT]
-  int* tile_nelig = tile_nvis + TT;                                           // [TT]
-  int* tile_pending = tile_nelig + TT;                                        // [TT]
+  int64_t* row_offset = reinterpret_cast<int64_t*>(scores_all + TT * score_row);  // [stages][kWT]
+  int* tile_req = reinterpret_cast<int*>(row_offset + kStages * kWT);             // [TT]
+  int* tile_nvis = tile_req + TT;                                                 // [TT]
+  int* tile_nelig = tile_nvis + TT;                                               // [TT]
+  int* tile_pending = tile_nelig + TT;                                            // [TT]
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -550,8 +547,8 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
   uint64_t* best = reinterpret_cast<uint64_t*>(best_all + warp * best_row);  // sorted, best first
   // selection scratch, overlaying the ring (see the layout above)
   unsigned char* select_scratch = smem + warp * tiled_select_bytes(geo.num_selected);
-  uint32_t* hist = reinterpret_cast<uint32_t*>(select_scratch);                    // [256]
-  uint64_t* chosen = reinterpret_cast<uint64_t*>(select_scratch + 256 * 4);       // [k]
+  uint32_t* hist = reinterpret_cast<uint32_t*>(select_scratch);              // [256]
+  uint64_t* chosen = reinterpret_cast<uint64_t*>(select_scratch + 256 * 4);  // [k]
 
   // this warp's token, exactly as the per-token kernel sees it
   const int req = in_range ? token_req[t] : -1;
@@ -624,8 +621,7 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
     if (active && lane == 0) tile_pending[warp] = 0;
     pending = pending && !active;
 
-    const int32_t* rt_row =
-        req_to_token + (sweep_req < 0 ? 0 : int64_t{sweep_req}) * geo.stride_rt;
+    const int32_t* rt_row = req_to_token + (sweep_req < 0 ? 0 : int64_t{sweep_req}) * geo.stride_rt;
     const int n_tiles = (sweep_vis + kWT - 1) / kWT;
 
     auto locate_tile = [&](int tile) {
@@ -633,15 +629,14 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
                           ratio);
     };
     auto load_tile = [&](int tile) {
-      stage_k1_rows<kWT, kRow, kChunks, kThreads>(ring + (tile % kStages) * kWT * kRow,
-                                                  row_offset + (tile % kStages) * kWT, k1_group,
-                                                  tid);
+      stage_k1_rows<kWT, kRow, kChunks, kThreads>(
+          ring + (tile % kStages) * kWT * kRow, row_offset + (tile % kStages) * kWT, k1_group, tid);
     };
     // the staged tile's kWT windows -> this token's raw q.k (times scale_log2 where used, fused
     // into the exp2 argument; the tile max is taken before scaling, which commutes with a
     // positive scale exactly): rows quad_row
     // (acc[n][0..1]) and quad_row + 8 (acc[n][2..3]), windows 8n + 2*quad_col + {0,1}
-    auto score_tile = [&](int tile, float (&acc)[kN][4]) {
+    auto score_tile = [&](int tile, float(&acc)[kN][4]) {
       const T* base = ring + (tile % kStages) * kWT * kRow;
 #pragma unroll
       for (int n = 0; n < kN; ++n) {
@@ -914,8 +909,8 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
       const int n_best = min(k, n_elig);  // keys in `best`
       int32_t* out_row = out + (t * geo.groups + g) * int64_t{k};
       for (int i = lane; i < k; i += 32) {
-        out_row[i] = i < n_best ? static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(best[i]))
-                                : -1;
+        out_row[i] =
+            i < n_best ? static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(best[i])) : -1;
       }
     }
     __syncthreads();  // tile_pending is read again by the next sweep's leader search
@@ -997,15 +992,14 @@ void launch_for_dim(int64_t dim, int64_t tile_tokens, int64_t warps, const at::T
   if (dim == 64) {
     launch_variant<64, T>(tile_tokens, warps, q, k1, req_to_token, token_req, token_pos, out, geo);
   } else {
-    launch_variant<128, T>(tile_tokens, warps, q, k1, req_to_token, token_req, token_pos, out,
-                           geo);
+    launch_variant<128, T>(tile_tokens, warps, q, k1, req_to_token, token_req, token_pos, out, geo);
   }
 }
 
 // What select_blocks and select_blocks_smem_bytes accept: the compiled head dims and variants,
 // and the sizes the layouts assume.
-void check_variant(const char* op, int64_t dim, int64_t tile_tokens, int64_t warps,
-                   int64_t segment, int64_t num_selected, int64_t width) {
+void check_variant(const char* op, int64_t dim, int64_t tile_tokens, int64_t warps, int64_t segment,
+                   int64_t num_selected, int64_t width) {
   TORCH_CHECK(dim == 64 || dim == 128, op, ": head dim ", dim, " not compiled: use 64 or 128");
   TORCH_CHECK(tile_tokens == 0 || tile_tokens == 4 || tile_tokens == 8, op, ": tile_tokens ",
               tile_tokens,
@@ -1020,17 +1014,16 @@ void check_variant(const char* op, int64_t dim, int64_t tile_tokens, int64_t war
 }
 
 void check_index(const at::Tensor& x, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(x.device() == q.device() && x.scalar_type() == at::kInt,
-              "select_blocks: ", name, " must be int32 on ", q.device(), ", got ",
-              x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(x.device() == q.device() && x.scalar_type() == at::kInt, "select_blocks: ", name,
+              " must be int32 on ", q.device(), ", got ", x.scalar_type(), " on ", x.device());
 }
 
-at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1,
-                         const at::Tensor& req_to_token, const at::Tensor& token_req,
-                         const at::Tensor& token_pos, int64_t kernel_size, int64_t kernel_stride,
-                         int64_t block_size, int64_t init_blocks, int64_t local_blocks,
-                         int64_t num_selected, int64_t width, double scale, int64_t tile_tokens,
-                         int64_t warps, int64_t segment) {
+at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& req_to_token,
+                         const at::Tensor& token_req, const at::Tensor& token_pos,
+                         int64_t kernel_size, int64_t kernel_stride, int64_t block_size,
+                         int64_t init_blocks, int64_t local_blocks, int64_t num_selected,
+                         int64_t width, double scale, int64_t tile_tokens, int64_t warps,
+                         int64_t segment) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.stride(2) == 1,
               "select_blocks: q must be a CUDA tensor [tokens, heads, dim] contiguous in dim, got ",
               q.sizes(), " on ", q.device());
@@ -1051,8 +1044,7 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1,
   check_index(token_pos, "token_pos", q);
   const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2), groups = k1.size(2);
   TORCH_CHECK(token_req.dim() == 1 && token_req.size(0) == tokens && token_req.is_contiguous() &&
-                  token_pos.dim() == 1 && token_pos.size(0) == tokens &&
-                  token_pos.is_contiguous(),
+                  token_pos.dim() == 1 && token_pos.size(0) == tokens && token_pos.is_contiguous(),
               "select_blocks: token_req and token_pos must be contiguous [", tokens, "]");
   TORCH_CHECK(groups > 0 && heads % groups == 0 && heads / groups <= kMaxGroupHeads,
               "select_blocks: ", heads, " query heads over ", groups,
@@ -1099,8 +1091,8 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1,
     launch_for_dim<__nv_bfloat16>(dim, tile_tokens, warps, q, k1, req_to_token, token_req,
                                   token_pos, out, geo);
   } else {
-    launch_for_dim<__half>(dim, tile_tokens, warps, q, k1, req_to_token, token_req, token_pos,
-                           out, geo);
+    launch_for_dim<__half>(dim, tile_tokens, warps, q, k1, req_to_token, token_req, token_pos, out,
+                           geo);
   }
   return out;
 }
