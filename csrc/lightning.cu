@@ -8,9 +8,9 @@
 // once, with 16-byte accesses, and the grid is split along the value columns (independent outputs,
 // no cross-block reduction) so that even batch 1 puts a block on most SMs.
 
+#include <ATen/Dispatch_v2.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/Dispatch_v2.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -18,9 +18,9 @@
 
 namespace {
 
-constexpr int kSlice = 32;                          // value columns per block
+constexpr int kSlice = 32;  // value columns per block
 constexpr int kThreads = 256;
-constexpr int kColThreads = kSlice / 4;             // threads along a state row, a float4 each
+constexpr int kColThreads = kSlice / 4;               // threads along a state row, a float4 each
 constexpr int kRowsPerPass = kThreads / kColThreads;  // state rows one pass of the block covers
 constexpr int kWarps = kThreads / 32;
 
@@ -64,7 +64,8 @@ __global__ void __launch_bounds__(kThreads) lightning_decode_kernel(
   float4 rows[kPasses];
 #pragma unroll
   for (int p = 0; p < kPasses; ++p) {
-    rows[p] = __ldcs(reinterpret_cast<const float4*>(s + (ty + p * kRowsPerPass) * state_stride_key));
+    rows[p] =
+        __ldcs(reinterpret_cast<const float4*>(s + (ty + p * kRowsPerPass) * state_stride_key));
   }
 
   const float decay = expf(-slopes[head]);
@@ -115,11 +116,11 @@ __global__ void __launch_bounds__(kThreads) lightning_decode_kernel(
 }
 
 void check_tokens(const at::Tensor& x, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(x.is_cuda() && x.device() == q.device(), "lightning_decode: ", name,
-              " must be on ", q.device(), ", got ", x.device());
-  TORCH_CHECK(x.sizes() == q.sizes() && x.scalar_type() == q.scalar_type(), "lightning_decode: ",
-              name, " must match q (", q.sizes(), " ", q.scalar_type(), "), got ", x.sizes(), " ",
-              x.scalar_type());
+  TORCH_CHECK(x.is_cuda() && x.device() == q.device(), "lightning_decode: ", name, " must be on ",
+              q.device(), ", got ", x.device());
+  TORCH_CHECK(x.sizes() == q.sizes() && x.scalar_type() == q.scalar_type(),
+              "lightning_decode: ", name, " must match q (", q.sizes(), " ", q.scalar_type(),
+              "), got ", x.sizes(), " ", x.scalar_type());
   TORCH_CHECK(x.stride(2) == 1, "lightning_decode: ", name, " must be contiguous in its last dim");
 }
 
@@ -141,8 +142,7 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::T
           rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v),
           out.data_ptr<scalar_t>(), state.data_ptr<float>(), state.stride(0), state.stride(1),
           state.stride(2), slots.data_ptr(), slots.scalar_type() == at::kLong,
-          slopes.data_ptr<float>(),
-          static_cast<float>(scale), heads);
+          slopes.data_ptr<float>(), static_cast<float>(scale), heads);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -156,16 +156,18 @@ void launch_for_dim(int64_t dim, const at::Tensor& q, const at::Tensor& k, const
     case 128: return launch<128, scalar_t>(q, k, v, out, state, slots, slopes, scale);
     case 256: return launch<256, scalar_t>(q, k, v, out, state, slots, slopes, scale);
     default:
-      TORCH_CHECK(false, "lightning_decode: head dim ", dim, " not compiled: use 32, 64, 128 or 256");
+      TORCH_CHECK(false, "lightning_decode: head dim ", dim,
+                  " not compiled: use 32, 64, 128 or 256");
   }
 }
 
 at::Tensor lightning_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             at::Tensor& state, const at::Tensor& state_slots,
                             const at::Tensor& slopes, double scale) {
-  TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.stride(2) == 1,
-              "lightning_decode: q must be a CUDA tensor [batch, heads, dim] contiguous in dim, got ",
-              q.sizes(), " on ", q.device());
+  TORCH_CHECK(
+      q.is_cuda() && q.dim() == 3 && q.stride(2) == 1,
+      "lightning_decode: q must be a CUDA tensor [batch, heads, dim] contiguous in dim, got ",
+      q.sizes(), " on ", q.device());
   check_tokens(k, "k", q);
   check_tokens(v, "v", q);
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
@@ -192,8 +194,9 @@ at::Tensor lightning_decode(const at::Tensor& q, const at::Tensor& k, const at::
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({batch, heads, dim}, q.options());
   AT_DISPATCH_V2(q.scalar_type(), "lightning_decode", AT_WRAP([&] {
-    launch_for_dim<scalar_t>(dim, q, k, v, out, state, state_slots, slopes, scale);
-  }), at::kFloat, at::kHalf, at::kBFloat16);
+                   launch_for_dim<scalar_t>(dim, q, k, v, out, state, state_slots, slopes, scale);
+                 }),
+                 at::kFloat, at::kHalf, at::kBFloat16);
   return out;
 }
 

@@ -16,38 +16,36 @@
 // split writes a normalized fp32 partial and its log2-sum-exp, and a second kernel merges the
 // splits.
 //
-// num_splits > 1 (decode) is a floor: few tokens x kv heads leave most SMs idle, so the op splits
-// further, up to at most two CTAs per SM (rounding down: a second, mostly empty wave of CTAs
-// would cost a whole extra CTA time) while each split keeps at least kMinItemsPerSplit of the
-// n_sel selected blocks. Only host-side sizes decide this, so it is fixed under a CUDA graph.
+// The op runs exactly num_splits splits: how far to split (decode, where few tokens x kv heads
+// leave most SMs idle) is the caller's per-forward plan (sala_sglang/ops/infllm_v2/plan.py), which
+// knows the device, so nothing here queries it per call.
 
+#include <ATen/Dispatch_v2.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/Dispatch_v2.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
+
+#include "ptx.cuh"
 
 namespace {
 
+namespace ptx = sala::ptx;
+
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kStages = 3;   // chunks in flight per warp: kStages - 1 while one is computed
-constexpr int kChunk = 16;   // keys per warp step (the k of the P.V mma)
-constexpr int kRows = 16;    // mma rows: the group's query heads, padded
+constexpr int kStages = 3;  // chunks in flight per warp: kStages - 1 while one is computed
+constexpr int kChunk = 16;  // keys per warp step (the k of the P.V mma)
+constexpr int kRows = 16;   // mma rows: the group's query heads, padded
 constexpr int kMaxGroup = kRows;
-constexpr int kMinItemsPerSplit = 4;
 // Blocks resolved per table fill: every sparse token of the released model (96 selected) and
 // every dense token up to 16K keys at block 64 fit in one fill; longer lists take several.
 constexpr int kItemCap = 256;
-constexpr int kCtasPerSm = 2;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -__builtin_huge_valf();
 
@@ -55,9 +53,9 @@ struct Params {
   const void* q;
   const void* k;
   const void* v;
-  void* out;         // [T, Hq, D] in q's dtype (num_splits == 1)
-  float* part_o;     // [T, Hq, splits, D] (num_splits > 1)
-  float* part_lse;   // [T, Hq, splits], log2 domain
+  void* out;        // [T, Hq, D] in q's dtype (num_splits == 1)
+  float* part_o;    // [T, Hq, splits, D] (num_splits > 1)
+  float* part_lse;  // [T, Hq, splits], log2 domain
   const int32_t* rt;
   const int32_t* token_req;
   const int32_t* token_pos;
@@ -68,112 +66,15 @@ struct Params {
   int64_t v_st, v_sg;
   int64_t rt_s0, rt_s1, rt_rows, rt_cols;
   int64_t sel_st, sel_sg, sel_si;
-  int64_t slots;     // rows of k/v_buffer
-  int sel_groups;    // selected.size(1): the dense-only batch passes a [T, 1, 1] placeholder
+  int64_t slots;   // rows of k/v_buffer
+  int sel_groups;  // selected.size(1): the dense-only batch passes a [T, 1, 1] placeholder
   int n_sel;
   int block_size;
   int group_size;
   int query_heads;
   int num_splits;
-  float qk_scale;    // scale * log2(e): the softmax runs on exp2
+  float qk_scale;  // scale * log2(e): the softmax runs on exp2
 };
-
-// ---- PTX wrappers ------------------------------------------------------------------------------
-template <typename scalar_t>
-struct Mma;
-
-template <>
-struct Mma<at::BFloat16> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    uint32_t r;
-    memcpy(&r, &v, sizeof(r));
-    return r;
-  }
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    __trap();
-#endif
-  }
-};
-
-template <>
-struct Mma<at::Half> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    uint32_t r;
-    memcpy(&r, &v, sizeof(r));
-    return r;
-  }
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    __trap();
-#endif
-  }
-};
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  // .cg: keep the streamed K/V out of L1; they are read once per CTA.
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src)
-               : "memory");
-#else
-  __trap();
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p))
-               : "memory");
-#else
-  __trap();
-#endif
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p))
-               : "memory");
-#else
-  __trap();
-#endif
-}
 
 // A chunk tile is [kChunk keys][D] with the 16-byte units of key row r stored at unit ^ (r % 8):
 // the 8 row addresses of one ldmatrix (8 consecutive keys, same logical unit) then fall in 8
@@ -284,8 +185,8 @@ __global__ void __launch_bounds__(kThreads) block_sparse_attention_kernel(const 
         const int key = it / kUnits;
         const int unit = it % kUnits;
         const int off = tile_offset<D>(key, unit);
-        cp_async_16(ks + off, kbase + (slot0 + key) * p.k_st + unit * 8);
-        cp_async_16(vs + off, vbase + (slot0 + key) * p.v_st + unit * 8);
+        ptx::cp_async_16(ks + off, kbase + (slot0 + key) * p.k_st + unit * 8);
+        ptx::cp_async_16(vs + off, vbase + (slot0 + key) * p.v_st + unit * 8);
       }
     }
   };
@@ -326,13 +227,13 @@ __global__ void __launch_bounds__(kThreads) block_sparse_attention_kernel(const 
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
       if (s < steps) issue(s);
-      cp_async_commit();  // empty groups too: the wait below counts groups
+      ptx::cp_async_commit();  // empty groups too: the wait below counts groups
     }
 
     for (int step = 0; step < steps; ++step) {
       if (step + kStages - 1 < steps) issue(step + kStages - 1);
-      cp_async_commit();
-      cp_async_wait<kStages - 1>();
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<kStages - 1>();
       __syncwarp();  // every lane's copies of this chunk (and its key0) are visible to the warp
       const int stage = step % kStages;
       const int key0 = chunk_key0[warp][stage];
@@ -348,9 +249,9 @@ __global__ void __launch_bounds__(kThreads) block_sparse_attention_kernel(const 
 #pragma unroll
           for (int kk = 0; kk < kSteps; ++kk) {
             uint32_t kb[4];
-            ldmatrix_x4(kb, ks + tile_offset<D>(key, 2 * kk + (mat & 1)));
-            Mma<scalar_t>::run(s[0], qf[kk], kb[0], kb[1]);
-            Mma<scalar_t>::run(s[1], qf[kk], kb[2], kb[3]);
+            ptx::ldmatrix_x4(kb, ks + tile_offset<D>(key, 2 * kk + (mat & 1)));
+            ptx::mma_m16n8k16<scalar_t>(s[0], qf[kk], kb[0], kb[1]);
+            ptx::mma_m16n8k16<scalar_t>(s[1], qf[kk], kb[2], kb[3]);
           }
         }
 
@@ -404,19 +305,19 @@ __global__ void __launch_bounds__(kThreads) block_sparse_attention_kernel(const 
         }
 
         // O += P . V: P's accumulator layout is the A fragment of a 16-key k-step.
-        const uint32_t pa[4] = {Mma<scalar_t>::pack(s[0][0], s[0][1]),
-                                Mma<scalar_t>::pack(s[0][2], s[0][3]),
-                                Mma<scalar_t>::pack(s[1][0], s[1][1]),
-                                Mma<scalar_t>::pack(s[1][2], s[1][3])};
+        const uint32_t pa[4] = {ptx::pack_float2<scalar_t>(s[0][0], s[0][1]),
+                                ptx::pack_float2<scalar_t>(s[0][2], s[0][3]),
+                                ptx::pack_float2<scalar_t>(s[1][0], s[1][1]),
+                                ptx::pack_float2<scalar_t>(s[1][2], s[1][3])};
         {
           const int mat = lane >> 3;
           const int key = (mat & 1) * 8 + (lane & 7);
 #pragma unroll
           for (int nd = 0; nd < kSteps; ++nd) {
             uint32_t vb[4];
-            ldmatrix_x4_trans(vb, vs + tile_offset<D>(key, 2 * nd + (mat >> 1)));
-            Mma<scalar_t>::run(o[2 * nd], pa, vb[0], vb[1]);
-            Mma<scalar_t>::run(o[2 * nd + 1], pa, vb[2], vb[3]);
+            ptx::ldmatrix_x4_trans(vb, vs + tile_offset<D>(key, 2 * nd + (mat >> 1)));
+            ptx::mma_m16n8k16<scalar_t>(o[2 * nd], pa, vb[0], vb[1]);
+            ptx::mma_m16n8k16<scalar_t>(o[2 * nd + 1], pa, vb[2], vb[3]);
           }
         }
       }
@@ -424,7 +325,7 @@ __global__ void __launch_bounds__(kThreads) block_sparse_attention_kernel(const 
     }
     // The last real group was waited for inside the loop: nothing of this fill is in flight.
   }
-  cp_async_wait<0>();
+  ptx::cp_async_wait<0>();
 
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -590,20 +491,12 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k_buffe
   TORCH_CHECK(selected.device() == q.device() && selected.scalar_type() == at::kInt &&
                   selected.dim() == 3 && selected.size(0) == tokens && selected.size(1) >= 1 &&
                   selected.size(2) < (int64_t{1} << 31),
-              "block_sparse_attention: selected must be int32 [", tokens,
-              ", groups, n_sel] on ", q.device(), ", got ", selected.scalar_type(), " ",
-              selected.sizes());
+              "block_sparse_attention: selected must be int32 [", tokens, ", groups, n_sel] on ",
+              q.device(), ", got ", selected.scalar_type(), " ", selected.sizes());
 
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({tokens, query_heads, dim}, q.options());
   if (tokens == 0) return out;
-  if (num_splits > 1) {
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
-    const int64_t want = (kCtasPerSm * sms) / (tokens * groups);
-    const int64_t most = std::max<int64_t>(1, selected.size(2) / kMinItemsPerSplit);
-    num_splits = std::max(num_splits, std::min(want, most));
-  }
   at::Tensor part_o, part_lse;
   if (num_splits > 1) {
     const auto f32 = q.options().dtype(at::kFloat);
@@ -646,12 +539,13 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k_buffe
   params.qk_scale = static_cast<float>(scale) * kLog2e;
 
   AT_DISPATCH_V2(q.scalar_type(), "block_sparse_attention", AT_WRAP([&] {
-    if (dim == 64) {
-      launch<scalar_t, 64>(params, tokens, groups, out, part_o, part_lse);
-    } else {
-      launch<scalar_t, 128>(params, tokens, groups, out, part_o, part_lse);
-    }
-  }), at::kHalf, at::kBFloat16);
+                   if (dim == 64) {
+                     launch<scalar_t, 64>(params, tokens, groups, out, part_o, part_lse);
+                   } else {
+                     launch<scalar_t, 128>(params, tokens, groups, out, part_o, part_lse);
+                   }
+                 }),
+                 at::kHalf, at::kBFloat16);
   return out;
 }
 

@@ -11,14 +11,14 @@
 // memory, and then forms every window as the sum of its kernel_size / kPiece pieces. lo/hi are
 // computed here from the lengths, which keeps the op a single launch with no host sync.
 
-#include <algorithm>
-
-#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch_v2.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 namespace {
 
@@ -76,7 +76,7 @@ int64_t shared_bytes(const Geometry& geo, int windows) {
 template <int D, typename scalar_t>
 __global__ void __launch_bounds__(kThreads) compress_kernel(Args<scalar_t> a) {
   constexpr int kVec = 16 / sizeof(scalar_t);  // elements per 16-byte access
-  constexpr int kVecs = D / kVec;               // 16-byte accesses per key row
+  constexpr int kVecs = D / kVec;              // 16-byte accesses per key row
   static_assert(D % kVec == 0, "head dim must fill whole 16-byte vectors");
 
   const Geometry& geo = a.geo;
@@ -108,8 +108,8 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(Args<scalar_t> a) {
     uint4 raw[kPiece];
 #pragma unroll
     for (int j = 0; j < kPiece; ++j) {  // all loads in flight before any is summed
-      raw[j] = *reinterpret_cast<const uint4*>(k + slot[p * kPiece + j] * a.k_stride_slot +
-                                               v * kVec);
+      raw[j] =
+          *reinterpret_cast<const uint4*>(k + slot[p * kPiece + j] * a.k_stride_slot + v * kVec);
     }
     float acc[kVec];
 #pragma unroll
@@ -152,8 +152,8 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(Args<scalar_t> a) {
       }
     }
     const int64_t start = (c0 + i) * geo.stride;
-    const int64_t page = a.req_to_token[row + (start / geo.block_size) * geo.block_size] /
-                         geo.block_size;
+    const int64_t page =
+        a.req_to_token[row + (start / geo.block_size) * geo.block_size] / geo.block_size;
     const int64_t sub = (start % geo.block_size) / geo.stride;
     alignas(16) scalar_t mean[kVec];
 #pragma unroll
@@ -183,15 +183,23 @@ void launch(const at::Tensor& k_buffer, at::Tensor& out, const at::Tensor& req_t
   TORCH_CHECK(runs < (int64_t{1} << 31) && groups <= 65535 && batch <= 65535,
               "compress_new_windows: grid too large (", runs, " runs, ", groups, " kv heads, ",
               batch, " requests)");
-  Args<scalar_t> args{
-      k_buffer.data_ptr<scalar_t>(), k_buffer.stride(0), k_buffer.stride(1),
-      out.data_ptr<scalar_t>(), out.stride(0), out.stride(1), out.stride(2),
-      index_of(req_to_token), req_to_token.stride(0),
-      index_of(req_slots), index_of(old_lens), index_of(new_lens), geo};
+  Args<scalar_t> args{k_buffer.data_ptr<scalar_t>(),
+                      k_buffer.stride(0),
+                      k_buffer.stride(1),
+                      out.data_ptr<scalar_t>(),
+                      out.stride(0),
+                      out.stride(1),
+                      out.stride(2),
+                      index_of(req_to_token),
+                      req_to_token.stride(0),
+                      index_of(req_slots),
+                      index_of(old_lens),
+                      index_of(new_lens),
+                      geo};
   const dim3 grid(static_cast<unsigned>(runs), static_cast<unsigned>(groups),
                   static_cast<unsigned>(batch));
-  compress_kernel<D, scalar_t><<<grid, kThreads, static_cast<size_t>(smem),
-                                 c10::cuda::getCurrentCUDAStream()>>>(args);
+  compress_kernel<D, scalar_t>
+      <<<grid, kThreads, static_cast<size_t>(smem), c10::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -206,9 +214,8 @@ bool aligned16(const at::Tensor& t, std::initializer_list<int> dims) {
 void check_index(const at::Tensor& t, const char* name, const at::Tensor& k_buffer, int dims) {
   TORCH_CHECK(t.device() == k_buffer.device() && t.dim() == dims &&
                   (t.scalar_type() == at::kInt || t.scalar_type() == at::kLong),
-              "compress_new_windows: ", name, " must be an int32 or int64 ", dims,
-              "-d tensor on ", k_buffer.device(), ", got ", t.scalar_type(), " ", t.sizes(),
-              " on ", t.device());
+              "compress_new_windows: ", name, " must be an int32 or int64 ", dims, "-d tensor on ",
+              k_buffer.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
 }
 
 void compress_new_windows(const at::Tensor& k_buffer, at::Tensor& out,
@@ -218,13 +225,14 @@ void compress_new_windows(const at::Tensor& k_buffer, at::Tensor& out,
                           int64_t max_new_windows) {
   TORCH_CHECK(k_buffer.is_cuda() && k_buffer.dim() == 3 && k_buffer.stride(2) == 1,
               "compress_new_windows: k_buffer must be a CUDA tensor [slots, kv_heads, dim] "
-              "contiguous in dim, got ", k_buffer.sizes(), " on ", k_buffer.device());
+              "contiguous in dim, got ",
+              k_buffer.sizes(), " on ", k_buffer.device());
   const int64_t groups = k_buffer.size(1), dim = k_buffer.size(2);
-  TORCH_CHECK(stride > 0 && block_size > 0 && kernel_size >= stride &&
-                  kernel_size % stride == 0 && stride % kPiece == 0,
+  TORCH_CHECK(stride > 0 && block_size > 0 && kernel_size >= stride && kernel_size % stride == 0 &&
+                  stride % kPiece == 0,
               "compress_new_windows: kernel_size ", kernel_size, " / stride ", stride,
-              " / block_size ", block_size, ": the CUDA kernel needs stride a multiple of ",
-              kPiece, " and kernel_size a multiple of stride");
+              " / block_size ", block_size, ": the CUDA kernel needs stride a multiple of ", kPiece,
+              " and kernel_size a multiple of stride");
   TORCH_CHECK(kernel_size <= (int64_t{1} << 20) && stride <= (int64_t{1} << 20) &&
                   block_size <= (int64_t{1} << 30),
               "compress_new_windows: kernel_size ", kernel_size, ", stride ", stride,
@@ -233,12 +241,13 @@ void compress_new_windows(const at::Tensor& k_buffer, at::Tensor& out,
   TORCH_CHECK(out.device() == k_buffer.device() && out.scalar_type() == k_buffer.scalar_type() &&
                   out.dim() == 4 && out.size(1) == rows && out.size(2) == groups &&
                   out.size(3) == dim && out.stride(3) == 1,
-              "compress_new_windows: out must be ", k_buffer.scalar_type(), " [pages, ", rows,
-              ", ", groups, ", ", dim, "] contiguous in dim on ", k_buffer.device(), ", got ",
+              "compress_new_windows: out must be ", k_buffer.scalar_type(), " [pages, ", rows, ", ",
+              groups, ", ", dim, "] contiguous in dim on ", k_buffer.device(), ", got ",
               out.scalar_type(), " ", out.sizes(), " on ", out.device());
   TORCH_CHECK(aligned16(k_buffer, {0, 1}) && aligned16(out, {0, 1, 2}),
               "compress_new_windows: k_buffer and out rows must start on 16-byte boundaries, got "
-              "strides ", k_buffer.strides(), " and ", out.strides());
+              "strides ",
+              k_buffer.strides(), " and ", out.strides());
   check_index(req_to_token, "req_to_token", k_buffer, 2);
   TORCH_CHECK(req_to_token.stride(1) == 1,
               "compress_new_windows: req_to_token must be contiguous along positions");
@@ -248,32 +257,33 @@ void compress_new_windows(const at::Tensor& k_buffer, at::Tensor& out,
   const int64_t batch = req_slots.size(0);
   TORCH_CHECK(req_slots.is_contiguous() && old_lens.is_contiguous() && new_lens.is_contiguous() &&
                   old_lens.size(0) == batch && new_lens.size(0) == batch,
-              "compress_new_windows: req_slots, old_lens and new_lens must be contiguous [",
-              batch, "], got ", old_lens.sizes(), " and ", new_lens.sizes());
+              "compress_new_windows: req_slots, old_lens and new_lens must be contiguous [", batch,
+              "], got ", old_lens.sizes(), " and ", new_lens.sizes());
   if (max_new_windows <= 0 || batch == 0 || groups == 0) return;
 
   const c10::cuda::CUDAGuard guard(k_buffer.device());
   const Geometry geo{static_cast<int>(kernel_size), static_cast<int>(stride),
                      static_cast<int>(block_size), 0, max_new_windows};
   AT_DISPATCH_V2(k_buffer.scalar_type(), "compress_new_windows", AT_WRAP([&] {
-    switch (dim) {
-      case 64:
-        return launch<64, scalar_t>(k_buffer, out, req_to_token, req_slots, old_lens, new_lens,
-                                    geo);
-      case 128:
-        return launch<128, scalar_t>(k_buffer, out, req_to_token, req_slots, old_lens,
-                                     new_lens, geo);
-      default:
-        TORCH_CHECK(false, "compress_new_windows: head dim ", dim,
-                    " not compiled: use 64 or 128");
-    }
-  }), at::kFloat, at::kHalf, at::kBFloat16);
+                   switch (dim) {
+                     case 64:
+                       return launch<64, scalar_t>(k_buffer, out, req_to_token, req_slots, old_lens,
+                                                   new_lens, geo);
+                     case 128:
+                       return launch<128, scalar_t>(k_buffer, out, req_to_token, req_slots,
+                                                    old_lens, new_lens, geo);
+                     default:
+                       TORCH_CHECK(false, "compress_new_windows: head dim ", dim,
+                                   " not compiled: use 64 or 128");
+                   }
+                 }),
+                 at::kFloat, at::kHalf, at::kBFloat16);
 }
 
 // Writes in place only: nothing to shape for torch.compile's fake tensors.
-void compress_new_windows_meta(const at::Tensor&, at::Tensor&, const at::Tensor&,
-                               const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                               int64_t, int64_t, int64_t) {}
+void compress_new_windows_meta(const at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
+                               int64_t) {}
 
 }  // namespace
 

@@ -16,10 +16,13 @@
 // a multi-stage shared-memory ring (rows padded by 16 bytes so ldmatrix is conflict-free).
 //
 // For prefill, select_blocks_tiled_kernel below does the same per token with 4 or 8 tokens per
-// CTA sharing each staged K1 tile; this per-token kernel serves decode and widths too large for
-// a tile's block scores.
+// CTA sharing each staged K1 tile; this per-token kernel, 4 or 8 warps wide, serves decode and
+// small batches. The op runs exactly the variant it is given (tile_tokens, warps, segment): the
+// caller's per-forward plan (sala_sglang/ops/infllm_v2/plan.py) picks it, asking
+// select_blocks_smem_bytes, which evaluates the layouts below, which variants fit the device. So
+// the layouts are written here only, and no call reads the environment or the device.
 //
-// Dynamic shared memory (kept in step with _cuda_selection_smem_bytes in ops/sparse.py):
+// Dynamic shared memory (smem_bytes<D, NW>):
 //   stages * window_tile * (D + 8) * 2   K1 ring
 //   + align16(4 * width)                 block scores (float bits, atomicMax-pooled)
 //   + align16(8 * num_selected)          chosen keys
@@ -37,14 +40,19 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 
+#include "ptx.cuh"
+
 namespace {
+
+namespace ptx = sala::ptx;
 
 constexpr int kMaxGroupHeads = 16;  // one m16 tile of query heads
 constexpr int kScratchBytes = 8192;
 
+// Few CTAs (decode): 8 warps put twice the windows in flight per CTA. Many CTAs: 4 warps and a
+// deeper ring, several CTAs per SM.
 template <int NW>
 struct Tiling {
   static constexpr int kThreads = 32 * NW;
@@ -64,59 +72,15 @@ int64_t smem_bytes(int64_t width, int64_t num_selected) {
   return ring_bytes<D, NW>() + align16(4 * width) + align16(8 * num_selected) + kScratchBytes;
 }
 
-template <typename T>
-struct MmaType;
-template <>
-struct MmaType<__nv_bfloat16> {
-  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <>
-struct MmaType<__half> {
-  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared; src_bytes 0 writes zeros (windows past the visible ones).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-               "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
 struct Geometry {
-  int64_t stride_qt, stride_qh;              // q [T, Hq, D], contiguous in D
-  int64_t stride_kp, stride_ks, stride_kg;   // k1 [pages, R, G, D], contiguous in D
-  int64_t stride_rt;                         // req_to_token [R, L] int32
+  int64_t stride_qt, stride_qh;             // q [T, Hq, D], contiguous in D
+  int64_t stride_kp, stride_ks, stride_kg;  // k1 [pages, R, G, D], contiguous in D
+  int64_t stride_rt;                        // req_to_token [R, L] int32
   int tokens, groups, group_heads;
   int kernel_size, kernel_stride, block_size;
   int init_blocks, local_blocks, num_selected, width;
-  int segment;                               // blocks per segment (token-tiled kernel only)
-  float scale_log2;                          // softmax scale * log2(e): exp2 throughout
+  int segment;       // blocks per segment (token-tiled kernel only)
+  float scale_log2;  // softmax scale * log2(e): exp2 throughout
 };
 
 // Upper half of the Triton kernel's int64 block key; 0 marks a block after the query's.
@@ -156,7 +120,7 @@ __device__ __forceinline__ void stage_k1_rows(T* dst, const int64_t* offsets, co
     const int64_t offset = offsets[row];
     // src_bytes 0 zero-fills the row; the source must still be a valid address
     const T* src = offset >= 0 ? k1_group + offset + chunk * 8 : k1_group;
-    cp_async16(dst + row * kRow + chunk * 8, src, offset >= 0 ? 16 : 0);
+    ptx::cp_async_16_zfill(dst + row * kRow + chunk * 8, src, offset >= 0 ? 16 : 0);
   }
 }
 
@@ -175,18 +139,18 @@ __device__ __forceinline__ void ring_sweep(int first, int end, bool score, Locat
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (first + s < end) load(first + s);
-    cp_async_commit();
+    ptx::cp_async_commit();
   }
   for (int tile = first; tile < end; ++tile) {
     const int next = tile + kStages - 1;
     if (next < end) locate(next);
-    cp_async_wait<kStages - 2>();
+    ptx::cp_async_wait<kStages - 2>();
     __syncthreads();  // tile is in; every warp is done with the slot refilled next
     if (next < end) load(next);
-    cp_async_commit();
+    ptx::cp_async_commit();
     if (score) body(tile);
   }
-  cp_async_wait<0>();
+  ptx::cp_async_wait<0>();
   __syncthreads();
 }
 
@@ -199,34 +163,34 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
   constexpr int kThreads = Tile::kThreads;
   constexpr int kWT = Tile::kWindowTile;
   constexpr int kStages = Tile::kStages;
-  constexpr int kRow = D + 8;          // padded K1 row (elements): 16-byte rows, no bank conflict
-  constexpr int kChunks = D / 8;       // 16-byte chunks per K1 row
-  constexpr int kSteps = D / 16;       // mma k steps
+  constexpr int kRow = D + 8;     // padded K1 row (elements): 16-byte rows, no bank conflict
+  constexpr int kChunks = D / 8;  // 16-byte chunks per K1 row
+  constexpr int kSteps = D / 16;  // mma k steps
   static_assert(kSteps % 2 == 0, "head dim must be a multiple of 32");
 
   extern __shared__ __align__(16) unsigned char smem[];
   T* ring = reinterpret_cast<T*>(smem);
   uint32_t* scores = reinterpret_cast<uint32_t*>(smem + ring_bytes<D, NW>());
-  uint64_t* chosen = reinterpret_cast<uint64_t*>(smem + ring_bytes<D, NW>() +
-                                                 align16(4 * int64_t{geo.width}));
-  unsigned char* scratch = reinterpret_cast<unsigned char*>(chosen) +
-                           align16(8 * int64_t{geo.num_selected});
-  int64_t* row_offset = reinterpret_cast<int64_t*>(scratch);    // [stages][window tile]
-  float* warp_m = reinterpret_cast<float*>(row_offset + kStages * kWT);  // [NW][16]
-  float* warp_l = warp_m + NW * kMaxGroupHeads;                 // [NW][16]
-  float* row_m = warp_l + NW * kMaxGroupHeads;                  // [16]
-  float* row_il = row_m + kMaxGroupHeads;                       // [16]
+  uint64_t* chosen =
+      reinterpret_cast<uint64_t*>(smem + ring_bytes<D, NW>() + align16(4 * int64_t{geo.width}));
+  unsigned char* scratch =
+      reinterpret_cast<unsigned char*>(chosen) + align16(8 * int64_t{geo.num_selected});
+  int64_t* row_offset = reinterpret_cast<int64_t*>(scratch);              // [stages][window tile]
+  float* warp_m = reinterpret_cast<float*>(row_offset + kStages * kWT);   // [NW][16]
+  float* warp_l = warp_m + NW * kMaxGroupHeads;                           // [NW][16]
+  float* row_m = warp_l + NW * kMaxGroupHeads;                            // [16]
+  float* row_il = row_m + kMaxGroupHeads;                                 // [16]
   uint32_t* hist = reinterpret_cast<uint32_t*>(row_il + kMaxGroupHeads);  // [256]
-  int* shared_int = reinterpret_cast<int*>(hist + 256);         // [NW + 4]
-  static_assert(kStages * kWT * 8 + (2 * NW * kMaxGroupHeads + 2 * kMaxGroupHeads) * 4 +
-                        256 * 4 + (NW + 4) * 4 <= kScratchBytes,
+  int* shared_int = reinterpret_cast<int*>(hist + 256);                   // [NW + 4]
+  static_assert((kStages * kWT * 8 + (2 * NW * kMaxGroupHeads + 2 * kMaxGroupHeads) * 4 + 256 * 4 +
+                 (NW + 4) * 4) <= kScratchBytes,
                 "scratch overflow");
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
-  const int quad_row = lane / 4;   // mma groupID: head rows quad_row, quad_row + 8
-  const int quad_col = lane % 4;   // mma threadID_in_group: window columns 2*quad_col, +1
+  const int quad_row = lane / 4;  // mma groupID: head rows quad_row, quad_row + 8
+  const int quad_col = lane % 4;  // mma threadID_in_group: window columns 2*quad_col, +1
   const int64_t t = blockIdx.x / geo.groups;
   const int g = blockIdx.x % geo.groups;
 
@@ -250,9 +214,9 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {      // columns k, k + 8
+      for (int half = 0; half < 2; ++half) {  // columns k, k + 8
 #pragma unroll
-        for (int up = 0; up < 2; ++up) {          // rows quad_row, quad_row + 8
+        for (int up = 0; up < 2; ++up) {  // rows quad_row, quad_row + 8
           const int row = quad_row + 8 * up;
           const int col = 16 * s + 8 * half + 2 * quad_col;
           uint32_t pair = 0u;
@@ -271,18 +235,16 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
   const int n_tiles = (n_vis + kWT - 1) / kWT;
 
   auto locate_tile = [&](int tile) {
-    locate_k1_rows<kWT>(row_offset + (tile % kStages) * kWT, tile, n_vis, tid, rt_row, geo,
-                        ratio);
+    locate_k1_rows<kWT>(row_offset + (tile % kStages) * kWT, tile, n_vis, tid, rt_row, geo, ratio);
   };
   auto load_tile = [&](int tile) {
     stage_k1_rows<kWT, kRow, kChunks, kThreads>(ring + (tile % kStages) * kWT * kRow,
-                                                row_offset + (tile % kStages) * kWT, k1_group,
-                                                tid);
+                                                row_offset + (tile % kStages) * kWT, k1_group, tid);
   };
 
   // This warp's 16 windows of the tile in shared memory -> logits (log2 units) of rows
   // quad_row (acc[n][0..1]) and quad_row + 8 (acc[n][2..3]), windows 8n + 2*quad_col + {0,1}.
-  auto score_tile = [&](int tile, float (&acc)[2][4]) {
+  auto score_tile = [&](int tile, float(&acc)[2][4]) {
     const T* base = ring + (tile % kStages) * kWT * kRow + (warp * 16) * kRow;
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
@@ -295,9 +257,9 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
       for (int n = 0; n < 2; ++n) {
         // matrices: dims [16s, +8), [16s + 8, +8), [16s + 16, +8), [16s + 24, +8) of 8 windows
         uint32_t b[4];
-        ldmatrix_x4(b, base + (8 * n + (lane % 8)) * kRow + 16 * s + 8 * (lane / 8));
-        MmaType<T>::mma(acc[n], qa[s], b[0], b[1]);
-        MmaType<T>::mma(acc[n], qa[s + 1], b[2], b[3]);
+        ptx::ldmatrix_x4(b, base + (8 * n + (lane % 8)) * kRow + 16 * s + 8 * (lane / 8));
+        ptx::mma_m16n8k16<T>(acc[n], qa[s], b[0], b[1]);
+        ptx::mma_m16n8k16<T>(acc[n], qa[s + 1], b[2], b[3]);
       }
     }
 #pragma unroll
@@ -502,7 +464,7 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
 // the same for any segment length: scores are exact per block, and the merge keeps the order
 // (score desc, block asc).
 //
-// Dynamic shared memory:
+// Dynamic shared memory (tiled_smem_bytes<D, TT>):
 //   max(K1 ring, TT * (1024 + align16(8 * num_selected)))
 //       the ring (kTiledStages * kTiledWindows * (D + 8) * 2) while sweeping; each warp's radix
 //       histogram and chosen keys while selecting (no copy is in flight then: each sweep ends
@@ -541,12 +503,8 @@ int64_t tiled_smem_bytes(int64_t segment, int64_t num_selected) {
          TT * align16(4 * segment) + tiled_scratch_bytes(TT);
 }
 
-// Blocks per segment: the 128K width, where 8-token CTAs measured fastest, two per SM (D 128:
-// 105 KB each).
-constexpr int64_t kTiledSegmentBlocks = 2048;
-
-// Register cap from the CTAs per SM that shared memory allows at 128K context (width 2048,
-// D 128): three of 4 warps, two of 8.
+// Register cap from the CTAs per SM that shared memory allows at 128K context (a width and a
+// segment of 2048 blocks, D 128): three of 4 warps, two of 8.
 template <int D, int TT, typename T>
 __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_kernel(
     const T* __restrict__ q, const T* __restrict__ k1, const int32_t* __restrict__ req_to_token,
@@ -571,12 +529,11 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
   T* ring = reinterpret_cast<T*>(smem);
   unsigned char* best_all = smem + union_bytes;
   unsigned char* scores_all = best_all + TT * best_row;
-  int64_t* row_offset =
-      reinterpret_cast<int64_t*>(scores_all + TT * score_row);                // [stages][kWT]
-  int* tile_req = reinterpret_cast<int*>(row_offset + kStages * kWT);         // [TT]
-  int* tile_nvis = tile_req + TT;                                             // [TT]
-  int* tile_nelig = tile_nvis + TT;                                           // [TT]
-  int* tile_pending = tile_nelig + TT;                                        // [TT]
+  int64_t* row_offset = reinterpret_cast<int64_t*>(scores_all + TT * score_row);  // [stages][kWT]
+  int* tile_req = reinterpret_cast<int*>(row_offset + kStages * kWT);             // [TT]
+  int* tile_nvis = tile_req + TT;                                                 // [TT]
+  int* tile_nelig = tile_nvis + TT;                                               // [TT]
+  int* tile_pending = tile_nelig + TT;                                            // [TT]
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -590,8 +547,8 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
   uint64_t* best = reinterpret_cast<uint64_t*>(best_all + warp * best_row);  // sorted, best first
   // selection scratch, overlaying the ring (see the layout above)
   unsigned char* select_scratch = smem + warp * tiled_select_bytes(geo.num_selected);
-  uint32_t* hist = reinterpret_cast<uint32_t*>(select_scratch);                    // [256]
-  uint64_t* chosen = reinterpret_cast<uint64_t*>(select_scratch + 256 * 4);       // [k]
+  uint32_t* hist = reinterpret_cast<uint32_t*>(select_scratch);              // [256]
+  uint64_t* chosen = reinterpret_cast<uint64_t*>(select_scratch + 256 * 4);  // [k]
 
   // this warp's token, exactly as the per-token kernel sees it
   const int req = in_range ? token_req[t] : -1;
@@ -664,8 +621,7 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
     if (active && lane == 0) tile_pending[warp] = 0;
     pending = pending && !active;
 
-    const int32_t* rt_row =
-        req_to_token + (sweep_req < 0 ? 0 : int64_t{sweep_req}) * geo.stride_rt;
+    const int32_t* rt_row = req_to_token + (sweep_req < 0 ? 0 : int64_t{sweep_req}) * geo.stride_rt;
     const int n_tiles = (sweep_vis + kWT - 1) / kWT;
 
     auto locate_tile = [&](int tile) {
@@ -673,15 +629,14 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
                           ratio);
     };
     auto load_tile = [&](int tile) {
-      stage_k1_rows<kWT, kRow, kChunks, kThreads>(ring + (tile % kStages) * kWT * kRow,
-                                                  row_offset + (tile % kStages) * kWT, k1_group,
-                                                  tid);
+      stage_k1_rows<kWT, kRow, kChunks, kThreads>(
+          ring + (tile % kStages) * kWT * kRow, row_offset + (tile % kStages) * kWT, k1_group, tid);
     };
     // the staged tile's kWT windows -> this token's raw q.k (times scale_log2 where used, fused
     // into the exp2 argument; the tile max is taken before scaling, which commutes with a
     // positive scale exactly): rows quad_row
     // (acc[n][0..1]) and quad_row + 8 (acc[n][2..3]), windows 8n + 2*quad_col + {0,1}
-    auto score_tile = [&](int tile, float (&acc)[kN][4]) {
+    auto score_tile = [&](int tile, float(&acc)[kN][4]) {
       const T* base = ring + (tile % kStages) * kWT * kRow;
 #pragma unroll
       for (int n = 0; n < kN; ++n) {
@@ -693,9 +648,9 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
 #pragma unroll
         for (int n = 0; n < kN; ++n) {
           uint32_t b[4];
-          ldmatrix_x4(b, base + (8 * n + (lane % 8)) * kRow + 16 * s + 8 * (lane / 8));
-          MmaType<T>::mma(acc[n], qa[s], b[0], b[1]);
-          MmaType<T>::mma(acc[n], qa[s + 1], b[2], b[3]);
+          ptx::ldmatrix_x4(b, base + (8 * n + (lane % 8)) * kRow + 16 * s + 8 * (lane / 8));
+          ptx::mma_m16n8k16<T>(acc[n], qa[s], b[0], b[1]);
+          ptx::mma_m16n8k16<T>(acc[n], qa[s + 1], b[2], b[3]);
         }
       }
     };
@@ -954,8 +909,8 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
       const int n_best = min(k, n_elig);  // keys in `best`
       int32_t* out_row = out + (t * geo.groups + g) * int64_t{k};
       for (int i = lane; i < k; i += 32) {
-        out_row[i] = i < n_best ? static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(best[i]))
-                                : -1;
+        out_row[i] =
+            i < n_best ? static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(best[i])) : -1;
       }
     }
     __syncthreads();  // tile_pending is read again by the next sweep's leader search
@@ -967,6 +922,7 @@ void launch(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& req_to_
             const at::Tensor& token_req, const at::Tensor& token_pos, at::Tensor& out,
             const Geometry& geo, int64_t smem) {
   auto kernel = select_blocks_kernel<D, NW, T>;
+  // Above 48 KiB a kernel must opt in; more than the device allows fails here, loudly.
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
@@ -985,6 +941,7 @@ void launch_tiled(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& r
                   const at::Tensor& token_req, const at::Tensor& token_pos, at::Tensor& out,
                   const Geometry& geo, int64_t smem) {
   auto kernel = select_blocks_tiled_kernel<D, TT, T>;
+  // Above 48 KiB a kernel must opt in; more than the device allows fails here, loudly.
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
@@ -998,68 +955,75 @@ void launch_tiled(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& r
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// tile_tokens: 8 or 4 tokens per CTA (the tiled kernel, as many as shared memory allows), 0 the
-// per-token kernel.
+// The dynamic shared memory of a variant's launch: tile_tokens 8 or 4 is the token-tiled kernel
+// with `segment` blocks of scores per token, 0 the per-token kernel `warps` warps wide. The launch
+// and select_blocks_smem_bytes both take it from here.
+template <int D>
+int64_t variant_smem_bytes(int64_t tile_tokens, int64_t warps, int64_t width, int64_t segment,
+                           int64_t num_selected) {
+  if (tile_tokens == 8) return tiled_smem_bytes<D, 8>(segment, num_selected);
+  if (tile_tokens == 4) return tiled_smem_bytes<D, 4>(segment, num_selected);
+  if (warps == 8) return smem_bytes<D, 8>(width, num_selected);
+  return smem_bytes<D, 4>(width, num_selected);
+}
+
 template <int D, typename T>
-void launch_for_warps(int tile_tokens, bool wide, const at::Tensor& q, const at::Tensor& k1,
-                      const at::Tensor& req_to_token, const at::Tensor& token_req,
-                      const at::Tensor& token_pos, at::Tensor& out, const Geometry& geo,
-                      int64_t max_smem) {
-  if (tile_tokens >= 8) {
-    const int64_t smem = tiled_smem_bytes<D, 8>(geo.segment, geo.num_selected);
-    if (smem <= max_smem) {
-      return launch_tiled<D, 8, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
-    }
-  }
-  if (tile_tokens >= 4) {
-    const int64_t smem = tiled_smem_bytes<D, 4>(geo.segment, geo.num_selected);
-    if (smem <= max_smem) {
-      return launch_tiled<D, 4, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
-    }
-  }
-  // Few CTAs (decode): 8 warps put twice the windows in flight per CTA; many CTAs (prefill):
-  // 4 warps and a deeper ring, several CTAs per SM.
-  if (wide) {
-    const int64_t smem = smem_bytes<D, 8>(geo.width, geo.num_selected);
-    TORCH_CHECK(smem <= max_smem, "select_blocks: width ", geo.width, " needs ", smem,
-                " bytes of shared memory, the device allows ", max_smem);
+void launch_variant(int64_t tile_tokens, int64_t warps, const at::Tensor& q, const at::Tensor& k1,
+                    const at::Tensor& req_to_token, const at::Tensor& token_req,
+                    const at::Tensor& token_pos, at::Tensor& out, const Geometry& geo) {
+  const int64_t smem =
+      variant_smem_bytes<D>(tile_tokens, warps, geo.width, geo.segment, geo.num_selected);
+  if (tile_tokens == 8) {
+    launch_tiled<D, 8, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
+  } else if (tile_tokens == 4) {
+    launch_tiled<D, 4, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
+  } else if (warps == 8) {
     launch<D, 8, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
   } else {
-    const int64_t smem = smem_bytes<D, 4>(geo.width, geo.num_selected);
-    TORCH_CHECK(smem <= max_smem, "select_blocks: width ", geo.width, " needs ", smem,
-                " bytes of shared memory, the device allows ", max_smem);
     launch<D, 4, T>(q, k1, req_to_token, token_req, token_pos, out, geo, smem);
   }
 }
 
 template <typename T>
-void launch_for_dim(int64_t dim, int tile_tokens, bool wide, const at::Tensor& q,
+void launch_for_dim(int64_t dim, int64_t tile_tokens, int64_t warps, const at::Tensor& q,
                     const at::Tensor& k1, const at::Tensor& req_to_token,
                     const at::Tensor& token_req, const at::Tensor& token_pos, at::Tensor& out,
-                    const Geometry& geo, int64_t max_smem) {
-  switch (dim) {
-    case 64:
-      return launch_for_warps<64, T>(tile_tokens, wide, q, k1, req_to_token, token_req,
-                                     token_pos, out, geo, max_smem);
-    case 128:
-      return launch_for_warps<128, T>(tile_tokens, wide, q, k1, req_to_token, token_req,
-                                      token_pos, out, geo, max_smem);
-    default:
-      TORCH_CHECK(false, "select_blocks: head dim ", dim, " not compiled: use 64 or 128");
+                    const Geometry& geo) {
+  if (dim == 64) {
+    launch_variant<64, T>(tile_tokens, warps, q, k1, req_to_token, token_req, token_pos, out, geo);
+  } else {
+    launch_variant<128, T>(tile_tokens, warps, q, k1, req_to_token, token_req, token_pos, out, geo);
   }
 }
 
-void check_index(const at::Tensor& x, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(x.device() == q.device() && x.scalar_type() == at::kInt,
-              "select_blocks: ", name, " must be int32 on ", q.device(), ", got ",
-              x.scalar_type(), " on ", x.device());
+// What select_blocks and select_blocks_smem_bytes accept: the compiled head dims and variants,
+// and the sizes the layouts assume.
+void check_variant(const char* op, int64_t dim, int64_t tile_tokens, int64_t warps, int64_t segment,
+                   int64_t num_selected, int64_t width) {
+  TORCH_CHECK(dim == 64 || dim == 128, op, ": head dim ", dim, " not compiled: use 64 or 128");
+  TORCH_CHECK(tile_tokens == 0 || tile_tokens == 4 || tile_tokens == 8, op, ": tile_tokens ",
+              tile_tokens,
+              " not compiled: use 0 (the per-token kernel) or 4 or 8 (tokens per CTA of the "
+              "token-tiled kernel)");
+  TORCH_CHECK(warps == 4 || warps == 8, op, ": warps ", warps,
+              " not compiled: use 4 or 8 (the per-token kernel's warps per CTA)");
+  TORCH_CHECK(segment >= 1, op, ": segment ", segment,
+              " must be at least 1 (blocks of scores the token-tiled kernel keeps at a time)");
+  TORCH_CHECK(num_selected >= 1 && width >= num_selected && width < (int64_t{1} << 30), op,
+              ": need 1 <= num_selected <= width < 2^30, got ", num_selected, " and ", width);
 }
 
-at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1,
-                         const at::Tensor& req_to_token, const at::Tensor& token_req,
-                         const at::Tensor& token_pos, int64_t kernel_size, int64_t kernel_stride,
-                         int64_t block_size, int64_t init_blocks, int64_t local_blocks,
-                         int64_t num_selected, int64_t width, double scale) {
+void check_index(const at::Tensor& x, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(x.device() == q.device() && x.scalar_type() == at::kInt, "select_blocks: ", name,
+              " must be int32 on ", q.device(), ", got ", x.scalar_type(), " on ", x.device());
+}
+
+at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& req_to_token,
+                         const at::Tensor& token_req, const at::Tensor& token_pos,
+                         int64_t kernel_size, int64_t kernel_stride, int64_t block_size,
+                         int64_t init_blocks, int64_t local_blocks, int64_t num_selected,
+                         int64_t width, double scale, int64_t tile_tokens, int64_t warps,
+                         int64_t segment) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.stride(2) == 1,
               "select_blocks: q must be a CUDA tensor [tokens, heads, dim] contiguous in dim, got ",
               q.sizes(), " on ", q.device());
@@ -1080,8 +1044,7 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1,
   check_index(token_pos, "token_pos", q);
   const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2), groups = k1.size(2);
   TORCH_CHECK(token_req.dim() == 1 && token_req.size(0) == tokens && token_req.is_contiguous() &&
-                  token_pos.dim() == 1 && token_pos.size(0) == tokens &&
-                  token_pos.is_contiguous(),
+                  token_pos.dim() == 1 && token_pos.size(0) == tokens && token_pos.is_contiguous(),
               "select_blocks: token_req and token_pos must be contiguous [", tokens, "]");
   TORCH_CHECK(groups > 0 && heads % groups == 0 && heads / groups <= kMaxGroupHeads,
               "select_blocks: ", heads, " query heads over ", groups,
@@ -1092,9 +1055,10 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1,
               "kernel_stride (k1 holding block_size / kernel_stride rows per page), got kernel ",
               kernel_size, ", stride ", kernel_stride, ", block ", block_size, ", rows ",
               k1.size(1));
-  TORCH_CHECK(num_selected >= 1 && width >= num_selected && width < (int64_t{1} << 30) &&
-                  init_blocks >= 0 && local_blocks >= 0,
-              "select_blocks: need 1 <= num_selected <= width, got ", num_selected, " and ", width);
+  check_variant("select_blocks", dim, tile_tokens, warps, segment, num_selected, width);
+  TORCH_CHECK(init_blocks >= 0 && local_blocks >= 0,
+              "select_blocks: init_blocks and local_blocks must be >= 0, got ", init_blocks,
+              " and ", local_blocks);
   TORCH_CHECK(tokens * groups < (int64_t{1} << 31), "select_blocks: ", tokens, " tokens too many");
   TORCH_CHECK(scale > 0.0 && std::isfinite(scale), "select_blocks: scale must be positive, got ",
               scale);
@@ -1120,51 +1084,36 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1,
   geo.local_blocks = static_cast<int>(std::min<int64_t>(local_blocks, 1 << 30));
   geo.num_selected = static_cast<int>(num_selected);
   geo.width = static_cast<int>(width);
-  // SALA_SGLANG_SELECT_SEGMENT forces shorter segments (tests: several at small widths)
-  int64_t segment = std::min(width, kTiledSegmentBlocks);
-  if (const char* env = std::getenv("SALA_SGLANG_SELECT_SEGMENT")) {
-    const int64_t forced = std::atoll(env);
-    if (forced >= 1) segment = std::min(width, forced);
-  }
-  geo.segment = static_cast<int>(segment);
+  geo.segment = static_cast<int>(std::min(segment, width));  // a longer one holds nothing more
   geo.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
-  int device = 0, max_smem_int = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(
-      cudaDeviceGetAttribute(&max_smem_int, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t max_smem = max_smem_int;
-  const bool wide = tokens * groups < 2 * int64_t{sms};
-  // Tiles of 8 (else 4) tokens once that makes at least one CTA per SM (prefill); below that
-  // the per-token kernel keeps more SMs busy. SALA_SGLANG_SELECT_TILE=1 / 4 / 8 forces the
-  // per-token kernel or that many tokens per CTA (benchmarks and tests; read on the host at each
-  // call, so capture bakes it in like any other launch parameter).
-  int tile_tokens = 0;
-  if ((tokens + 7) / 8 * groups >= sms) {
-    tile_tokens = 8;
-  } else if ((tokens + 3) / 4 * groups >= sms) {
-    tile_tokens = 4;
-  }
-  if (const char* env = std::getenv("SALA_SGLANG_SELECT_TILE")) {
-    const int forced = std::atoi(env);
-    if (forced == 1) tile_tokens = 0;
-    if (forced == 4 || forced == 8) tile_tokens = forced;
-  }
   if (q.scalar_type() == at::kBFloat16) {
-    launch_for_dim<__nv_bfloat16>(dim, tile_tokens, wide, q, k1, req_to_token, token_req,
-                                  token_pos, out, geo, max_smem);
+    launch_for_dim<__nv_bfloat16>(dim, tile_tokens, warps, q, k1, req_to_token, token_req,
+                                  token_pos, out, geo);
   } else {
-    launch_for_dim<__half>(dim, tile_tokens, wide, q, k1, req_to_token, token_req, token_pos,
-                           out, geo, max_smem);
+    launch_for_dim<__half>(dim, tile_tokens, warps, q, k1, req_to_token, token_req, token_pos, out,
+                           geo);
   }
   return out;
+}
+
+// Host arithmetic only: the plan asks it on any process, GPU or not, which variants fit.
+int64_t select_blocks_smem_bytes(int64_t head_dim, int64_t tile_tokens, int64_t warps,
+                                 int64_t width, int64_t segment, int64_t num_selected) {
+  check_variant("select_blocks_smem_bytes", head_dim, tile_tokens, warps, segment, num_selected,
+                width);
+  segment = std::min(segment, width);  // as select_blocks clamps it
+  if (head_dim == 64) {
+    return variant_smem_bytes<64>(tile_tokens, warps, width, segment, num_selected);
+  }
+  return variant_smem_bytes<128>(tile_tokens, warps, width, segment, num_selected);
 }
 
 // Shapes only, for torch.compile's fake tensors.
 at::Tensor select_blocks_meta(const at::Tensor& q, const at::Tensor& k1, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
-                              int64_t, int64_t, int64_t num_selected, int64_t, double) {
+                              int64_t, int64_t, int64_t num_selected, int64_t, double, int64_t,
+                              int64_t, int64_t) {
   return at::empty_symint({q.sym_size(0), k1.sym_size(2), c10::SymInt(num_selected)},
                           q.options().dtype(at::kInt));
 }
@@ -1175,7 +1124,13 @@ TORCH_LIBRARY_FRAGMENT(sala_sglang, m) {
   m.def(
       "select_blocks(Tensor q, Tensor k1, Tensor req_to_token, Tensor token_req, "
       "Tensor token_pos, int kernel_size, int kernel_stride, int block_size, int init_blocks, "
-      "int local_blocks, int num_selected, int width, float scale) -> Tensor");
+      "int local_blocks, int num_selected, int width, float scale, int tile_tokens, int warps, "
+      "int segment) -> Tensor");
+  // No tensor argument: one catch-all kernel, so a CPU-only process can call it too.
+  m.def(
+      "select_blocks_smem_bytes(int head_dim, int tile_tokens, int warps, int width, "
+      "int segment, int num_selected) -> int",
+      &select_blocks_smem_bytes);
 }
 
 TORCH_LIBRARY_IMPL(sala_sglang, CUDA, m) { m.impl("select_blocks", &select_blocks); }
