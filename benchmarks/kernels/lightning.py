@@ -35,11 +35,12 @@ from common import (  # noqa: E402
 )
 
 from sala_sglang.ops import _cuda, lightning  # noqa: E402
+from sala_sglang.ops.lightning_plan import PREFILL_LAUNCH  # noqa: E402
 from sala_sglang.reference.lightning import lightning_chunked, lightning_slopes  # noqa: E402
 
 CHUNK = 64
 DEVICE = "cuda"
-# Launch shapes of our prefill timed next to the default (lightning.PREFILL_LAUNCH).
+# Launch shapes of our prefill timed next to the default (lightning_plan.PREFILL_LAUNCH).
 PREFILL_VARIANTS = [
     {"chunk": c, "block_v": bv, "num_warps": w, "num_stages": 2}
     for c, bv, w in [(64, 64, 4), (64, 64, 8), (64, 32, 8), (64, 128, 8), (32, 64, 4),
@@ -93,11 +94,14 @@ def decode_impls(found: dict, slopes: torch.Tensor, scale: float, batch: int) ->
     heads = slopes.numel()
     slots = torch.arange(batch, device=DEVICE, dtype=torch.int32)
     impls = {}
+
+    def ours(impl: str) -> Impl:
+        return Impl(lambda st, q, k, v: lightning.lightning_decode(
+            q, k, v, st, slots, slopes, scale, impl=impl))
+
     if _cuda.available():
-        impls["ours_cuda"] = Impl(lambda st, q, k, v: torch.ops.sala_sglang.lightning_decode(
-            q, k, v, st, slots, slopes, scale))
-    impls["ours_triton"] = Impl(
-        lambda st, q, k, v: lightning._decode_triton(q, k, v, st, slots, slopes, scale))
+        impls["ours_cuda"] = ours("cuda")
+    impls["ours_triton"] = ours("triton")
     # What 24 launches cost without the recurrence: an in-place scale of the state (the same
     # bytes read and written by one plain elementwise kernel), and a one-element kernel (the
     # launch and latency alone). Not lightning steps: no accuracy is computed for them.
@@ -194,7 +198,7 @@ def prefill_impls(found: dict, slopes: torch.Tensor, scale: float, tokens: int,
     cu = torch.tensor([0, tokens], device=dev, dtype=torch.int32)
     fresh = torch.zeros(1, device=dev, dtype=torch.int32)
 
-    def ours(segment_len: int | None = None, launch: dict = lightning.PREFILL_LAUNCH) -> Impl:
+    def ours(segment_len: int | None = None, launch: dict = PREFILL_LAUNCH) -> Impl:
         return Impl(lambda st, q, k, v: lightning.lightning_prefill(
             q, k, v, st, slots, cu, fresh, slopes, scale, segment_len, launch),
             lambda raw, st: (raw, st[0]))
@@ -204,7 +208,7 @@ def prefill_impls(found: dict, slopes: torch.Tensor, scale: float, tokens: int,
     impls.update({f"ours_triton_segment_{n}": ours(n) for n in segment_lens if n < tokens})
     impls.update({
         "ours_triton_c{chunk}_v{block_v}_w{num_warps}".format(**launch): ours(launch=launch)
-        for launch in PREFILL_VARIANTS if launch != lightning.PREFILL_LAUNCH
+        for launch in PREFILL_VARIANTS if launch != PREFILL_LAUNCH
     })
     if isinstance(found["fla"], tuple):
         chunk = found["fla"][0]
@@ -320,7 +324,7 @@ def main() -> None:
     device = torch.cuda.get_device_name(0).lower()
     tag = next((t for t in ("h100", "h200") if t in device), "gpu")
     record = {**header("kernels_lightning", tag), "peaks": measured_peaks(),
-              "prefill_launch": lightning.PREFILL_LAUNCH,
+              "prefill_launch": PREFILL_LAUNCH,
               "config": {"heads": heads, "head_dim": dim, "lightning_layers": layers},
               "ours_cuda_built": _cuda.available(),
               "anchors_unavailable": {n: str(a) for n, a in found.items()

@@ -4,6 +4,9 @@ SGLang's `HybridLinearAttnBackend` routes every layer that is not a sparse layer
 this class through `register_linear_attn_model`). The per-request state lives in SGLang's
 `MambaPool` as `temporal[slot, head, key, value]` (fp32 by default); SGLang zeroes a slot when a
 request first gets it, and the kernels additionally start from zero when a request has no prefix.
+Each forward's `LightningPlan` (decode kernel, prefill segment length) is built with its metadata,
+eagerly or before a CUDA graph is captured or replayed, from host facts and what `__init__` read
+once (the device, the kernel overrides); the layer calls only read it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.runtime_context import get_parallel
 
+from sala_sglang.ops._cuda import DeviceFacts
 from sala_sglang.ops.lightning import lightning_decode, lightning_prefill
+from sala_sglang.ops.lightning_plan import LightningPlan, plan_lightning
+from sala_sglang.ops.overrides import KernelOverrides
 from sala_sglang.reference.lightning import lightning_slopes
 
 
@@ -41,11 +47,33 @@ class LightningBackend(MambaAttnBackendBase):
         self.head_dim = config.lightning_head_dim
         self.scale = self.head_dim**-0.5
         self.has_initial_state: torch.Tensor | None = None
+        self.device_facts = DeviceFacts.of(self.device)
+        self.prefer_impl = KernelOverrides.from_env().impl
+        self.plan: LightningPlan | None = None
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         super().init_forward_metadata(forward_batch)
+        self._plan(forward_batch)
         if forward_batch.forward_mode.is_extend():
             self.has_initial_state = (forward_batch.extend_prefix_lens > 0).to(torch.int32)
+
+    def init_forward_metadata_out_graph(
+        self, forward_batch: ForwardBatch, in_capture: bool = False
+    ) -> None:
+        super().init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
+        self._plan(forward_batch)
+
+    def _plan(self, forward_batch: ForwardBatch) -> None:
+        batch = forward_batch.batch_size
+        extend = forward_batch.forward_mode.is_extend()
+        self.plan = plan_lightning(
+            int(forward_batch.extend_num_tokens) if extend else batch,
+            batch,
+            self.num_heads,
+            self.head_dim,
+            self.device_facts,
+            self.prefer_impl,
+        )
 
     def _state(self, layer: RadixAttention) -> torch.Tensor:
         return self.req_to_token_pool.mamba2_layer_cache(layer.layer_id).temporal
@@ -74,6 +102,7 @@ class LightningBackend(MambaAttnBackendBase):
             self.has_initial_state,
             self.slopes,
             self.scale,
+            segment_len=self.plan.segment_len,
         )
         return out.view(-1, self.num_heads * self.head_dim)
 
@@ -95,5 +124,6 @@ class LightningBackend(MambaAttnBackendBase):
             self.forward_metadata.mamba_cache_indices,
             self.slopes,
             self.scale,
+            impl=self.plan.decode_impl,
         )
         return out.view(-1, self.num_heads * self.head_dim)

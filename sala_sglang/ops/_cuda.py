@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -52,26 +53,66 @@ def use_compiled(op: str, x: torch.Tensor) -> bool:
     return compiled
 
 
-def choose_cuda(op: str, impl: str | None, x: torch.Tensor, cuda_faster: bool,
-                unsupported: Callable[[], str | None]) -> bool:
-    """Whether `op` runs its CUDA kernel. impl "cuda" requires it (ValueError naming why it cannot
-    run), "triton" refuses it, None takes the faster one (`cuda_faster`, from the H100 kernel
-    benchmarks), falling back to Triton wherever CUDA cannot run. The caller resolves environment
-    overrides (`overrides.KernelOverrides`, read once per backend) into impl.
-    `unsupported()` returns why the CUDA kernel cannot take the arguments, or None; it must read
-    host metadata only (it runs while CUDA graphs are captured)."""
+def resolve_impl(op: str, impl: str | None, cuda_faster: bool,
+                 why_not_cuda: Callable[[], str | None]) -> str:
+    """The implementation `op` runs, "cuda" or "triton": impl "cuda" requires CUDA (ValueError
+    naming why it cannot run), "triton" refuses it, None takes the faster one (`cuda_faster`, from
+    the H100 kernel benchmarks), falling back to Triton wherever CUDA cannot run. `why_not_cuda()`
+    returns why the CUDA kernel cannot run, or None; it must read host facts only (plans are built
+    while CUDA graphs are captured)."""
     if impl not in (None, *IMPLS):
         raise ValueError(f"{op}: impl={impl!r}; expected 'cuda', 'triton' or None")
     required = impl == "cuda"
     if impl is None:
         impl = "cuda" if cuda_faster else "triton"
     if impl == "triton":
-        return False
-    why = None if (x.is_cuda and available()) else \
-        f"sala_sglang._C is not built or the tensors are on {x.device}"
-    why = why or unsupported()
+        return "triton"
+    why = why_not_cuda()
     if why is None:
-        return use_compiled(op, x)
+        return "cuda"
     if required:
         raise ValueError(f"{op}: impl='cuda' cannot run: {why}")
+    return "triton"
+
+
+def choose_cuda(op: str, impl: str | None, x: torch.Tensor, cuda_faster: bool,
+                unsupported: Callable[[], str | None]) -> bool:
+    """Whether `op` runs its CUDA kernel on x (`resolve_impl`'s rule). The caller resolves
+    environment overrides (`overrides.KernelOverrides`, read once per backend) into impl.
+    `unsupported()` returns why the CUDA kernel cannot take the arguments, or None; it must read
+    host metadata only (it runs while CUDA graphs are captured)."""
+
+    def why_not_cuda() -> str | None:
+        if not (x.is_cuda and available()):
+            return _not_compiled(x.device)
+        return unsupported()
+
+    if resolve_impl(op, impl, cuda_faster, why_not_cuda) == "cuda":
+        return use_compiled(op, x)
     return False
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What dispatch rules read about a device, once, when a backend is built."""
+
+    name: str  # for messages: "cuda:0", "cpu"
+    multiprocessors: int  # SMs of a CUDA GPU; 0 elsewhere
+    compiled: bool  # sala_sglang._C is loaded and the device is a CUDA GPU
+
+    @classmethod
+    def of(cls, device: torch.device | str) -> DeviceFacts:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return cls(name=str(device), multiprocessors=0, compiled=False)
+        return cls(name=str(device),
+                   multiprocessors=device_properties(device).multi_processor_count,
+                   compiled=available())
+
+    def why_not_compiled(self) -> str | None:
+        """Why no kernel of `sala_sglang._C` can run here, or None."""
+        return None if self.compiled else _not_compiled(self.name)
+
+
+def _not_compiled(where: object) -> str:
+    return f"sala_sglang._C is not built or the tensors are on {where}"

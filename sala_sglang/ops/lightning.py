@@ -4,8 +4,10 @@ Both read and write the per-request recurrent state in place in SGLang's state p
 (`state[slot, head, key, value]`, fp32). Reference twins: `sala_sglang.reference.lightning`.
 Every decay factor is exp(-slope * d) with d >= 0, so the kernels stay finite for any slope.
 
-Decode runs the CUDA kernel of `sala_sglang._C` (csrc/lightning.cu) when it is built and the
-tensors are on a GPU, else the Triton kernel below. Prefill is Triton (tensor-core `tl.dot`).
+Decode has two kernels: CUDA (`sala_sglang._C`, csrc/lightning.cu) and Triton (below); `impl`
+picks one (`_cuda.choose_cuda`), and the serving backend takes it from its `LightningPlan`
+(ops/lightning_plan.py). Prefill is Triton only (tensor-core `tl.dot`); its segment length comes
+from the plan, or from the same rule on this call's device when none is given.
 
 Prefill parallelism: one program per (sequence, head, value block) walks its chunks in order,
 which leaves most of the GPU idle for a single long prompt. So a long sequence is cut into
@@ -24,9 +26,12 @@ import triton
 import triton.language as tl
 
 from sala_sglang.ops import _cuda
-
-# Head dims that csrc/lightning.cu instantiates; others take the Triton kernel.
-_CUDA_DECODE_HEAD_DIMS = (32, 64, 128, 256)
+from sala_sglang.ops.lightning_plan import (
+    CUDA_DECODE_FASTER,
+    PREFILL_LAUNCH,
+    decode_cuda_unsupported,
+    prefill_segment_len,
+)
 
 
 @triton.jit
@@ -198,27 +203,6 @@ def _check(q: torch.Tensor, state: torch.Tensor) -> int:
     return dim
 
 
-def _parallel_programs(device: torch.device) -> int:
-    """Programs that keep the device busy: a few per SM (one lane for the CPU interpreter)."""
-    if device.type != "cuda":
-        return 1
-    return 4 * _cuda.device_properties(device).multi_processor_count
-
-
-def _segment_len(tokens: int, batch: int, programs_per_segment: int, chunk: int,
-                 device: torch.device) -> int:
-    """Tokens per segment: enough segments to fill the device, each at least 4 chunks."""
-    wanted = triton.cdiv(_parallel_programs(device), batch * programs_per_segment)
-    if wanted <= 1:
-        return max(triton.cdiv(tokens, chunk), 1) * chunk
-    return max(triton.cdiv(triton.cdiv(tokens, wanted), chunk), 4) * chunk
-
-
-# Prefill launch shape: chunk rows, value columns per program, warps, software-pipeline stages.
-# The fastest of the shapes benchmarks/kernels/lightning.py sweeps, at 32K-512K tokens on an H100.
-PREFILL_LAUNCH = {"chunk": 64, "block_v": 64, "num_warps": 4, "num_stages": 2}
-
-
 def lightning_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -231,12 +215,17 @@ def lightning_prefill(
     scale: float,
     segment_len: int | None = None,
     launch: Mapping[str, int] | None = None,
+    impl: str | None = None,
 ) -> torch.Tensor:
     """Varlen prefill. q,k,v [T, H, D]; state [slots, H, D, D] fp32, updated in place at
     `state_slots` [B] (-1: no state kept); cu_seqlens [B+1] int32; has_initial_state [B]
     (False: start from zero). segment_len: tokens per parallel segment, a multiple of the chunk
-    (default: chosen to fill the GPU). launch: entries replacing PREFILL_LAUNCH's (the chunk
-    size in tests; the benchmark sweeps all four). Returns o [T, H, D]."""
+    (`LightningPlan.segment_len`; default: `prefill_segment_len` on q's device). launch: entries
+    replacing PREFILL_LAUNCH's (the chunk size in tests; the benchmark sweeps all four). impl:
+    "triton" or None (there is no CUDA prefill kernel). Returns o [T, H, D]."""
+    if impl not in (None, "triton"):
+        raise ValueError(f"lightning_prefill: impl={impl!r}; expected 'triton' or None (there is "
+                         "no CUDA prefill kernel)")
     unknown = set(launch or ()) - PREFILL_LAUNCH.keys()
     if unknown:
         raise ValueError(f"lightning_prefill: launch keys {sorted(unknown)}: expected some of "
@@ -253,7 +242,8 @@ def lightning_prefill(
     batch = cu_seqlens.numel() - 1
     block_v = min(dim, block_v)
     nv = dim // block_v
-    seg = segment_len or _segment_len(tokens, batch, heads * nv, chunk, q.device)
+    seg = segment_len or prefill_segment_len(
+        tokens, batch, heads, dim, _cuda.DeviceFacts.of(q.device).multiprocessors, shape)
     segments = max(triton.cdiv(tokens, seg), 1)  # per sequence, at most
     split = segments > 1
     tuning = {"num_warps": shape["num_warps"], "num_stages": shape["num_stages"]}
@@ -293,27 +283,17 @@ def lightning_decode(
     state_slots: torch.Tensor,
     slopes: torch.Tensor,
     scale: float,
+    impl: str | None = None,
 ) -> torch.Tensor:
     """One token per request. q,k,v [B, H, D]; state [slots, H, D, D] fp32 updated in place at
-    `state_slots` [B] (-1: padding, left alone). Returns o [B, H, D]."""
+    `state_slots` [B] (-1: padding, left alone). impl: "cuda" (csrc/lightning.cu; ValueError where
+    it cannot run), "triton", or None (the faster one that can run; see `_cuda.choose_cuda`); the
+    serving backend passes `LightningPlan.decode_impl`. Returns o [B, H, D]."""
     dim = _check(q, state)
-    if dim in _CUDA_DECODE_HEAD_DIMS and _cuda.use_compiled("lightning_decode", q):
+    if _cuda.choose_cuda("lightning_decode", impl, q, CUDA_DECODE_FASTER,
+                         lambda: decode_cuda_unsupported(dim)):
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         return torch.ops.sala_sglang.lightning_decode(q, k, v, state, state_slots, slopes, scale)
-    return _decode_triton(q, k, v, state, state_slots, slopes, scale)
-
-
-def _decode_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: torch.Tensor,
-    state_slots: torch.Tensor,
-    slopes: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """lightning_decode on the Triton kernel (any device Triton runs on)."""
-    dim = _check(q, state)
     block_v = min(dim, 64)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
