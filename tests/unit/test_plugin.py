@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from sala_sglang import plugin  # noqa: E402
+from sala_sglang import plugin, registration  # noqa: E402
 from sala_sglang import server_args  # noqa: E402
 from sala_sglang.config import MiniCPMSALAConfig  # noqa: E402
 
@@ -156,8 +156,8 @@ def test_registration_failure_is_loud(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken() -> None:
         raise ImportError("no module named sglang.srt.somewhere")
 
-    monkeypatch.setattr(plugin, "_registered", False)
-    monkeypatch.setattr(plugin, "_register_config", broken)
-    with pytest.raises(plugin.RegistrationError, match="supports SGLang 0.5.16"):
+    monkeypatch.setattr(registration, "_registered", False)
+    monkeypatch.setattr(registration, "_register_config", broken)
+    with pytest.raises(registration.RegistrationError, match="supports SGLang 0.5.16"):
         plugin.register()
-    assert plugin._registered is False
+    assert registration._registered is False
