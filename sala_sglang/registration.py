@@ -25,6 +25,7 @@ from sala_sglang.server_args import (
     add_cli_args,
     adjust_server_args,
     from_cli_args,
+    unsupported_option_exits_with_one_line,
 )
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,13 @@ def _register_server_hooks() -> None:
     )
     HookRegistry.register(
         "sglang.srt.server_args.ServerArgs.__post_init__", _before_post_init, HookType.BEFORE
+    )
+    # The launchers (`python -m sglang.launch_server`, `sglang serve`) parse argv here; the
+    # registry also rebinds the launcher's `from ... import prepare_server_args`.
+    HookRegistry.register(
+        "sglang.srt.server_args.prepare_server_args",
+        unsupported_option_exits_with_one_line,
+        HookType.AROUND,
     )
     HookRegistry.register(
         "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
