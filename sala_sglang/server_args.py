@@ -1,9 +1,11 @@
-"""Names, flags and server options of MiniCPM-SALA, shared by the plugin, the CLI and the backend.
+"""Names, flags and server options of MiniCPM-SALA, shared by the registration, the CLI and the
+backend.
 
 A leaf module (it imports nothing of the package): the architecture and backend names, the
 `--dense-as-sparse` flag and its reader, OpenBMB's recommended serve flags, and
 `adjust_server_args`, which runs before SGLang's own `ServerArgs.__post_init__` (a plugin hook) so
-a bad option fails at startup, in the launching process, with a message that names it.
+a bad option fails at startup, in the launching process, with a message that names it (one line
+on stderr when the option came from a launcher's command line).
 """
 
 from __future__ import annotations
