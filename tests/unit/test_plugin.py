@@ -56,6 +56,8 @@ def _server_args(model_dir: Path, *extra: str):
 
 
 def test_sglang_load_plugins_finds_our_entry_point(tiny_dir: Path) -> None:
+    # A fresh interpreter: load_plugins() runs once per process, and only there is nothing but
+    # the entry point registering us.
     result = _run_python(
         f"""
         import argparse, json
@@ -92,6 +94,8 @@ def test_sglang_load_plugins_finds_our_entry_point(tiny_dir: Path) -> None:
 
 
 def test_external_model_package_registers_without_plugins(tiny_dir: Path) -> None:
+    # A fresh interpreter: SGLang reads SGLANG_EXTERNAL_MODEL_PACKAGE once, when its model
+    # registry module is first imported.
     result = _run_python(
         f"""
         import json
