@@ -48,8 +48,7 @@ def registration_error(exc: Exception) -> RegistrationError:
 
 
 def register_with_sglang() -> None:
-    """Register config, backends, linear layers and server hooks; safe to call any number of
-    times."""
+    """Register config, backends, linear layers and server hooks with SGLang; idempotent."""
     global _registered
     if _registered:
         return

@@ -69,9 +69,9 @@ class UnsupportedServerOption(ValueError):
 
 
 def unsupported_option_exits_with_one_line(original: Any, *args: Any, **kwargs: Any) -> Any:
-    """Around SGLang's `prepare_server_args` (the launchers' argv parser): an unsupported option
-    ends the launch with one line on stderr, as argparse does, instead of a traceback."""
-    # Only the command-line path exits: `ServerArgs(...)` built in code still raises.
+    """Around SGLang's `prepare_server_args`: an unsupported option exits with one stderr line."""
+    # The launchers (`python -m sglang.launch_server`, `sglang serve`) parse argv here; exit as
+    # argparse does (status 2), not with a traceback. `ServerArgs(...)` built in code still raises.
     try:
         return original(*args, **kwargs)
     except UnsupportedServerOption as exc:

@@ -9,13 +9,15 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+
     from sala_sglang.reference.model import Stage1
 
 LOGPROB_TOL = 5e-2
 
 
 def _reference_logprobs(reference: Any, sequence: list[int], prompt_len: int,
-                        stage1: Stage1 | None = None):
+                        stage1: Stage1 | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference logits and log-probabilities [len, vocab], with every sparse layer's block
     scoring done by `stage1` when given (see `ReferenceModel.forward`)."""
     import torch
