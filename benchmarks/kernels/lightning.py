@@ -26,7 +26,7 @@ import torch
 
 if __name__ == "__main__":  # run as a file: `benchmarks` imports from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     RELEASED_CONFIG,
     RESULTS,
     gpu_time_ms,
