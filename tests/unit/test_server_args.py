@@ -155,3 +155,10 @@ def test_launcher_reports_an_unsupported_option_in_one_line(
         "error: --chunked-prefill-size 200: MiniCPM-SALA pages its KV cache in blocks of 16 "
         "tokens, so it must be a multiple of 16; use 192 or 208"
     ]
+
+
+def test_server_args_built_in_code_still_raise(tiny_dir: Path) -> None:
+    from sglang.srt.server_args import ServerArgs
+
+    with pytest.raises(UnsupportedServerOption, match="--chunked-prefill-size 200"):
+        ServerArgs(model_path=str(tiny_dir), device="cpu", chunked_prefill_size=200)
