@@ -1,168 +1,23 @@
-"""Registers MiniCPM-SALA with a stock SGLang: config class, model class, backends, CLI flags.
+"""The `sglang.srt.plugins` entry point: SGLang calls `register()` in every process it starts
+(launcher, scheduler, workers).
 
-SGLang calls `register()` through the `sglang.srt.plugins` entry point in every process it starts
-(launcher, scheduler, workers). Tools that load no plugins reach it through
-`SGLANG_EXTERNAL_MODEL_PACKAGE=sala_sglang.models`, whose package import calls it too.
+A leaf: nothing in the package imports this module. What the other way in
+(`SGLANG_EXTERNAL_MODEL_PACKAGE=sala_sglang.models`) needs too lives in `registration`.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
-from sala_sglang.config import MiniCPMSALAConfig
-from sala_sglang.server_args import (
-    ARCHITECTURE,
-    BACKEND_NAMES,
-    add_cli_args,
-    adjust_server_args,
-    from_cli_args,
-)
-
-logger = logging.getLogger(__name__)
-
-SUPPORTED_SGLANG = "0.5.16"
-
-_registered = False
-
-
-class RegistrationError(RuntimeError):
-    """SGLang's extension points are not where sala-sglang expects them."""
+from sala_sglang.registration import register_with_sglang, registration_error
+from sala_sglang.server_args import ARCHITECTURE
 
 
 def register() -> None:
-    """Register everything with SGLang; safe to call any number of times."""
-    global _registered
-    if _registered:
-        return
-    # Set first: importing our model package re-enters register() (SGLANG_EXTERNAL_MODEL_PACKAGE).
-    _registered = True
+    """Register MiniCPM-SALA with SGLang; safe to call any number of times."""
+    register_with_sglang()
     try:
-        import sglang
-
-        if sglang.__version__ != SUPPORTED_SGLANG:
-            logger.warning(
-                "sala-sglang is tested with SGLang %s, found %s",
-                SUPPORTED_SGLANG,
-                sglang.__version__,
-            )
-        _register_config()
-        _register_backends()
-        _register_linear_layers()
-        _register_server_hooks()
         _register_model()
     except Exception as exc:
-        _registered = False
-        raise RegistrationError(
-            f"sala-sglang could not register MiniCPM-SALA with SGLang: {exc}. "
-            f"sala-sglang supports SGLang {SUPPORTED_SGLANG}; check `pip show sglang`."
-        ) from exc
-    logger.info(
-        "sala-sglang registered %s (config %r, backends %s)",
-        ARCHITECTURE,
-        MiniCPMSALAConfig.model_type,
-        ", ".join(BACKEND_NAMES),
-    )
-
-
-def _register_config() -> None:
-    from transformers import AutoConfig
-
-    from sglang.srt.utils.hf_transformers.common import _CONFIG_REGISTRY
-
-    _CONFIG_REGISTRY[MiniCPMSALAConfig.model_type] = MiniCPMSALAConfig
-    try:
-        AutoConfig.register(MiniCPMSALAConfig.model_type, MiniCPMSALAConfig, exist_ok=True)
-    except TypeError:  # transformers without exist_ok
-        try:
-            AutoConfig.register(MiniCPMSALAConfig.model_type, MiniCPMSALAConfig)
-        except ValueError:
-            pass  # already registered by an earlier call in this process
-
-
-def _register_backends() -> None:
-    from sglang.srt.layers.attention.attention_registry import register_attention_backend
-    from sglang.srt.server_args import add_attention_backend_choices
-
-    for name in BACKEND_NAMES:
-        register_attention_backend(name)(create_backend)
-    from sglang.srt import server_args
-
-    new = [n for n in BACKEND_NAMES if n not in server_args.ATTENTION_BACKEND_CHOICES]
-    if new:
-        add_attention_backend_choices(new)
-
-
-def create_backend(runner: Any) -> Any:
-    """Attention-backend factory SGLang calls with its ModelRunner."""
-    from sala_sglang.attention.backend import create_minicpm_backend
-
-    return create_minicpm_backend(runner)
-
-
-def _register_linear_layers() -> None:
-    from sglang.srt.configs.linear_attn_model_registry import (
-        LinearAttnModelSpec,
-        get_linear_attn_spec_by_arch,
-        register_linear_attn_model,
-    )
-
-    if get_linear_attn_spec_by_arch(ARCHITECTURE) is not None:
-        return
-    # SGLang then builds the hybrid pools (KV for sparse layers, state slots for linear ones) and
-    # wraps our sparse-layer backend with this linear one in its HybridLinearAttnBackend.
-    register_linear_attn_model(
-        LinearAttnModelSpec(
-            config_class=MiniCPMSALAConfig,
-            backend_class_name="sala_sglang.attention.lightning_backend.LightningBackend",
-            arch_names=[ARCHITECTURE],
-            uses_mamba_radix_cache=False,  # the radix cache is turned off for this model
-        )
-    )
-
-
-def _register_server_hooks() -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(
-        "sglang.srt.server_args.ServerArgs.add_cli_args", add_cli_args, HookType.AFTER
-    )
-    HookRegistry.register(
-        "sglang.srt.server_args.ServerArgs.from_cli_args", from_cli_args, HookType.AROUND
-    )
-    HookRegistry.register(
-        "sglang.srt.server_args.ServerArgs.__post_init__", _before_post_init, HookType.BEFORE
-    )
-    from sala_sglang.hooks import (
-        add_compressed_keys_to_cell_size,
-        check_state_slots_when_idle,
-        reject_out_of_vocab_ids,
-    )
-
-    HookRegistry.register(
-        "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
-        add_compressed_keys_to_cell_size,
-        HookType.AFTER,
-    )
-
-    HookRegistry.register(
-        "sglang.srt.managers.scheduler_components.invariant_checker."
-        "SchedulerInvariantChecker._check_req_pool",
-        check_state_slots_when_idle,
-        HookType.AFTER,
-    )
-    HookRegistry.register(
-        "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
-        reject_out_of_vocab_ids,
-        HookType.BEFORE,
-    )
-    # Hooks registered outside load_plugins() (SGLANG_EXTERNAL_MODEL_PACKAGE, direct calls)
-    # still need applying; already-applied targets are skipped.
-    HookRegistry.apply_hooks()
-
-
-def _before_post_init(server_args: Any, *args: Any, **kwargs: Any) -> None:
-    adjust_server_args(server_args)
+        raise registration_error(exc) from exc
 
 
 def _register_model() -> None:

@@ -1,9 +1,11 @@
-"""Names, flags and server options of MiniCPM-SALA, shared by the plugin, the CLI and the backend.
+"""Names, flags and server options of MiniCPM-SALA, shared by the registration, the CLI and the
+backend.
 
 A leaf module (it imports nothing of the package): the architecture and backend names, the
 `--dense-as-sparse` flag and its reader, OpenBMB's recommended serve flags, and
 `adjust_server_args`, which runs before SGLang's own `ServerArgs.__post_init__` (a plugin hook) so
-a bad option fails at startup, in the launching process, with a message that names it.
+a bad option fails at startup, in the launching process, with a message that names it (one line
+on stderr when the option came from a launcher's command line).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,17 @@ def from_cli_args(original: Any, cls_or_args: Any, *rest: Any, **kwargs: Any) ->
 
 class UnsupportedServerOption(ValueError):
     """A server option MiniCPM-SALA cannot be served with."""
+
+
+def unsupported_option_exits_with_one_line(original: Any, *args: Any, **kwargs: Any) -> Any:
+    """Around SGLang's `prepare_server_args`: an unsupported option exits with one stderr line."""
+    # The launchers (`python -m sglang.launch_server`, `sglang serve`) parse argv here; exit as
+    # argparse does (status 2), not with a traceback. `ServerArgs(...)` built in code still raises.
+    try:
+        return original(*args, **kwargs)
+    except UnsupportedServerOption as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _local_config(model_path: str | None) -> dict | None:
@@ -127,6 +141,7 @@ def _reject_unsupported(args: Any, config: dict) -> None:
             f"--page-size {page_size}: MiniCPM-SALA pages its KV cache by sparse_config.block_size "
             f"= {block_size}; drop --page-size or set it to {block_size}"
         )
+    _reject_clashes_with_what_the_plugin_sets(args, block_size)
     if getattr(args, "speculative_algorithm", None):
         raise UnsupportedServerOption(
             f"--speculative-algorithm {args.speculative_algorithm}: MiniCPM-SALA has no draft "
@@ -163,3 +178,40 @@ def _reject_unsupported(args: Any, config: dict) -> None:
             f"--tp-size {tp_size}: it must divide num_key_value_heads ({kv_heads}), so that the "
             "sparse layers' block selection sees all query heads of a kv head on one GPU"
         )
+
+
+def _reject_clashes_with_what_the_plugin_sets(args: Any, page_size: int) -> None:
+    """Options that must agree with what the plugin sets by itself: the page size (the block
+    size), the radix cache (off) and the attention backend (ours)."""
+    # SGLang asserts the chunk rule (with the same exceptions) only when the engine starts
+    # (ServerArgs.check_server_args): a bare AssertionError and a traceback. Its other page-size
+    # rules (--mamba-track-interval, the mamba chunk size) apply only with the radix cache, which
+    # is off; --max-prefill-tokens and --max-total-tokens it rounds down to whole pages itself.
+    chunk = getattr(args, "chunked_prefill_size", None)
+    if chunk is not None and chunk > 0 and getattr(args, "disaggregation_mode", None) != "decode":
+        if chunk % page_size:
+            raise UnsupportedServerOption(
+                f"--chunked-prefill-size {chunk}: MiniCPM-SALA pages its KV cache in blocks of "
+                f"{page_size} tokens, so it must be a multiple of {page_size}; "
+                f"use {_nearest_multiples(chunk, page_size)}"
+            )
+    if getattr(args, "enable_hierarchical_cache", False):
+        # SGLang would name --disable-radix-cache, which the user never gave.
+        raise UnsupportedServerOption(
+            "--enable-hierarchical-cache: MiniCPM-SALA is served without a prefix (radix) cache, "
+            "which the hierarchical cache extends; drop it"
+        )
+    for flag, name in (("--prefill-attention-backend", "prefill_attention_backend"),
+                       ("--decode-attention-backend", "decode_attention_backend")):
+        backend = getattr(args, name, None)
+        if backend is not None and backend not in BACKEND_NAMES:
+            raise UnsupportedServerOption(
+                f"{flag} {backend}: MiniCPM-SALA's sparse layers need {BACKEND_NAMES[0]} (or its "
+                f"alias {BACKEND_NAMES[1]}) in prefill and decode; drop {flag}"
+            )
+
+
+def _nearest_multiples(value: int, step: int) -> str:
+    """The multiples of `step` next to `value`: "192 or 256" (just "64" below the first)."""
+    below = value // step * step
+    return f"{below} or {below + step}" if below else str(step)

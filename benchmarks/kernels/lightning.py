@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (  # noqa: E402
+if __name__ == "__main__":  # run as a file: `benchmarks` imports from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.common import (
     RELEASED_CONFIG,
     RESULTS,
     gpu_time_ms,

@@ -35,9 +35,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import sparse_anchors as anchors  # noqa: E402
-from common import RESULTS, gpu_time_ms, header, measured_peaks, write_result  # noqa: E402
+if __name__ == "__main__":  # run as a file: `benchmarks` imports from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.common import RESULTS, gpu_time_ms, header, measured_peaks, write_result
+from benchmarks.kernels import sparse_anchors as anchors
 from sala_sglang.testing.paged_inputs import SparseInputs, decode_batch, prefill_chunk  # noqa: E402
 
 from sala_sglang.config import MiniCPMSALAConfig  # noqa: E402

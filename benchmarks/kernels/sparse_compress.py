@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, gpu_time_ms, header, measured_peaks, write_result  # noqa: E402
+if __name__ == "__main__":  # run as a file: `benchmarks` imports from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.common import RESULTS, gpu_time_ms, header, measured_peaks, write_result
 
 from sala_sglang.config import MiniCPMSALAConfig, complete_windows  # noqa: E402
 from sala_sglang.ops import _cuda  # noqa: E402

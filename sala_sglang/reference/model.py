@@ -7,9 +7,10 @@ depend on how a sequence is split into chunks.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,16 @@ from sala_sglang.config import LINEAR_MIXER, SPARSE_MIXER, MiniCPMSALAConfig, Sp
 from sala_sglang.reference.lightning import lightning_chunked, lightning_slopes
 from sala_sglang.reference.norms import accumulation_dtype, compute_dtype, rms_norm
 from sala_sglang.reference.rope import apply_rope
-from sala_sglang.reference.sparse import compress_keys, sparse_layer_attention
+from sala_sglang.reference.sparse import (
+    BlockScorer,
+    block_scores,
+    compress_keys,
+    sparse_layer_attention,
+)
+
+# A stage-1 block scoring for every sparse layer: (sparse layer number, 0 = the first of them,
+# q [T, Hq, D], k1 [n1, G, D], positions [T], cfg) -> block scores [T, G, blocks].
+Stage1 = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, SparseConfig], torch.Tensor]
 
 # ---------------------------------------------------------------------------------------------
 # Cache
@@ -144,8 +154,10 @@ class SparseAttention(nn.Module):
         cache: SparseLayerCache,
         prompt_len: int,
         dense_len: int,
+        stage1: BlockScorer = block_scores,
     ) -> torch.Tensor:
-        """x [T, hidden] at positions [T]; appends k, v to cache -> [T, hidden]."""
+        """x [T, hidden] at positions [T]; appends k, v to cache -> [T, hidden]. `stage1` scores
+        the blocks (see `sparse_layer_attention`)."""
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
@@ -161,6 +173,7 @@ class SparseAttention(nn.Module):
             self.sparse_cfg,
             dense_len,
             scale=1.0 / math.sqrt(self.head_dim),
+            stage1=stage1,
         )
         gated = attn.reshape(t, -1) * torch.sigmoid(self.o_gate(x))
         return self.o_proj(gated)
@@ -344,9 +357,16 @@ class ReferenceModel(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, ids: torch.Tensor | Sequence[int], cache: ReferenceCache | None = None
+        self,
+        ids: torch.Tensor | Sequence[int],
+        cache: ReferenceCache | None = None,
+        stage1: Stage1 | None = None,
     ) -> torch.Tensor:
-        """Logits [T, vocab] of chunk ids [T] appended to cache (None: new cache, prompt = ids)."""
+        """Logits [T, vocab] of chunk ids [T] appended to cache (None: new cache, prompt = ids).
+
+        `stage1`, when given, scores the blocks of every sparse layer in place of `block_scores`
+        (the served-vs-reference comparison perturbs the scores with it).
+        """
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(-1)
         if cache is None:
             cache = self.new_cache(prompt_len=ids.numel())
@@ -358,8 +378,11 @@ class ReferenceModel(nn.Module):
         for layer in self.model.layers:
             x = layer.input_layernorm(h)
             if layer.mixer_type == SPARSE_MIXER:
+                scorer = block_scores if stage1 is None else functools.partial(
+                    stage1, cfg.sparse_layer_ids.index(layer.layer_id))
                 mixed = layer.self_attn(
-                    x, positions, cache.sparse[layer.layer_id], cache.prompt_len, self.dense_len
+                    x, positions, cache.sparse[layer.layer_id], cache.prompt_len, self.dense_len,
+                    stage1=scorer,
                 )
             else:
                 mixed, cache.linear_state[layer.layer_id] = layer.self_attn(

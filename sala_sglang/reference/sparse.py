@@ -12,6 +12,7 @@ GQA everywhere: query head h reads kv head h // (Hq / G). One sequence per call.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -98,6 +99,10 @@ def block_scores(
     return scores.masked_fill((b > qb)[:, None, :], float("-inf"))
 
 
+# Stage-1 block scoring as `block_scores` does it: (q, k1, positions, cfg) -> [T, G, blocks].
+BlockScorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, SparseConfig], torch.Tensor]
+
+
 def select_blocks(scores: torch.Tensor, n_sel: int) -> torch.Tensor:
     """Indices [T, G, n_sel] of the best blocks, best first; ties: lower index first.
 
@@ -182,14 +187,18 @@ def sparse_layer_attention(
     cfg: SparseConfig,
     dense_len: int,
     scale: float,
+    stage1: BlockScorer = block_scores,
 ) -> torch.Tensor:
-    """Sparse-layer attention, mode picked per token: q [T, Hq, D], k, v [L, G, D] -> [T, Hq, D]."""
+    """Sparse-layer attention, mode picked per token: q [T, Hq, D], k, v [L, G, D] -> [T, Hq, D].
+
+    `stage1` scores the blocks of the sparse tokens (`block_scores`; tests pass a perturbed one).
+    """
     sparse = sparse_mode(positions, prompt_len, dense_len)
     out = torch.empty(*q.shape[:2], v.shape[-1], dtype=q.dtype, device=q.device)
     if (~sparse).any():
         out[~sparse] = dense_attention(q[~sparse], k, v, positions[~sparse], scale)
     if sparse.any():
         qs, ps = q[sparse], positions[sparse]
-        selected = select_blocks(block_scores(qs, k1, ps, cfg), cfg.num_selected_blocks)
+        selected = select_blocks(stage1(qs, k1, ps, cfg), cfg.num_selected_blocks)
         out[sparse] = sparse_attention(qs, k, v, ps, selected, cfg.block_size, scale)
     return out

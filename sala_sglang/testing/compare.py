@@ -6,35 +6,25 @@ Used by the GPU tests, the benchmarks and `sala-sglang check`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from sala_sglang.reference.model import Stage1
 
 LOGPROB_TOL = 5e-2
 
 
-# One sparse layer's stage-1 block scoring, wrapped: (original block_scores, index of the call
-# within the forward pass, q, k1, positions, cfg) -> block scores [T, G, blocks].
-Stage1 = Callable[..., Any]
-
-
 def _reference_logprobs(reference: Any, sequence: list[int], prompt_len: int,
-                        stage1: Stage1 | None = None):
+                        stage1: Stage1 | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference logits and log-probabilities [len, vocab], with every sparse layer's block
-    scoring passed through `stage1` when given."""
+    scoring done by `stage1` when given (see `ReferenceModel.forward`)."""
     import torch
 
-    from sala_sglang.reference import sparse
-
-    original = sparse.block_scores
-    calls = iter(range(1 << 30))
-    if stage1 is not None:
-        sparse.block_scores = lambda q, k1, positions, cfg: stage1(
-            original, next(calls), q, k1, positions, cfg)
-    try:
-        with torch.no_grad():
-            logits = reference.forward(sequence, reference.new_cache(prompt_len=prompt_len))
-    finally:
-        sparse.block_scores = original
+    with torch.no_grad():
+        logits = reference.forward(sequence, reference.new_cache(prompt_len=prompt_len),
+                                   stage1=stage1)
     logits = logits.double().cpu()
     return logits, torch.log_softmax(logits, dim=-1)
 
@@ -44,28 +34,30 @@ def _noisy_stage1(q_noise: float, seed: int) -> Stage1:
     rounding-sized changes move block selection (the tie structure of shared windows is kept)."""
     import torch
 
+    from sala_sglang.reference.sparse import block_scores
+
     gen = torch.Generator().manual_seed(seed)
 
-    def noisy(original, call, q, k1, positions, cfg):
+    def noisy(layer, q, k1, positions, cfg):
         q = q * (1 + q_noise * torch.randn(q.shape, generator=gen, dtype=q.dtype).to(q.device))
         k1 = k1 * (1 + q_noise * torch.randn(k1.shape, generator=gen, dtype=k1.dtype).to(k1.device))
-        return original(q, k1, positions, cfg)
+        return block_scores(q, k1, positions, cfg)
 
     return noisy
 
 
 def _near_tie_swaps(reference: Any, sequence: list[int], prompt_len: int, rows: list[int],
                     rel: float) -> list[tuple[int, int, int, int, int, float]]:
-    """Every (row, sparse call, kv head, chosen block, passed-over block, relative gap) where the
-    reference, at query position `row`, chose a block over another whose score is within `rel`
-    (relative) of it: a pair that rounding may order the other way."""
-    from sala_sglang.reference import sparse
+    """Every (row, sparse layer, kv head, chosen block, passed-over block, relative gap) where
+    the reference, at query position `row`, chose a block over another whose score is within
+    `rel` (relative) of it: a pair that rounding may order the other way."""
+    from sala_sglang.reference.sparse import block_scores, select_blocks
 
     swaps = []
 
-    def find(original, call, q, k1, positions, cfg):
-        scores = original(q, k1, positions, cfg)
-        chosen = sparse.select_blocks(scores, cfg.num_selected_blocks)
+    def find(layer, q, k1, positions, cfg):
+        scores = block_scores(q, k1, positions, cfg)
+        chosen = select_blocks(scores, cfg.num_selected_blocks)
         for row in rows:
             at = (positions == row).nonzero()
             if not len(at):
@@ -75,7 +67,7 @@ def _near_tie_swaps(reference: Any, sequence: list[int], prompt_len: int, rows: 
                 s = scores[i, g].tolist()
                 picked = {b for b in chosen[i, g].tolist() if b >= 0 and math.isfinite(s[b])}
                 passed = [b for b, v in enumerate(s) if math.isfinite(v) and b not in picked]
-                swaps.extend((row, call, g, a, u, (s[a] - s[u]) / s[a])
+                swaps.extend((row, layer, g, a, u, (s[a] - s[u]) / s[a])
                              for a in picked for u in passed if s[a] - s[u] <= rel * s[a])
         return scores
 
@@ -83,12 +75,14 @@ def _near_tie_swaps(reference: Any, sequence: list[int], prompt_len: int, rows: 
     return swaps
 
 
-def _swapped_stage1(row: int, call: int, group: int, chosen: int, passed: int) -> Stage1:
-    """Block scoring with one near tie taken the other way: at query position `row`, `chosen`
-    scores just below `passed`."""
-    def swapped(original, index, q, k1, positions, cfg):
-        scores = original(q, k1, positions, cfg)
-        if index == call:
+def _swapped_stage1(row: int, layer: int, group: int, chosen: int, passed: int) -> Stage1:
+    """Block scoring with one near tie taken the other way: in sparse layer `layer` at query
+    position `row`, `chosen` scores just below `passed`."""
+    from sala_sglang.reference.sparse import block_scores
+
+    def swapped(index, q, k1, positions, cfg):
+        scores = block_scores(q, k1, positions, cfg)
+        if index == layer:
             i = int((positions == row).nonzero()[0])
             scores[i, group, chosen] = scores[i, group, passed] * (1 - 1e-9)
         return scores
@@ -118,7 +112,8 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
       tie_rel (relative; default 2 * q_noise), and the reference with that one pair taken the
       other way agrees with the served logprob within LOGPROB_TOL, with no confident flip. Noise
       trials rarely hit a gap of a few 1e-4, which rounding still decides. The pairs are listed
-      in "near_ties" as (row, sparse call, kv head, chosen block, served block, relative gap).
+      in "near_ties" as (row, sparse layer, kv head, chosen block, served block, relative gap),
+      the sparse layer counted among the sparse layers (0 = the first).
     Returns the worst and mean logprob errors, the number of confident token flips (reference
     top-1/top-2 margin >= 0.1 but a different served choice), and the count of positions.
     """
@@ -172,16 +167,16 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
     left = (bad & ~excused).nonzero().flatten().tolist()
     if 0 < len(left) <= MAX_TIE_ROWS:
         rel = 2 * q_noise if tie_rel is None else tie_rel
-        for row, call, group, chosen, passed, gap in _near_tie_swaps(
+        for row, layer, group, chosen, passed, gap in _near_tie_swaps(
                 reference, sequence, len(prompt), left, rel):
             if tie_excused[row]:
                 continue
             alt_err, alt_flip = misses(*_reference_logprobs(
                 reference, sequence, len(prompt),
-                _swapped_stage1(row, call, group, chosen, passed)))
+                _swapped_stage1(row, layer, group, chosen, passed)))
             if alt_err[row] <= LOGPROB_TOL and not alt_flip[row]:
                 tie_excused[row] = True
-                near_ties.append((row, call, group, chosen, passed, round(gap, 6)))
+                near_ties.append((row, layer, group, chosen, passed, round(gap, 6)))
     kept = ~(excused | tie_excused)
     worst = (err * kept).topk(min(3, len(served))).indices.tolist()
     return {

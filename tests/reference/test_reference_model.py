@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sala_sglang.reference import ReferenceModel
-from sala_sglang.reference.sparse import compress_keys
+from sala_sglang.reference.sparse import block_scores, compress_keys
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -134,6 +134,25 @@ def test_prompt_at_least_dense_len_is_sparse_for_all_its_tokens(make_reference_m
     dense = make_reference_model(seed=11, dense_len=ALWAYS_DENSE)(ids)
     assert _row_err(long_prompt, sparse).max() < 1e-12
     assert (_row_err(long_prompt[N_SEL_TOKENS:], dense[N_SEL_TOKENS:]) > 1e-6).all()
+
+
+def test_stage1_scores_every_sparse_layer_once_in_order_when_given(make_reference_model):
+    ids = _ids(300, seed=12)
+    model = make_reference_model(seed=13, dense_as_sparse=True)
+    seen = []
+
+    def recording(layer, q, k1, positions, cfg):
+        seen.append(layer)
+        return block_scores(q, k1, positions, cfg)
+
+    assert torch.equal(model(ids, model.new_cache(300), stage1=recording), _full(model, ids, 300))
+    assert seen == list(range(len(model.config.sparse_layer_ids)))
+
+    def negated_queries(layer, q, k1, positions, cfg):
+        return block_scores(-q, k1, positions, cfg)
+
+    perturbed = model(ids, model.new_cache(300), stage1=negated_queries)
+    assert (_row_err(perturbed[N_SEL_TOKENS:], _full(model, ids, 300)[N_SEL_TOKENS:]) > 1e-6).any()
 
 
 @pytest.mark.parametrize("prompt_len,splits", [(300, [170, 30, 100]), (200, [100, 60, 40])])

@@ -129,6 +129,8 @@ def test_sglang_model_matches_reference_around_attention(tp: int, tmp_path: Path
 
     path = make_tiny(tmp_path)
     port = str(free_port())
+    # One process per rank: each joins the gloo group and sets SGLang's process-wide parallel
+    # state, which this test process must not keep.
     ranks = [
         subprocess.Popen(
             [sys.executable, "-c", SCRIPT, str(rank), str(tp), port, str(path)],

@@ -5,7 +5,6 @@ table and plots from result files, the soak plan, the decode profile's summary, 
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -13,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import plot_long_context as plot
+from benchmarks import profile_decode, soak
 from sala_sglang.bench import MODELS, stream_one
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_sala_counts_match_the_spec() -> None:
@@ -44,9 +43,6 @@ def _record(model: str, backend: str, points: list[dict], date: str = "2026-11-2
 
 
 def test_table_and_plots_from_result_files(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import plot_long_context as plot
-
     sala = [{"input_tokens": n, "ttft_s": n / 2e4, "decode_tok_per_s": 90.0, "mfu": 0.4}
             for n in (65536, 131072, 262144)]
     dense = [{"input_tokens": 65536, "ttft_s": 5.0, "decode_tok_per_s": 99.0},
@@ -65,9 +61,6 @@ def test_table_and_plots_from_result_files(tmp_path: Path) -> None:
 
 
 def test_a_length_measured_again_takes_the_newest_point(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import plot_long_context as plot
-
     old = [{"input_tokens": n, "ttft_s": 9.0, "decode_tok_per_s": 90.0} for n in (32768, 65536)]
     new = [{"input_tokens": 32768, "ttft_s": 1.0, "decode_tok_per_s": 110.0}]
     # the file names sort the other way round: the dates decide
@@ -80,9 +73,6 @@ def test_a_length_measured_again_takes_the_newest_point(tmp_path: Path) -> None:
 
 
 def test_a_quantized_run_is_its_own_model(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import plot_long_context as plot
-
     bf16 = [{"input_tokens": 131072, "ttft_s": 6.0, "decode_tok_per_s": 107.0, "mfu": 0.5}]
     fp8 = {**_record("sala", "m", [{"input_tokens": 131072, "ttft_s": 4.0,
                                      "decode_tok_per_s": 155.0}], date="2026-11-23"),
@@ -95,9 +85,6 @@ def test_a_quantized_run_is_its_own_model(tmp_path: Path) -> None:
 
 
 def test_a_run_with_kernel_overrides_is_kept_apart(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import plot_long_context as plot
-
     default = {**_record("sala", "m", [{"input_tokens": 131072, "ttft_s": 5.5,
                                          "decode_tok_per_s": 107.0, "mfu": 0.6}]),
                "env": {"SALA_SGLANG_CUDA": "0"}}  # a build flag, not a kernel choice
@@ -112,9 +99,6 @@ def test_a_run_with_kernel_overrides_is_kept_apart(tmp_path: Path) -> None:
 
 
 def test_soak_plan_covers_both_modes_and_aborts() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import soak
-
     plans = soak.make_plans(1000, 65536, 0.1, seed=0)
     aborted = [p for p in plans if p.abort_after is not None]
     assert 70 <= len(aborted) <= 130 and all(p.stream for p in aborted)
@@ -153,9 +137,6 @@ def test_streamed_rejection_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_decode_profile_summary_counts_graph_launches_as_steps() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import profile_decode
-
     def kernel(name: str, ts: float, dur: float) -> dict:
         return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur}
 
@@ -211,8 +192,7 @@ def test_bench_serving_without_datasets_fails_before_starting_a_server(
 
 def test_compression_benchmark_parses_its_arguments_and_counts_bytes_without_a_gpu() -> None:
     pytest.importorskip("triton")
-    sys.path.insert(0, str(ROOT / "benchmarks" / "kernels"))
-    import sparse_compress as bench
+    from benchmarks.kernels import sparse_compress as bench
 
     args = bench.parse_args(["--batches", "1", "4", "--context", "65536", "--tag", "t"])
     assert (args.batches, args.context, args.chunk, args.tag) == ([1, 4], 65536, 8192, "t")

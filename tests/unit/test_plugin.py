@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from sala_sglang import plugin  # noqa: E402
+from sala_sglang import plugin, registration  # noqa: E402
 from sala_sglang import server_args  # noqa: E402
 from sala_sglang.config import MiniCPMSALAConfig  # noqa: E402
 
@@ -56,6 +56,8 @@ def _server_args(model_dir: Path, *extra: str):
 
 
 def test_sglang_load_plugins_finds_our_entry_point(tiny_dir: Path) -> None:
+    # A fresh interpreter: load_plugins() runs once per process, and only there is nothing but
+    # the entry point registering us.
     result = _run_python(
         f"""
         import argparse, json
@@ -92,6 +94,8 @@ def test_sglang_load_plugins_finds_our_entry_point(tiny_dir: Path) -> None:
 
 
 def test_external_model_package_registers_without_plugins(tiny_dir: Path) -> None:
+    # A fresh interpreter: SGLang reads SGLANG_EXTERNAL_MODEL_PACKAGE once, when its model
+    # registry module is first imported.
     result = _run_python(
         f"""
         import json
@@ -156,8 +160,8 @@ def test_registration_failure_is_loud(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken() -> None:
         raise ImportError("no module named sglang.srt.somewhere")
 
-    monkeypatch.setattr(plugin, "_registered", False)
-    monkeypatch.setattr(plugin, "_register_config", broken)
-    with pytest.raises(plugin.RegistrationError, match="supports SGLang 0.5.16"):
+    monkeypatch.setattr(registration, "_registered", False)
+    monkeypatch.setattr(registration, "_register_config", broken)
+    with pytest.raises(registration.RegistrationError, match="supports SGLang 0.5.16"):
         plugin.register()
-    assert plugin._registered is False
+    assert registration._registered is False

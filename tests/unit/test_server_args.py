@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 pytest.importorskip("sglang")
 
 from sala_sglang import plugin  # noqa: E402
-from sala_sglang.server_args import UnsupportedServerOption, is_minicpm_sala  # noqa: E402
+from sala_sglang.server_args import (  # noqa: E402
+    UnsupportedServerOption,
+    adjust_server_args,
+    is_minicpm_sala,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +68,97 @@ def test_kv_pages_are_sparse_blocks(tiny_dir: Path) -> None:
         (["--pp-size", "2"], "--pp-size 2"),
         (["--enable-dp-attention", "--dp-size", "2", "--tp-size", "2"], "--enable-dp-attention"),
         (["--attention-backend", "triton"], "--attention-backend triton"),
+        (["--chunked-prefill-size", "200"], "--chunked-prefill-size 200: .* use 192 or 208"),
+        (["--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
+        (["--prefill-attention-backend", "triton"], "--prefill-attention-backend triton"),
+        (["--decode-attention-backend", "triton"], "--decode-attention-backend triton"),
     ],
 )
 def test_unsupported_option_is_refused_by_name(tiny_dir: Path, flags: list, message: str) -> None:
     with pytest.raises(UnsupportedServerOption, match=message):
         server_args(tiny_dir, *flags)
+
+
+@pytest.fixture()
+def block_64_checkpoint(tmp_path: Path) -> Path:
+    """A checkpoint directory whose config pages by the released model's 64-token blocks."""
+    config = {"model_type": "minicpm_sala", "sparse_config": {"block_size": 64}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def adjusted(model_dir: Path, **options) -> SimpleNamespace:
+    """ServerArgs-like options after `adjust_server_args`, SGLang's defaults for the rest."""
+    defaults = {"page_size": None, "chunked_prefill_size": None, "attention_backend": None,
+                "disable_radix_cache": False, "disaggregation_mode": "null"}
+    args = SimpleNamespace(model_path=str(model_dir), **{**defaults, **options})
+    adjust_server_args(args)
+    return args
+
+
+def test_chunked_prefill_size_off_the_blocks_names_the_nearest_multiples(
+    block_64_checkpoint: Path,
+) -> None:
+    with pytest.raises(UnsupportedServerOption) as refused:
+        adjusted(block_64_checkpoint, chunked_prefill_size=200)
+    assert str(refused.value) == (
+        "--chunked-prefill-size 200: MiniCPM-SALA pages its KV cache in blocks of 64 tokens, so "
+        "it must be a multiple of 64; use 192 or 256"
+    )
+    with pytest.raises(UnsupportedServerOption, match="--chunked-prefill-size 40: .*; use 64$"):
+        adjusted(block_64_checkpoint, chunked_prefill_size=40)
+
+
+@pytest.mark.parametrize("size", [None, -1, 64, 8192])
+def test_chunked_prefill_size_on_the_blocks_or_off_is_kept(
+    block_64_checkpoint: Path, size: int | None
+) -> None:
+    args = adjusted(block_64_checkpoint, chunked_prefill_size=size)
+    assert args.chunked_prefill_size == size and args.page_size == 64
+
+
+def test_a_decode_only_server_does_not_chunk_prefills(block_64_checkpoint: Path) -> None:
+    # SGLang's own rule skips it there too: a disaggregated decode server runs no prefill.
+    args = adjusted(block_64_checkpoint, chunked_prefill_size=200, disaggregation_mode="decode")
+    assert args.chunked_prefill_size == 200
+
+
+def test_other_models_are_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    args = adjusted(tmp_path, chunked_prefill_size=200, enable_hierarchical_cache=True)
+    assert args.page_size is None and args.attention_backend is None
+
+
+@pytest.fixture()
+def root_logging():
+    """Puts the root logger back: `prepare_server_args` reconfigures it (basicConfig, force)."""
+    handlers, level = logging.root.handlers[:], logging.root.level
+    yield
+    logging.root.handlers[:], logging.root.level = handlers, level
+
+
+def test_launcher_reports_an_unsupported_option_in_one_line(
+    tiny_dir: Path, capsys: pytest.CaptureFixture, root_logging: None
+) -> None:
+    # The launchers' own parse path, in process: `python -m sglang.launch_server` and `sglang
+    # serve` call this same prepare_server_args (the registry rebinds their imported name).
+    import sglang.launch_server
+    from sglang.srt import server_args as sglang_server_args
+
+    assert sglang.launch_server.prepare_server_args is sglang_server_args.prepare_server_args
+    with pytest.raises(SystemExit) as exited:
+        sglang_server_args.prepare_server_args(
+            ["--model-path", str(tiny_dir), "--device", "cpu", "--chunked-prefill-size", "200"]
+        )
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --chunked-prefill-size 200: MiniCPM-SALA pages its KV cache in blocks of 16 "
+        "tokens, so it must be a multiple of 16; use 192 or 208"
+    ]
+
+
+def test_server_args_built_in_code_still_raise(tiny_dir: Path) -> None:
+    from sglang.srt.server_args import ServerArgs
+
+    with pytest.raises(UnsupportedServerOption, match="--chunked-prefill-size 200"):
+        ServerArgs(model_path=str(tiny_dir), device="cpu", chunked_prefill_size=200)

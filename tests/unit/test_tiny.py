@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from sala_sglang.cli import main
 from sala_sglang.config import LINEAR_MIXER, RELEASED_CONFIG_PATH, SPARSE_MIXER, MiniCPMSALAConfig
 from sala_sglang.tiny import DATA_DIR, TINY_CONFIG, make_tiny
 
-REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT_FILES = {
     "config.json",
     "generation_config.json",
@@ -269,17 +267,11 @@ def test_cli_make_tiny_writes_the_checkpoint(tiny, tmp_path, capsys):
     assert str(out.resolve()) in printed and "parameters" in printed
 
 
-def test_python_m_sala_sglang_make_tiny_with_seed(tmp_path):
+def test_python_m_sala_sglang_make_tiny_with_seed(tmp_path, monkeypatch, capsys):
     out = tmp_path / "module"
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, PYTHONPATH=path)
-    result = subprocess.run(
-        [sys.executable, "-m", "sala_sglang", "make-tiny", str(out), "--seed", "3"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    monkeypatch.setattr(sys, "argv", ["sala_sglang", "make-tiny", str(out), "--seed", "3"])
+    with pytest.raises(SystemExit) as exited:  # what `python -m sala_sglang ...` runs
+        runpy.run_module("sala_sglang", run_name="__main__")
+    assert exited.value.code == 0
     assert set(p.name for p in out.iterdir()) == CHECKPOINT_FILES
-    assert "seed 3" in result.stdout
+    assert "seed 3" in capsys.readouterr().out

@@ -1,0 +1,1 @@
+"""Kernel benchmarks: our Triton and CUDA ops against each other and their anchors, on one GPU."""
