@@ -37,19 +37,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sparse_anchors as anchors  # noqa: E402
 from common import RESULTS, gpu_time_ms, header, measured_peaks, write_result  # noqa: E402
-from sala_sglang.testing.paged_inputs import SparseInputs, decode_batch, prefill_chunk  # noqa: E402
 
 from sala_sglang.config import MiniCPMSALAConfig  # noqa: E402
 from sala_sglang.ops import _cuda  # noqa: E402
+from sala_sglang.ops._cuda import DeviceFacts  # noqa: E402
 from sala_sglang.ops.infllm_v2 import attention, compress, select  # noqa: E402
-from sala_sglang.ops.infllm_v2.plan import (  # noqa: E402
-    DECODE_SPLITS,
-    DeviceFacts,
-    SparsePlan,
-    make_plan,
-)
+from sala_sglang.ops.infllm_v2.plan import DECODE_SPLITS, SparsePlan, make_plan  # noqa: E402
 from sala_sglang.ops.overrides import KernelOverrides  # noqa: E402
 from sala_sglang.reference import sparse as ref  # noqa: E402
+from sala_sglang.testing.paged_inputs import SparseInputs, decode_batch, prefill_chunk  # noqa: E402
 
 # A selected block must score at least the reference's n_sel-th block score less this fraction of
 # it: at 128K a block score is ~1e-3, so the op test's absolute 2e-2 would pass anything.
@@ -193,8 +189,8 @@ def cuda_selection_unsupported(inp: SparseInputs, scale: float) -> str | None:
     """Why the fused CUDA selection cannot run these inputs (None: it can)."""
     if not _cuda.available():
         return "sala_sglang._C is not built"
-    return select.cuda_unsupported(inp.q, inp.k1, inp.rt, inp.token_req, inp.token_pos, inp.cfg,
-                                   scale) or plan_for(inp, 1, "cuda").select_unfit
+    tensors = (inp.q, inp.k1, inp.rt, inp.token_req, inp.token_pos)
+    return select.cuda_unsupported(tensors, inp.cfg, scale) or plan_for(inp, 1, "cuda").select_unfit
 
 
 def attend_ours(inp: SparseInputs, selected: torch.Tensor, scale: float, splits: int,

@@ -25,17 +25,16 @@ import operator
 from dataclasses import dataclass
 
 import torch
-
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.runtime_context import get_parallel
 
+from sala_sglang.ops._cuda import DeviceFacts
 from sala_sglang.ops.infllm_v2 import (
     SparsePlan,
     block_sparse_attention,
     compress_new_windows,
-    DeviceFacts,
     make_plan,
     select_blocks,
 )

@@ -90,18 +90,33 @@ def correlated_queries(tokens: int, heads: int, dim: int, shared: float, dev: st
     return (shared**0.5 * common + (1 - shared) ** 0.5 * own).to(torch.bfloat16)
 
 
+def paged_batch(
+    cfg: SparseConfig, lengths: list[int], token_req: list[int], token_pos: list[int],
+    heads: int, groups: int, dim: int, dev: str, dtype: torch.dtype = torch.bfloat16,
+    shared: float | None = None,
+) -> SparseInputs:
+    """Requests of `lengths` keys with their K1, and query tokens of request rows `token_req`
+    (1-based) at `token_pos`, all in sparse mode: random queries, or `correlated_queries` when
+    `shared` is given."""
+    rt, k, v = paged_cache(lengths, cfg.block_size, groups, dim, dev, dtype)
+    k1 = paged_k1(k, rt, lengths, cfg)
+    req = torch.tensor(token_req, dtype=torch.int32, device=dev)
+    pos = torch.tensor(token_pos, dtype=torch.int32, device=dev)
+    if shared is None:
+        q = torch.randn(len(token_req), heads, dim, device=dev, dtype=dtype)
+    else:
+        q = correlated_queries(len(token_req), heads, dim, shared, dev).to(dtype)
+    return SparseInputs(cfg, rt, k, v, k1, lengths, q, req, pos, torch.ones_like(pos))
+
+
 def prefill_chunk(
     cfg: SparseConfig, context: int, chunk: int, heads: int, groups: int, dim: int, dev: str,
     shared: float = 0.0,
 ) -> SparseInputs:
     """One request of `context` cached keys; the queries are its last `chunk` tokens (the
     chunked-prefill step that completes the prompt), all in sparse mode."""
-    rt, k, v = paged_cache([context], cfg.block_size, groups, dim, dev)
-    k1 = paged_k1(k, rt, [context], cfg)
-    pos = torch.arange(context - chunk, context, dtype=torch.int32, device=dev)
-    q = correlated_queries(chunk, heads, dim, shared, dev)
-    ones = torch.ones_like(pos)
-    return SparseInputs(cfg, rt, k, v, k1, [context], q, ones, pos, ones)
+    return paged_batch(cfg, [context], [1] * chunk, list(range(context - chunk, context)), heads,
+                       groups, dim, dev, shared=shared)
 
 
 def decode_batch(
@@ -109,10 +124,5 @@ def decode_batch(
 ) -> SparseInputs:
     """`batch` requests of `context` keys each, one decode query per request at its last position
     (the new token's key is already cached, as in serving)."""
-    rt, k, v = paged_cache([context] * batch, cfg.block_size, groups, dim, dev)
-    k1 = paged_k1(k, rt, [context] * batch, cfg)
-    req = torch.arange(1, batch + 1, dtype=torch.int32, device=dev)
-    pos = torch.full((batch,), context - 1, dtype=torch.int32, device=dev)
-    q = torch.randn(batch, heads, dim, device=dev, dtype=torch.bfloat16)
-    return SparseInputs(cfg, rt, k, v, k1, [context] * batch, q, req, pos,
-                        torch.ones_like(pos))
+    return paged_batch(cfg, [context] * batch, list(range(1, batch + 1)), [context - 1] * batch,
+                       heads, groups, dim, dev)

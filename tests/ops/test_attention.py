@@ -10,6 +10,7 @@ A failure message names the worst tokens (request, position, mode, blocks) to di
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,12 +19,13 @@ import torch
 from cuda_extension import needs_extension
 
 from sala_sglang.config import MiniCPMSALAConfig, SparseConfig
+from sala_sglang.ops._cuda import DeviceFacts
 from sala_sglang.ops.infllm_v2 import attention, make_plan, select_blocks
 from sala_sglang.ops.infllm_v2 import plan as sparse_plan
-from sala_sglang.ops.infllm_v2.plan import DeviceFacts, SparsePlan
+from sala_sglang.ops.infllm_v2.plan import SparsePlan
 from sala_sglang.ops.overrides import KernelOverrides
 from sala_sglang.reference import sparse as ref
-from sala_sglang.testing.paged_inputs import paged_cache, paged_k1
+from sala_sglang.testing.paged_inputs import paged_batch, paged_cache, paged_k1
 
 # Relative error against the float64 reference (SPEC section 4: bf16 inputs 1e-3 to 1e-2).
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
@@ -205,26 +207,21 @@ def test_triton_sparse_and_dense_tokens_match_the_reference_in_fp32(
     """fp32, blocks chosen by the selection op: sparse tokens over them, dense tokens over every
     block, both to 1e-5, and the selection really drops blocks."""
     torch.manual_seed(0)
-    cfg = SparseConfig(kernel_size=16, kernel_stride=8, init_blocks=1, block_size=16,
-                       window_size=64, topk=4, use_nope=False, dense_len=256)
-    lens, dim = [300, 180], 32
-    rt, k, v = paged_cache(lens, cfg.block_size, 2, dim, device, torch.float32)
-    k1 = paged_k1(k, rt, lens, cfg)
-    pos = torch.tensor([0, 15, 31, 100, 127, 128, 200, 255, 299], dtype=torch.int32,
-                       device=device)
-    q = torch.randn(pos.numel(), 8, dim, device=device)
-    treq = torch.ones_like(pos)
-    scale = dim**-0.5
-    sel = select_blocks(q, k1, rt, treq, pos, cfg, 300 // cfg.block_size + 1, scale)
-    p = make_plan(cfg, tokens=pos.numel(), groups=2, head_dim=dim, width=0, decode=False,
+    cfg, scale = dataclasses.replace(TINY_CFG, topk=4), 32**-0.5
+    inp = paged_batch(cfg, [300, 180], [1] * 9, [0, 15, 31, 100, 127, 128, 200, 255, 299], 8, 2,
+                      32, device, torch.float32)
+    args = (inp.q, inp.k, inp.v, inp.rt, inp.token_req, inp.token_pos)
+    sel = select_blocks(inp.q, inp.k1, inp.rt, inp.token_req, inp.token_pos, cfg,
+                        300 // cfg.block_size + 1, scale)
+    p = make_plan(cfg, tokens=inp.q.shape[0], groups=2, head_dim=32, width=0, decode=False,
                   device=DeviceFacts.of(device), impl="triton", splits=splits)
-    keys, vals = k[rt[1, :300].long()].double().cpu(), v[rt[1, :300].long()].double().cpu()
-    qd, posd = q.double().cpu(), pos.long().cpu()
-    ones, zeros = torch.ones_like(pos), torch.zeros_like(pos)
-    sparse = attention.block_sparse_attention(q, k, v, rt, treq, pos, ones, sel, cfg, scale, p)
+    keys, vals = (x.double().cpu() for x in inp.request_keys(0))
+    qd, posd = inp.q.double().cpu(), inp.token_pos.long().cpu()
+    ones = inp.token_sparse
+    sparse = attention.block_sparse_attention(*args, ones, sel, cfg, scale, p)
     ref_sparse = ref.sparse_attention(qd, keys, vals, posd, sel.long().cpu(), cfg.block_size,
                                       scale)
-    dense = attention.block_sparse_attention(q, k, v, rt, treq, pos, zeros, sel, cfg, scale, p)
+    dense = attention.block_sparse_attention(*args, torch.zeros_like(ones), sel, cfg, scale, p)
     ref_dense = ref.dense_attention(qd, keys, vals, posd, scale)
     assert relative_error(sparse, ref_sparse) < 1e-5
     assert relative_error(dense, ref_dense) < 1e-5
@@ -412,8 +409,8 @@ def test_auto_dispatch_takes_cuda_where_supported_and_triton_elsewhere(monkeypat
         attention.block_sparse_attention(
             batch.q, batch.k, batch.v, batch.rt, batch.token_req, batch.token_pos,
             batch.token_sparse, batch.selected, TINY_CFG, batch.scale, impl="cutlass")
-    why = attention.cuda_unsupported(batch.q, batch.k, batch.v, batch.rt, batch.token_req,
-                                     batch.token_pos, batch.token_sparse, batch.selected, 24, 1)
+    why = attention.cuda_unsupported((batch.q, batch.k, batch.v, batch.rt, batch.token_req,
+                                      batch.token_pos, batch.token_sparse, batch.selected), 24, 1)
     assert why is not None and "block_size" in why
 
 

@@ -9,6 +9,7 @@ import torch
 
 from sala_sglang.config import MiniCPMSALAConfig, SparseConfig
 from sala_sglang.ops import _cuda
+from sala_sglang.ops._cuda import DeviceFacts
 from sala_sglang.ops.infllm_v2 import (
     block_sparse_attention,
     compress_new_windows,
@@ -16,11 +17,12 @@ from sala_sglang.ops.infllm_v2 import (
     select_blocks,
 )
 from sala_sglang.ops.infllm_v2 import plan as sparse_plan
-from sala_sglang.ops.infllm_v2.plan import DeviceFacts, SparsePlan
+from sala_sglang.ops.infllm_v2.plan import SparsePlan
 from sala_sglang.ops.overrides import KernelOverrides
 
 RELEASED = MiniCPMSALAConfig().sparse
-H100 = DeviceFacts(compiled=True, multiprocessors=132, max_smem=232448)
+H100 = DeviceFacts(name="cuda:0", multiprocessors=132, compiled=True, max_smem=232448)
+NO_EXTENSION = DeviceFacts(name="cuda:0", multiprocessors=132, compiled=False)
 
 
 @pytest.fixture
@@ -68,7 +70,7 @@ def test_overrides_force_an_impl_where_it_can_run(smem) -> None:
     p = released_plan(8192, overrides=triton)
     assert (p.compress, p.select, p.attention) == ("triton",) * 3
     # without the extension nothing is CUDA, whatever the environment says
-    p = released_plan(8192, overrides=cuda, device=DeviceFacts(compiled=False))
+    p = released_plan(8192, overrides=cuda, device=NO_EXTENSION)
     assert (p.compress, p.select, p.attention) == ("triton",) * 3
     # an explicit impl wins over the environment and is required
     p = released_plan(8192, overrides=triton, impl="cuda")
@@ -140,7 +142,7 @@ def test_a_head_dim_the_extension_lacks_takes_triton(monkeypatch) -> None:
 
 def test_the_selection_variant_is_asked_only_where_cuda_selects(smem) -> None:
     released_plan(32, decode=True)  # Triton selects: no question to the extension
-    released_plan(8192, device=DeviceFacts(compiled=False), impl="cuda")
+    released_plan(8192, device=NO_EXTENSION, impl="cuda")
     assert smem.calls == []
 
 
@@ -162,8 +164,7 @@ def test_decode_splits_and_cuda_attention_fills_the_sms(smem) -> None:
     assert released_plan(0, decode=True).cuda_attention_splits == 8  # idle
     # 70 tokens x 2 heads leave no room to raise 2 splits
     assert released_plan(70, splits=2).cuda_attention_splits == 2
-    assert released_plan(1, decode=True, device=DeviceFacts(compiled=False)
-                         ).cuda_attention_splits == 8
+    assert released_plan(1, decode=True, device=DeviceFacts.of("cpu")).cuda_attention_splits == 8
 
 
 def test_triton_selection_pieces_bound_the_scratch(smem, monkeypatch) -> None:

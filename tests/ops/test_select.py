@@ -20,11 +20,12 @@ import torch
 from cuda_extension import needs_extension
 
 from sala_sglang.config import MiniCPMSALAConfig, SparseConfig
+from sala_sglang.ops._cuda import DeviceFacts
 from sala_sglang.ops.infllm_v2 import make_plan, select
-from sala_sglang.ops.infllm_v2.plan import DeviceFacts, SparsePlan
+from sala_sglang.ops.infllm_v2.plan import SparsePlan
 from sala_sglang.ops.overrides import KernelOverrides
 from sala_sglang.reference import sparse as ref
-from sala_sglang.testing.paged_inputs import paged_cache, paged_k1, request_k1
+from sala_sglang.testing.paged_inputs import paged_batch, paged_cache, paged_k1, request_k1
 
 # Two reference scores count as a near-tie within this fraction of the larger (plus a floor for
 # scores near 0): fp32 with bf16/fp16 inputs is ~1e-6 relative off the float64 reference.
@@ -33,6 +34,11 @@ ABS_TOL = 1e-6
 
 TINY = SparseConfig(kernel_size=16, kernel_stride=8, init_blocks=1, block_size=16,
                     window_size=64, topk=6, use_nope=False, dense_len=256)
+# fp32 exactness case: 2 windows per block, 4 local blocks, 8 selected; two requests, awkward
+# positions (no window yet, block edges, past the dense span)
+FP32_CASE = SparseConfig(kernel_size=16, kernel_stride=8, init_blocks=1, block_size=16,
+                         window_size=64, topk=4, use_nope=False, dense_len=256)
+FP32_POSITIONS = [0, 15, 31, 100, 127, 128, 200, 255, 299]
 # (sparse config, query heads, kv heads, head dim)
 SHAPES = {"released": (MiniCPMSALAConfig().sparse, 32, 2, 128), "tiny": (TINY, 8, 2, 64)}
 GEOMETRIES = [pytest.param("released", marks=pytest.mark.gpu), "tiny"]
@@ -187,23 +193,18 @@ def test_triton_selection_equals_the_reference_in_fp32(device: str, splits: int)
     """fp32 leaves no near-tie to excuse: the blocks and their order are the reference's, with
     tokens tiled (no split) or the windows split."""
     torch.manual_seed(0)
-    cfg = SparseConfig(kernel_size=16, kernel_stride=8, init_blocks=1, block_size=16,
-                       window_size=64, topk=4, use_nope=False, dense_len=256)
-    lens, dim = [300, 180], 32
-    rt, k, _ = paged_cache(lens, cfg.block_size, 2, dim, device, torch.float32)
-    k1 = paged_k1(k, rt, lens, cfg)
-    pos = torch.tensor([0, 15, 31, 100, 127, 128, 200, 255, 299], dtype=torch.int32,
-                       device=device)
-    q = torch.randn(pos.numel(), 8, dim, device=device)
-    treq = torch.ones_like(pos)
+    inp = paged_batch(FP32_CASE, [300, 180], [1] * 9, FP32_POSITIONS, 8, 2, 32, device,
+                      torch.float32)
+    cfg, dim = inp.cfg, inp.q.shape[-1]
     width = 300 // cfg.block_size + 1
-    plan = make_plan(cfg, tokens=pos.numel(), groups=2, head_dim=dim, width=width, decode=False,
-                     device=DeviceFacts.of(device), impl="triton", splits=splits)
-    sel = select.select_blocks(q, k1, rt, treq, pos, cfg, width, dim**-0.5, plan)
-    keys = k[rt[1, :300].long()].double().cpu()
+    plan = make_plan(cfg, tokens=inp.q.shape[0], groups=2, head_dim=dim, width=width,
+                     decode=False, device=DeviceFacts.of(device), impl="triton", splits=splits)
+    sel = select.select_blocks(inp.q, inp.k1, inp.rt, inp.token_req, inp.token_pos, cfg, width,
+                               dim**-0.5, plan)
+    keys = inp.request_keys(0)[0].double().cpu()
     expect = ref.select_blocks(
-        ref.block_scores(q.double().cpu(), ref.compress_keys(keys, 16, 8), pos.long().cpu(), cfg),
-        cfg.num_selected_blocks)
+        ref.block_scores(inp.q.double().cpu(), ref.compress_keys(keys, 16, 8),
+                         inp.token_pos.long().cpu(), cfg), cfg.num_selected_blocks)
     assert torch.equal(sel.long().cpu(), expect)
 
 
@@ -459,7 +460,7 @@ def test_unsupported_geometry_falls_back_to_triton() -> None:
         case.select(q, treq, pos, huge, "cuda")
     # 20 query heads per kv head: more than one m16 tile
     wide_q = torch.randn(2, 40, 128, device="cuda", dtype=torch.bfloat16)
-    assert select.cuda_unsupported(wide_q, case.k1, case.rt, treq, pos, case.cfg, 0.1) is not None
+    assert select.cuda_unsupported((wide_q, case.k1, case.rt, treq, pos), case.cfg, 0.1) is not None
     with pytest.raises(ValueError, match="impl"):
         select.select_blocks(q, case.k1, case.rt, treq, pos, case.cfg, 100, 0.1, impl="cutlass")
 

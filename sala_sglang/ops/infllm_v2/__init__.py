@@ -3,14 +3,13 @@ Triton kernels and its CUDA twin's support check; `plan` decides per forward whi
 
 from sala_sglang.ops.infllm_v2.attention import block_sparse_attention
 from sala_sglang.ops.infllm_v2.compress import compress_new_windows
-from sala_sglang.ops.infllm_v2.plan import DeviceFacts, SparsePlan, make_plan
+from sala_sglang.ops.infllm_v2.plan import SparsePlan, make_plan
 from sala_sglang.ops.infllm_v2.select import select_blocks
 
 __all__ = [
     "SparsePlan",
     "block_sparse_attention",
     "compress_new_windows",
-    "DeviceFacts",
     "make_plan",
     "select_blocks",
 ]

@@ -44,9 +44,9 @@ def block_sparse_attention(
     args = (q, k_buffer, v_buffer, req_to_token, token_req, token_pos, token_sparse, selected)
     splits = plan.cuda_attention_splits
     if plan.uses_cuda(OP, plan.attention, q,
-                      lambda: cuda_unsupported(*args, cfg.block_size, splits)):
+                      lambda: cuda_unsupported(args, cfg.block_size, splits)):
         return torch.ops.sala_sglang.block_sparse_attention(*args, cfg.block_size, scale, splits)
-    return _attention_triton(*args, cfg, scale, plan.attention_splits)
+    return _attention_triton(args, cfg, scale, plan.attention_splits)
 
 
 # What csrc/sparse_attention.cu compiles; any other geometry runs the Triton kernel.
@@ -55,20 +55,12 @@ _CUDA_MAX_GROUP = 16
 _CUDA_KEY_CHUNK = 16  # block_size must be a multiple of it
 
 
-def cuda_unsupported(
-    q: torch.Tensor,
-    k_buffer: torch.Tensor,
-    v_buffer: torch.Tensor,
-    req_to_token: torch.Tensor,
-    token_req: torch.Tensor,
-    token_pos: torch.Tensor,
-    token_sparse: torch.Tensor,
-    selected: torch.Tensor,
-    block_size: int,
-    num_splits: int,
-) -> str | None:
-    """Why torch.ops.sala_sglang.block_sparse_attention cannot take these arguments, or None.
-    Mirrors the op's own checks (host-side attributes only: no device sync)."""
+def cuda_unsupported(tensors: tuple[torch.Tensor, ...], block_size: int,
+                     num_splits: int) -> str | None:
+    """Why torch.ops.sala_sglang.block_sparse_attention cannot take these arguments (`tensors`:
+    block_sparse_attention's, q to selected, in order), or None. Mirrors the op's own checks
+    (host-side attributes only: no device sync)."""
+    q, k_buffer, v_buffer, req_to_token, token_req, token_pos, token_sparse, selected = tensors
     tokens, hq, dim = q.shape
     groups = k_buffer.shape[1]
     if q.dtype not in (torch.bfloat16, torch.float16):
@@ -172,19 +164,9 @@ def _block_attention_kernel(
         tl.store(lse_ptr + row * NSPLIT + split, lse, mask=live)
 
 
-def _attention_triton(
-    q: torch.Tensor,
-    k_buffer: torch.Tensor,
-    v_buffer: torch.Tensor,
-    req_to_token: torch.Tensor,
-    token_req: torch.Tensor,
-    token_pos: torch.Tensor,
-    token_sparse: torch.Tensor,
-    selected: torch.Tensor,
-    cfg: SparseConfig,
-    scale: float,
-    num_splits: int,
-) -> torch.Tensor:
+def _attention_triton(tensors: tuple[torch.Tensor, ...], cfg: SparseConfig, scale: float,
+                      num_splits: int) -> torch.Tensor:
+    q, k_buffer, v_buffer, req_to_token, token_req, token_pos, token_sparse, selected = tensors
     tokens, hq, dim = q.shape
     groups = k_buffer.shape[1]
     hg, hgp = group_heads(hq, groups)

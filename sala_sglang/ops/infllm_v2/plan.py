@@ -10,7 +10,6 @@ batch size, so a plan built while a CUDA graph is captured holds for every repla
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ import torch
 
 from sala_sglang.config import SparseConfig
 from sala_sglang.ops import _cuda
+from sala_sglang.ops._cuda import DeviceFacts
 from sala_sglang.ops.overrides import IMPLS, KernelOverrides
 
 # Split-K count of decode (one token per request leaves most SMs idle); extend runs unsplit.
@@ -25,9 +25,10 @@ DECODE_SPLITS = 8
 # Which kernel serves compression and attention when both can, measured on an H100 (see
 # benchmarks/NOTES.md): CUDA compression is ~3-5x faster, Triton attention faster in prefill.
 CUDA_FASTER = {"compress": True, "attention": False}
-# The fused CUDA selection wins once 8-token CTAs fill every SM (prefill chunks); below that the
-# Triton kernels win (decode batches). See benchmarks/NOTES.md.
-CUDA_SELECT_TOKENS_PER_CTA = 8
+# Tokens per CTA of the CUDA selection's token-tiled kernel (its compiled variants, largest
+# first). The fused CUDA selection wins once 8-token CTAs fill every SM (prefill chunks); below
+# that the Triton kernels win (decode batches). See benchmarks/NOTES.md.
+CUDA_SELECT_TILES = (8, 4)
 # Blocks of scores the token-tiled CUDA selection keeps per token at a time: the 128K width, two
 # 8-token CTAs per SM at head dim 128 (see csrc/sparse_selection.cu).
 CUDA_SELECT_SEGMENT = 2048
@@ -41,26 +42,6 @@ SELECTION_SCRATCH_BYTES = 512 << 20
 # wave would cost a whole CTA time), each split keeping at least this many selected blocks.
 ATTENTION_CTAS_PER_SM = 2
 ATTENTION_MIN_BLOCKS_PER_SPLIT = 4
-
-
-@dataclass(frozen=True)
-class DeviceFacts:
-    """What the plan reads about a device, once per device (`DeviceFacts.of`)."""
-
-    compiled: bool  # sala_sglang._C is loaded and the device is a CUDA GPU
-    multiprocessors: int = 0  # SMs of a CUDA GPU
-    max_smem: int = 0  # opt-in dynamic shared memory per CTA (bytes)
-
-    @staticmethod
-    @functools.cache
-    def of(device: torch.device | str) -> DeviceFacts:
-        """The facts of `device` (a CPU, or a GPU without the extension: not compiled)."""
-        device = torch.device(device)
-        if device.type != "cuda" or not _cuda.available():
-            return DeviceFacts(compiled=False)
-        props = _cuda.device_properties(device)
-        return DeviceFacts(True, props.multi_processor_count,
-                           int(getattr(props, "shared_memory_per_block_optin", 48 * 1024)))
 
 
 @dataclass(frozen=True)
@@ -117,13 +98,14 @@ def make_plan(
     width = max(width, cfg.num_selected_blocks)
     n_sel = cfg.num_selected_blocks if n_sel is None else n_sel
 
-    def choose(cuda_faster: bool) -> str:
-        if impl is not None:
+    def choose(op: str, cuda_faster: bool) -> str:
+        if impl is not None:  # required: an op that cannot run it says why, naming itself
             return impl
-        want = overrides.impl or ("cuda" if cuda_faster else "triton")
-        return want if device.compiled else "triton"
+        prefer = overrides.impl
+        return _cuda.resolve_impl(op, None, cuda_faster if prefer is None else prefer == "cuda",
+                                  device.why_not_compiled)
 
-    select = choose(_fills_sms(tokens, CUDA_SELECT_TOKENS_PER_CTA, groups, device))
+    select = choose("select_blocks", _fills_sms(tokens, CUDA_SELECT_TILES[0], groups, device))
     tile, warps, segment, unfit = _cuda_selection_variant(
         cfg, tokens, groups, head_dim, width, device, overrides,
         fit=select == "cuda" and device.compiled)
@@ -132,9 +114,9 @@ def make_plan(
     # fp32 window probabilities plus one int64 key per block, per token and kv head
     per_token = groups * width * (4 * cfg.windows_per_block + 8)
     return SparsePlan(
-        compress=choose(CUDA_FASTER["compress"]),
+        compress=choose("compress_new_windows", CUDA_FASTER["compress"]),
         select=select,
-        attention=choose(CUDA_FASTER["attention"]),
+        attention=choose("block_sparse_attention", CUDA_FASTER["attention"]),
         required=impl is not None,
         select_tile_tokens=tile,
         select_warps=warps,
@@ -160,14 +142,14 @@ def _cuda_selection_variant(
     if overrides.select_tile is not None:
         tile = 0 if overrides.select_tile == 1 else overrides.select_tile
     else:
-        tile = next((t for t in (8, 4) if _fills_sms(tokens, t, groups, device)), 0)
+        tile = next((t for t in CUDA_SELECT_TILES if _fills_sms(tokens, t, groups, device)), 0)
     warps = 8 if tokens * groups < 2 * device.multiprocessors else 4
     segment = min(width, overrides.select_segment or CUDA_SELECT_SEGMENT)
     if not fit:
         return tile, warps, segment, None
     n_sel = cfg.num_selected_blocks
     try:
-        for tiled in (8, 4):
+        for tiled in CUDA_SELECT_TILES:
             if tile >= tiled and _smem_bytes(head_dim, tiled, warps, width, segment,
                                              n_sel) <= device.max_smem:
                 return tiled, warps, segment, None

@@ -45,7 +45,7 @@ def select_blocks(
     width = max(width, cfg.num_selected_blocks)
     args = (q, k1, req_to_token, token_req, token_pos)
     if plan.uses_cuda(OP, plan.select, q,
-                      lambda: cuda_unsupported(*args, cfg, scale) or plan.select_unfit):
+                      lambda: cuda_unsupported(args, cfg, scale) or plan.select_unfit):
         return torch.ops.sala_sglang.select_blocks(
             *args, cfg.kernel_size, cfg.kernel_stride, cfg.block_size, cfg.init_blocks,
             cfg.local_blocks, cfg.num_selected_blocks, width, scale, plan.select_tile_tokens,
@@ -69,17 +69,12 @@ _CUDA_HEAD_DIMS = (64, 128)
 _CUDA_MAX_GROUP = 16
 
 
-def cuda_unsupported(
-    q: torch.Tensor,
-    k1: torch.Tensor,
-    req_to_token: torch.Tensor,
-    token_req: torch.Tensor,
-    token_pos: torch.Tensor,
-    cfg: SparseConfig,
-    scale: float,
-) -> str | None:
-    """Why the fused CUDA selection cannot run these arguments, or None when it can (host-side
-    checks only: no device sync, so it is safe while a CUDA graph is captured)."""
+def cuda_unsupported(tensors: tuple[torch.Tensor, ...], cfg: SparseConfig,
+                     scale: float) -> str | None:
+    """Why the fused CUDA selection cannot run these arguments (`tensors`: select_blocks', q to
+    token_pos, in order), or None when it can (host-side checks only: no device sync, so it is
+    safe while a CUDA graph is captured)."""
+    q, k1, req_to_token, token_req, token_pos = tensors
     if scale <= 0:
         return "scale must be positive"
     tokens, hq, dim = q.shape
