@@ -136,7 +136,7 @@ class ModelShape:
         return 2 * self.matmul_params() * n + self.attention_flops(n)
 
     def cache_bytes_per_token(self) -> int:
-        """KV-cache bytes per token in bf16 (SALA: the 8 sparse layers plus K1/K2)."""
+        """KV-cache bytes per token in bf16 (SALA: the 8 sparse layers plus K1)."""
         c = self.raw_config
         if self.name == "sala":
             cfg = self.sala_config

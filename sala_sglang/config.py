@@ -50,10 +50,6 @@ SPARSE_CONFIG_KEYS = (
     "dense_len",
 )
 
-# K2 compressed keys pool windows this many times longer (and strided this many times further)
-# than K1 (SPEC 2.2 step 1).
-K2_SCALE = 4
-
 RELEASED_SPARSE_CONFIG: dict[str, Any] = {
     "kernel_size": 32,
     "kernel_stride": 16,
@@ -166,16 +162,9 @@ class SparseConfig:
         )
 
     @property
-    def k2_kernel_size(self) -> int:
-        return K2_SCALE * self.kernel_size
-
-    @property
-    def k2_kernel_stride(self) -> int:
-        return K2_SCALE * self.kernel_stride
-
-    @property
     def windows_per_block(self) -> int:
-        """Compressed keys whose window starts inside one block (`r` in SPEC 2.2)."""
+        """Compressed keys whose window starts inside one block (`r` in SPEC 2.2): the K1 rows
+        stored beside each block-sized KV page."""
         return self.block_size // self.kernel_stride
 
     @property
@@ -193,18 +182,9 @@ class SparseConfig:
         """Most keys one query sees in sparse mode; shorter sequences are exactly dense."""
         return self.num_selected_blocks * self.block_size
 
-    def rows_per_block(self, stride: int) -> int:
-        """Compressed keys (of a given stride) whose window starts inside one block; the KV cache
-        stores that many rows beside each block-sized page."""
-        return math.ceil(self.block_size / stride)
-
     def num_k1(self, length: int) -> int:
         """Complete K1 windows over `length` cached keys."""
         return complete_windows(length, self.kernel_size, self.kernel_stride)
-
-    def num_k2(self, length: int) -> int:
-        """Complete K2 windows over `length` cached keys."""
-        return complete_windows(length, self.k2_kernel_size, self.k2_kernel_stride)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in SPARSE_CONFIG_KEYS}

@@ -21,11 +21,9 @@ from sala_sglang.config import MiniCPMSALAConfig, SparseConfig
 
 
 def compressed_key_bytes_per_token(sparse: SparseConfig, kv_bytes_per_token: int) -> int:
-    """Bytes of K1 + K2 per cached token, given the KV bytes per token (K and V halves)."""
-    rows_per_page = sparse.rows_per_block(sparse.kernel_stride) + sparse.rows_per_block(
-        sparse.k2_kernel_stride
-    )
-    return math.ceil(kv_bytes_per_token / 2 * rows_per_page / sparse.block_size)
+    """Bytes of K1 per cached token, given the KV bytes per token (K and V halves): one K row
+    per `kernel_stride` keys."""
+    return math.ceil(kv_bytes_per_token / 2 * sparse.windows_per_block / sparse.block_size)
 
 
 def add_compressed_keys_to_cell_size(cell_size: int, configurator: Any, kvc: Any, *args: Any,

@@ -34,8 +34,8 @@ long_context() { python benchmarks/long_context.py --out "$out" "$@"; }
 DENSE=(--model qwen3-8b --backend flashinfer --server-args=--disable-piecewise-cuda-graph)
 for part in "$@"; do
     case "$part" in
-        ops) run ops pytest_gpu tests/ops/test_lightning.py \
-                 tests/test_gpu_sparse_ops.py tests/test_gpu_cuda_sparse_*.py ;;
+        # Every op test, each implementation against the reference (on a GPU nothing skips).
+        ops) run ops pytest_gpu tests/ops ;;
         http) run http pytest_gpu tests/test_gpu_http_errors.py ;;
         serving-graph) run serving-graph pytest_gpu tests/test_gpu_serving.py -k "graph_fp16" ;;
         serving-other) run serving-other pytest_gpu tests/test_gpu_serving.py \

@@ -1,5 +1,5 @@
-"""What the GPU tests of the compiled ops (`sala_sglang._C`) share: their skip marks, and running
-a snippet in a child process."""
+"""What the GPU tests of the compiled ops (`sala_sglang._C`) share: the skip mark of tests that
+call an op of the extension directly, and running a snippet in a child process."""
 
 from __future__ import annotations
 
@@ -8,11 +8,6 @@ import sys
 
 import pytest
 import torch
-
-ON_GPU = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
 
 
 def _extension_built() -> bool:

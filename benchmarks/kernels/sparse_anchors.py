@@ -18,24 +18,35 @@ from pathlib import Path
 
 import torch
 
-from sala_sglang.testing.paged_inputs import SparseInputs
+from sala_sglang.testing.paged_inputs import SparseInputs, request_k1
 
 Runner = Callable[[], torch.Tensor]
 
 
 # ---- selection -------------------------------------------------------------------------------
-def contiguous_windows(inp: SparseInputs, second: bool = False) -> torch.Tensor:
-    """K1 (or K2) of each request in window order, gathered out of the per-page buffers:
+def contiguous_windows(inp: SparseInputs) -> torch.Tensor:
+    """K1 of each request in window order, gathered out of the per-page buffer:
     [requests, n, G, D], the layout OpenBMB's kernels take."""
-    cfg = inp.cfg
-    count, stride, buf = ((cfg.num_k2, cfg.k2_kernel_stride, inp.k2) if second
-                          else (cfg.num_k1, cfg.kernel_stride, inp.k1))
-    n = count(inp.lengths[0])
-    if any(count(length) != n for length in inp.lengths):
+    n = inp.cfg.num_k1(inp.lengths[0])
+    if any(inp.cfg.num_k1(length) != n for length in inp.lengths):
         raise ValueError("the selection anchors take requests of equal length")
-    start = torch.arange(n, device=inp.q.device) * stride
-    slot = inp.rt[1:, (start // cfg.block_size) * cfg.block_size].long()  # [R, n]
-    return buf[slot // cfg.block_size, (start % cfg.block_size) // stride]
+    return torch.stack([request_k1(inp.k1, inp.rt, r + 1, length, inp.cfg)
+                        for r, length in enumerate(inp.lengths)])
+
+
+# OpenBMB's stage-1 also takes K2: windows this many times longer and further apart than K1's,
+# which it uses to approximate the softmax normaliser. We keep no K2 (selection never reads it),
+# so the anchor pools its own from the cached keys.
+K2_SCALE = 4
+
+
+def k2_windows(inp: SparseInputs) -> torch.Tensor:
+    """OpenBMB's K2 of each request, [requests, n2, G, D] in the keys' dtype."""
+    size, stride = K2_SCALE * inp.cfg.kernel_size, K2_SCALE * inp.cfg.kernel_stride
+    return torch.stack([
+        inp.request_keys(r)[0].unfold(0, size, stride).float().mean(-1).to(inp.k.dtype)
+        for r in range(len(inp.lengths))
+    ])
 
 
 def infllm_stage1(inp: SparseInputs, k1c: torch.Tensor, k2c: torch.Tensor) -> Runner:

@@ -1,6 +1,6 @@
-"""InfLLM-v2 ops (sala_sglang/ops/sparse.py) against their anchors, on identical inputs, one run:
+"""InfLLM-v2 ops (sala_sglang/ops/infllm_v2/) against their anchors, on identical inputs, one run:
 
-- compression: ours (K1 + K2 of one prefill chunk, and K1 of a whole context) vs a plain torch
+- compression: ours (K1 of one prefill chunk, and of a whole context) vs a plain torch
   gather + mean-pool (there is no kernel anchor for it);
 - selection: ours (the Triton kernels, row "ours"; the fused CUDA kernel of sala_sglang._C,
   row "ours cuda", where it is built) vs OpenBMB's stage-1 + max-pooling + top-k path
@@ -9,7 +9,7 @@
   (FlashInfer fa2/fa3, PyTorch flash SDPA) over the whole context as the no-sparsity anchor.
   "ours" is the Triton kernel (as on main); where `sala_sglang._C` is built, its row also times the
   CUDA op (csrc/sparse_attention.cu) on the same inputs: cuda_ms, cuda_speedup (Triton ms / CUDA
-  ms), cuda_rel_err_vs_ours, cuda_ref_rel_err. The layer rows run what serving dispatches to.
+  ms), cuda_rel_err_vs_ours, cuda_ref_rel_err. The layer rows run what serving's plan picks.
 
 Prefill = the last 8192-token chunk of a 32K/128K/512K prompt (what chunked prefill runs), one
 request, every token sparse. Decode = batch 1/8/32 of 128K-token requests, one query each, timed
@@ -25,12 +25,11 @@ per query; 2 * heads * head_dim * visible windows for stage-1) against measured_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
-import os
 import sys
 import time
 from collections.abc import Callable
-from unittest import mock
 from pathlib import Path
 
 import torch
@@ -39,11 +38,15 @@ if __name__ == "__main__":  # run as a file: `benchmarks` imports from the repo 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.common import RESULTS, gpu_time_ms, header, measured_peaks, write_result
 from benchmarks.kernels import sparse_anchors as anchors
-from sala_sglang.testing.paged_inputs import SparseInputs, decode_batch, prefill_chunk  # noqa: E402
 
 from sala_sglang.config import MiniCPMSALAConfig  # noqa: E402
-from sala_sglang.ops import sparse as ops  # noqa: E402
+from sala_sglang.ops import _cuda  # noqa: E402
+from sala_sglang.ops._cuda import DeviceFacts  # noqa: E402
+from sala_sglang.ops.infllm_v2 import attention, compress, select  # noqa: E402
+from sala_sglang.ops.infllm_v2.plan import DECODE_SPLITS, SparsePlan, make_plan  # noqa: E402
+from sala_sglang.ops.overrides import KernelOverrides  # noqa: E402
 from sala_sglang.reference import sparse as ref  # noqa: E402
+from sala_sglang.testing.paged_inputs import SparseInputs, decode_batch, prefill_chunk  # noqa: E402
 
 # A selected block must score at least the reference's n_sel-th block score less this fraction of
 # it: at 128K a block score is ~1e-3, so the op test's absolute 2e-2 would pass anything.
@@ -92,10 +95,6 @@ class Record:
 
 def timed(fn: Callable[[], object], iters: int) -> float:
     return round(gpu_time_ms(fn, warmup=2, iters=iters), 4)
-
-
-# csrc/sparse_selection.cu reads this at each call: "1" one token per CTA, "4" / "8" per CTA.
-SELECT_TILE_ENV = "SALA_SGLANG_SELECT_TILE"
 
 
 # Decode rows are timed as CUDA-graph replays, as serving runs them (eager timings of these
@@ -149,41 +148,68 @@ def dense_cost(inp: SparseInputs) -> tuple[float, float]:
 def stage1_flops(inp: SparseInputs) -> float:
     cfg = inp.cfg
     _, hq, d = inp.q.shape
-    windows = ops.num_windows(inp.token_pos.long() + 1, cfg.kernel_size, cfg.kernel_stride)
+    windows = compress.num_windows(inp.token_pos.long() + 1, cfg.kernel_size, cfg.kernel_stride)
     return 2 * hq * d * float(windows.sum())
 
 
-def select_ours(mod, inp: SparseInputs, scale: float, splits: int,
-                impl: str | None = None) -> Callable[[], torch.Tensor]:
-    """Our selection; impl "triton"/"cuda" picks a kernel (None: what serving dispatches to, and
-    the only choice for a --baseline module that predates the CUDA kernel)."""
+def width_of(inp: SparseInputs) -> int:
+    """Selection width: blocks of the longest request."""
+    return -(-max(inp.lengths) // inp.cfg.block_size)
+
+
+def plan_for(inp: SparseInputs, splits: int, impl: str | None = None, tile: int | None = None,
+             n_sel: int | None = None) -> SparsePlan:
+    """The plan of these inputs asking for `splits`: impl "triton"/"cuda" forces the kernels
+    (None: what serving's plan picks); tile 1 / 4 / 8 forces the CUDA selection's variant."""
+    return make_plan(inp.cfg, tokens=inp.q.shape[0], groups=inp.k.shape[1],
+                     head_dim=inp.q.shape[2], width=width_of(inp), decode=False, splits=splits,
+                     n_sel=n_sel, device=DeviceFacts.of(inp.q.device), impl=impl,
+                     overrides=KernelOverrides(select_tile=tile))
+
+
+def select_ours(inp: SparseInputs, scale: float, splits: int, impl: str | None = None,
+                plan: SparsePlan | None = None) -> Callable[[], torch.Tensor]:
+    """Our selection under `plan` (default: `plan_for(inp, splits, impl)`)."""
+    plan = plan or plan_for(inp, splits, impl)
+    return lambda: select.select_blocks(inp.q, inp.k1, inp.rt, inp.token_req, inp.token_pos,
+                                        inp.cfg, width_of(inp), scale, plan)
+
+
+def select_baseline(mod, inp: SparseInputs, scale: float,
+                    splits: int) -> Callable[[], torch.Tensor]:
+    """A --baseline sparse.py's selection (the 14-argument signature it had)."""
     cfg = inp.cfg
-    width = -(-max(inp.lengths) // cfg.block_size)
-    chosen = {} if impl is None else {"impl": impl}
     return lambda: mod.select_blocks(
         inp.q, inp.k1, inp.rt, inp.token_req, inp.token_pos, cfg.kernel_size, cfg.kernel_stride,
-        cfg.block_size, cfg.init_blocks, cfg.local_blocks, cfg.num_selected_blocks, width, scale,
-        num_splits=splits, **chosen,
+        cfg.block_size, cfg.init_blocks, cfg.local_blocks, cfg.num_selected_blocks, width_of(inp),
+        scale, num_splits=splits,
     )
 
 
-def cuda_selection_unsupported(inp: SparseInputs) -> str | None:
+def cuda_selection_unsupported(inp: SparseInputs, scale: float) -> str | None:
     """Why the fused CUDA selection cannot run these inputs (None: it can)."""
-    cfg = inp.cfg
-    width = max(-(-max(inp.lengths) // cfg.block_size), cfg.num_selected_blocks)
-    return ops.cuda_selection_unsupported(
-        inp.q, inp.k1, inp.rt, inp.token_req, inp.token_pos, cfg.kernel_size, cfg.kernel_stride,
-        cfg.block_size, cfg.num_selected_blocks, width)
+    if not _cuda.available():
+        return "sala_sglang._C is not built"
+    tensors = (inp.q, inp.k1, inp.rt, inp.token_req, inp.token_pos)
+    return select.cuda_unsupported(tensors, inp.cfg, scale) or plan_for(inp, 1, "cuda").select_unfit
 
 
-def attend_ours(mod, inp: SparseInputs, selected: torch.Tensor, scale: float,
-                splits: int, impl: str = "triton") -> Callable[[], torch.Tensor]:
-    """Our attention; `impl` picks the kernel in this checkout's ops (a --baseline module may
-    predate the keyword and runs its own default)."""
-    kw = {"impl": impl} if mod is ops else {}
+def attend_ours(inp: SparseInputs, selected: torch.Tensor, scale: float, splits: int,
+                impl: str = "triton") -> Callable[[], torch.Tensor]:
+    """Our attention with the kernel `impl` and the split count the plan gives it."""
+    plan = plan_for(inp, splits, impl, n_sel=selected.shape[-1])
+    return lambda: attention.block_sparse_attention(
+        inp.q, inp.k, inp.v, inp.rt, inp.token_req, inp.token_pos, inp.token_sparse, selected,
+        inp.cfg, scale, plan,
+    )
+
+
+def attend_baseline(mod, inp: SparseInputs, selected: torch.Tensor, scale: float,
+                    splits: int) -> Callable[[], torch.Tensor]:
+    """A --baseline sparse.py's attention (the signature it had; its own default kernel)."""
     return lambda: mod.block_sparse_attention(
         inp.q, inp.k, inp.v, inp.rt, inp.token_req, inp.token_pos, inp.token_sparse, selected,
-        inp.cfg.block_size, scale, num_splits=splits, **kw,
+        inp.cfg.block_size, scale, num_splits=splits,
     )
 
 
@@ -191,11 +217,9 @@ def cuda_column(inp: SparseInputs, selected: torch.Tensor, scale: float, splits:
                 timing: Callable[[Callable[[], object]], dict], triton_out: torch.Tensor,
                 triton_ms: float, rows: torch.Tensor, want: torch.Tensor | None) -> dict:
     """The CUDA op on the Triton row's inputs, as extra fields of that row ({} when unbuilt)."""
-    from sala_sglang.ops import _cuda
-
     if not _cuda.available():
         return {}
-    fn = attend_ours(ops, inp, selected, scale, splits, impl="cuda")
+    fn = attend_ours(inp, selected, scale, splits, impl="cuda")
     try:
         got = fn()
         torch.cuda.synchronize()
@@ -280,24 +304,17 @@ def bench_compression(rec: Record, inp: SparseInputs, chunk: int, ctx: int) -> N
     itemsize = inp.k.element_size()
     per_key = inp.k.shape[1] * inp.k.shape[2] * itemsize
 
-    def ours(lo, k2: bool):
-        most = (chunk if k2 else ctx) // cfg.kernel_stride + 2
-
-        def run():
-            ops.compress_new_windows(inp.k, inp.k1, inp.rt, slots, lo, new, cfg.kernel_size,
-                                     cfg.kernel_stride, cfg.block_size, max_new_windows=most)
-            if k2:
-                ops.compress_new_windows(inp.k, inp.k2, inp.rt, slots, lo, new,
-                                         cfg.k2_kernel_size, cfg.k2_kernel_stride, cfg.block_size,
-                                         max_new_windows=chunk // cfg.k2_kernel_stride + 2)
-        return run
+    def ours(lo, keys: int):
+        most = keys // cfg.kernel_stride + 2
+        return lambda: compress.compress_new_windows(inp.k, inp.k1, inp.rt, slots, lo, new, cfg,
+                                                     most)
 
     n_chunk = cfg.num_k1(ctx) - cfg.num_k1(ctx - chunk)
-    rec.add(section="compress", case=f"{ctx // 1024}K chunk {chunk}", impl="ours K1+K2",
-            ms=timed(ours(old, True), 20),
-            bytes=(chunk + cfg.kernel_size) * per_key + n_chunk * per_key * 1.25)
+    rec.add(section="compress", case=f"{ctx // 1024}K chunk {chunk}", impl="ours K1",
+            ms=timed(ours(old, chunk), 20),
+            bytes=(chunk + cfg.kernel_size) * per_key + n_chunk * per_key)
     rec.add(section="compress", case=f"{ctx // 1024}K whole", impl="ours K1",
-            ms=timed(ours(zero, False), 10), bytes=ctx * per_key + cfg.num_k1(ctx) * per_key)
+            ms=timed(ours(zero, ctx), 10), bytes=ctx * per_key + cfg.num_k1(ctx) * per_key)
     idx = inp.rt[1, :ctx].long()
 
     def torch_pool():
@@ -317,13 +334,13 @@ def bench_selection(rec: Record, inp: SparseInputs, case: str, scale: float, spl
     rows = check_rows(inp)
     k1c = anchors.contiguous_windows(inp)
     flops = stage1_flops(inp)
-    ours_fn = select_ours(ops, inp, scale, splits, impl="triton")
+    ours_fn = select_ours(inp, scale, splits, impl="triton")
     sel = ours_fn()
     ours = rec.add(section="select", case=case, impl="ours", **timed_row(ours_fn, iters),
                    flops=flops, ref_ok=selection_ok(inp, k1c, sel, rows))
-    why = cuda_selection_unsupported(inp)
+    why = cuda_selection_unsupported(inp, scale)
     if why is None:
-        cuda_fn = select_ours(ops, inp, scale, splits, impl="cuda")
+        cuda_fn = select_ours(inp, scale, splits, impl="cuda")
         cuda_sel = cuda_fn()
         t = timed_row(cuda_fn, iters)
         rec.add(section="select", case=case, impl="ours cuda", **t, flops=flops,
@@ -331,10 +348,10 @@ def bench_selection(rec: Record, inp: SparseInputs, case: str, scale: float, spl
                 ref_ok=selection_ok(inp, k1c, cuda_sel, rows),
                 speedup_vs_triton=round(ours["ms"] / t["ms"], 2))
         # the CUDA kernel's variants, forced: one token per CTA, or 4 / 8 tokens per CTA
-        for tile in ("1", "4", "8"):
-            with mock.patch.dict(os.environ, {SELECT_TILE_ENV: tile}):
-                tile_sel = cuda_fn()
-                t = timed_row(cuda_fn, iters)
+        for tile in (1, 4, 8):
+            tile_fn = select_ours(inp, scale, splits, plan=plan_for(inp, splits, "cuda", tile))
+            tile_sel = tile_fn()
+            t = timed_row(tile_fn, iters)
             rec.add(section="select", case=case, impl=f"ours cuda tile {tile}", **t, flops=flops,
                     overlap_with_ours=overlap(tile_sel, sel, width),
                     speedup_vs_triton=round(ours["ms"] / t["ms"], 2))
@@ -342,7 +359,7 @@ def bench_selection(rec: Record, inp: SparseInputs, case: str, scale: float, spl
         rec.data.setdefault("cuda_selection_skipped", {})[case] = why
         rec.log(f"  ours cuda: not run ({why})")
     if baseline is not None:
-        old_fn = select_ours(baseline, inp, scale, splits)
+        old_fn = select_baseline(baseline, inp, scale, splits)
         rec.add(section="select", case=case, impl="ours v0", **timed_row(old_fn, iters),
                 flops=flops, overlap_with_ours=overlap(old_fn(), sel, width))
     keys = torch.randint(0, 1 << 62, (*sel.shape[:2], width), device=sel.device)
@@ -366,12 +383,12 @@ def bench_infllm_stage1(rec: Record, inp: SparseInputs, case: str, scale: float)
     cfg = inp.cfg
     width = -(-max(inp.lengths) // cfg.block_size)
     k1c = anchors.contiguous_windows(inp)
-    k2c = anchors.contiguous_windows(inp, second=True)
+    k2c = anchors.k2_windows(inp)
     fn, _ = try_anchor(rec, "infllm_ops stage-1 (sgl_kernel 0.4.5)",
                        lambda: anchors.infllm_stage1(inp, k1c, k2c))
     if fn is None:
         return
-    sel = select_ours(ops, inp, scale, 1, impl="triton")()
+    sel = select_ours(inp, scale, 1, impl="triton")()
     pooled = anchors.pool_and_topk(inp, fn)
     theirs = pooled()
     rec.add(section="select", case=case, impl="infllm stage-1+sgl pool+topk",
@@ -386,7 +403,7 @@ def bench_attention(rec: Record, inp: SparseInputs, sel: torch.Tensor, case: str
     rows = check_rows(inp)
     flops, nbytes = sparse_cost(inp, sel)
     want = reference_rows(inp, rows, scale, sel)
-    ours_fn = attend_ours(ops, inp, sel, scale, splits)
+    ours_fn = attend_ours(inp, sel, scale, splits)
     out = ours_fn()
     ours_t = timed_row(ours_fn, iters)
     cuda = cuda_column(inp, sel, scale, splits, lambda fn: timed_row(fn, iters), out,
@@ -395,7 +412,7 @@ def bench_attention(rec: Record, inp: SparseInputs, sel: torch.Tensor, case: str
                    flops=flops, bytes=nbytes, ref_rel_err=round(rel_err(out[rows], want), 5),
                    **cuda)
     if baseline is not None:
-        old_fn = attend_ours(baseline, inp, sel, scale, splits)
+        old_fn = attend_baseline(baseline, inp, sel, scale, splits)
         rec.add(section="attend", case=case, impl="ours v0", **timed_row(old_fn, iters),
                 flops=flops, bytes=nbytes, rel_err_vs_ours=round(rel_err(old_fn(), out), 5))
     for be in FI_SPARSE:
@@ -427,34 +444,32 @@ def bench_attention(rec: Record, inp: SparseInputs, sel: torch.Tensor, case: str
 
 def sweep_attention(rec: Record, inp: SparseInputs, sel: torch.Tensor, scale: float) -> None:
     """Launch shapes of our attention kernel, same inputs (restored afterwards)."""
-    keep = ops.ATTENTION_WARPS, ops.ATTENTION_STAGES
+    keep = attention.ATTENTION_WARPS, attention.ATTENTION_STAGES
     flops, _ = sparse_cost(inp, sel)
     for warps, stages in ((4, 1), (4, 2), (4, 4), (8, 2), (8, 3)):
-        ops.ATTENTION_WARPS, ops.ATTENTION_STAGES = warps, stages
+        attention.ATTENTION_WARPS, attention.ATTENTION_STAGES = warps, stages
         try:
-            ms = timed(attend_ours(ops, inp, sel, scale, 1), 10)
+            ms = timed(attend_ours(inp, sel, scale, 1), 10)
             rec.data["sweeps"].append(dict(op="attend", warps=warps, stages=stages, ms=ms,
                                            tflops=round(flops / ms / 1e9, 1)))
             rec.log(f"  sweep attend warps={warps} stages={stages}: {ms} ms")
         except Exception as e:
             rec.log(f"  sweep attend warps={warps} stages={stages} failed: {e}")
-    ops.ATTENTION_WARPS, ops.ATTENTION_STAGES = keep
+    attention.ATTENTION_WARPS, attention.ATTENTION_STAGES = keep
 
 
 def sweep_selection(rec: Record, inp: SparseInputs, scale: float) -> None:
     """Token tile of stage-1 scoring (warps follow the tile: 8 from 128 rows), same inputs."""
-    keep = ops.TOKEN_TILE
     flops = stage1_flops(inp)
     for tm in (1, 8, 16):
-        ops.TOKEN_TILE = tm
+        plan = dataclasses.replace(plan_for(inp, 1, "triton"), triton_token_tile=tm)
         try:
-            ms = timed(select_ours(ops, inp, scale, 1, impl="triton"), 5)
+            ms = timed(select_ours(inp, scale, 1, plan=plan), 5)
             rec.data["sweeps"].append(dict(op="select", token_tile=tm, ms=ms,
                                            tflops=round(flops / ms / 1e9, 1)))
             rec.log(f"  sweep select token_tile={tm}: {ms} ms")
         except Exception as e:
             rec.log(f"  sweep select token_tile={tm} failed: {e}")
-    ops.TOKEN_TILE = keep
 
 
 def bench_dense_mode(rec: Record, inp: SparseInputs, case: str, scale: float, baseline,
@@ -466,14 +481,14 @@ def bench_dense_mode(rec: Record, inp: SparseInputs, case: str, scale: float, ba
     none = torch.full((inp.q.shape[0], 1, 1), -1, dtype=torch.int32, device=inp.q.device)
     flops, nbytes = dense_cost(inp)
     want = reference_rows(inp, rows, scale, None)
-    fn = attend_ours(ops, inp, none, scale, 1)
+    fn = attend_ours(inp, none, scale, 1)
     out = fn()
     ms = timed(fn, 10)
     cuda = cuda_column(inp, none, scale, 1, lambda f: {"ms": timed(f, 10)}, out, ms, rows, want)
     ours = rec.add(section="attend", case=case, impl="ours", ms=ms, flops=flops,
                    ref_rel_err=round(rel_err(out[rows], want), 5), **cuda)
     if baseline is not None:
-        old = attend_ours(baseline, inp, none, scale, 1)
+        old = attend_baseline(baseline, inp, none, scale, 1)
         rec.add(section="attend", case=case, impl="ours v0", ms=timed(old, 10), flops=flops,
                 rel_err_vs_ours=round(rel_err(old(), out), 5))
     for be in fi_backends:
@@ -491,16 +506,23 @@ def prefill_layer(inp: SparseInputs, chunk: int, scale: float) -> Callable[[], t
     cfg = inp.cfg
     new = torch.tensor(inp.lengths, dtype=torch.int32, device=inp.q.device)
     old = new - chunk
-    select = select_ours(ops, inp, scale, 1)
+    plan = plan_for(inp, 1)
+    select_fn = select_ours(inp, scale, 1, plan=plan)
 
     def run() -> torch.Tensor:
-        for out, size, stride in ((inp.k1, cfg.kernel_size, cfg.kernel_stride),
-                                  (inp.k2, cfg.k2_kernel_size, cfg.k2_kernel_stride)):
-            ops.compress_new_windows(inp.k, out, inp.rt, inp.slots, old, new, size, stride,
-                                     cfg.block_size, max_new_windows=chunk // stride + 2)
-        return attend_ours(ops, inp, select(), scale, 1)()
+        compress.compress_new_windows(inp.k, inp.k1, inp.rt, inp.slots, old, new, cfg,
+                                      chunk // cfg.kernel_stride + 2, plan)
+        return attend_planned(inp, select_fn(), scale, plan)
 
     return run
+
+
+def attend_planned(inp: SparseInputs, selected: torch.Tensor, scale: float,
+                   plan: SparsePlan) -> torch.Tensor:
+    """Attention as a layer runs it, under the forward's plan."""
+    return attention.block_sparse_attention(inp.q, inp.k, inp.v, inp.rt, inp.token_req,
+                                            inp.token_pos, inp.token_sparse, selected, inp.cfg,
+                                            scale, plan)
 
 
 def neighbour_overlap(sel: torch.Tensor, width: int) -> float:
@@ -594,7 +616,7 @@ def main() -> None:
         del inp, sel
         torch.cuda.empty_cache()
 
-    splits = decode_splits()
+    splits = DECODE_SPLITS
     GRAPH_TIMING["on"] = True
     for batch in args.batches:
         case = f"decode {args.decode_context // 1024}K b{batch}"
@@ -602,10 +624,11 @@ def main() -> None:
         inp = decode_batch(cfg, args.decode_context, batch, hq, g, d, "cuda")
         sel = bench_selection(rec, inp, case, scale, splits, baseline, 20)
         bench_attention(rec, inp, sel, case, scale, splits, baseline, 20, fi)
-        select = select_ours(ops, inp, scale, splits)
+        plan = plan_for(inp, splits)
+        select_fn = select_ours(inp, scale, splits, plan=plan)
 
-        def both(inp=inp, select=select):
-            return attend_ours(ops, inp, select(), scale, splits)()
+        def both(inp=inp, select_fn=select_fn, plan=plan):
+            return attend_planned(inp, select_fn(), scale, plan)
 
         rec.add(section="layer", case=case, impl="ours select+attend eager", ms=timed(both, 20))
         rec.add(section="layer", case=case, impl="ours select+attend CUDA graph",
@@ -621,13 +644,6 @@ def main() -> None:
         bench_infllm_stage1(rec, inp, f"prefill {ctx // 1024}K", scale)
     rec.save()
     print_table(rec)
-
-
-def decode_splits() -> int:
-    """The split-K count the serving backend uses for decode."""
-    from sala_sglang.attention.sparse_backend import DECODE_SPLITS
-
-    return DECODE_SPLITS
 
 
 def graphed(fn: Callable[[], object]) -> Callable[[], object]:

@@ -1,15 +1,15 @@
 """Key compression (compress_new_windows): CUDA kernel vs its Triton twin, same inputs, one run.
 
-The CUDA kernel is csrc/sparse_compress.cu; the Triton one, sala_sglang/ops/sparse.py.
+The CUDA kernel is csrc/sparse_compress.cu; the Triton one, sala_sglang/ops/infllm_v2/compress.py.
 
     python benchmarks/kernels/sparse_compress.py [--out DIR] [--context 131072] [--chunk 8192]
         [--batches 1 8 32] [--max-copies 64]
 
 Released geometry (block 64, 2 kv heads x 128, bf16); each call is one layer's K1 (stride 16,
-kernel 32) or K2 (stride 64, kernel 128) compression, as SparseLayerBackend._compress runs them.
+kernel 32) compression, as SparseLayerBackend runs it.
 Cases: the last `--chunk`-token chunk of a `--context`-token prompt (one request), and one decode
-step of 1/8/32 requests at `--context` keys, each completing a K1 and a K2 window (the heaviest
-decode step; 15 of 16 steps complete no K1 window).
+step of 1/8/32 requests at `--context` keys, each completing a K1 window (the heaviest decode
+step; 15 of 16 steps complete none).
 Timing: a CUDA graph of `copies` calls, each on other requests (own keys and pages), replayed
 (per call: replay / copies); copies make the graph touch 4x the L2 cache where `--max-copies`
 allows, so prefill reads HBM; decode touches too little and runs from L2 (`l2_resident`). Also
@@ -37,14 +37,14 @@ from benchmarks.common import RESULTS, gpu_time_ms, header, measured_peaks, writ
 
 from sala_sglang.config import MiniCPMSALAConfig, complete_windows  # noqa: E402
 from sala_sglang.ops import _cuda  # noqa: E402
-from sala_sglang.ops import sparse as ops  # noqa: E402
+from sala_sglang.ops.infllm_v2 import compress_new_windows  # noqa: E402
 
 DEVICE = "cuda"
 
 
 @dataclass
 class Compression:
-    """One compressed-key buffer's geometry: K1 or K2."""
+    """The compressed keys' geometry (K1)."""
 
     name: str
     kernel: int
@@ -148,13 +148,12 @@ def bench_case(case: str, old: int, new: int, batch: int, comps: list[Compressio
                "floor_ms": nbytes / (peaks["copy_gb_per_s"] * 1e6), "impls": {}}
         outs = {}
         for impl in impls:
-            out = torch.zeros(inp.pages, sp.rows_per_block(comp.stride), groups, dim,
-                              dtype=dtype, device=DEVICE)
+            out = torch.zeros(inp.pages, sp.windows_per_block, groups, dim, dtype=dtype,
+                              device=DEVICE)
 
             def step(c: int, impl: str = impl, out: torch.Tensor = out) -> None:
-                ops.compress_new_windows(inp.k, out, inp.rt, inp.slots[c], inp.old, inp.new,
-                                         comp.kernel, comp.stride, sp.block_size, most,
-                                         impl=impl)
+                compress_new_windows(inp.k, out, inp.rt, inp.slots[c], inp.old, inp.new, sp,
+                                     most, impl=impl)
 
             entry: dict = {}
             row["impls"][impl] = entry
@@ -216,8 +215,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sp = MiniCPMSALAConfig().sparse
-    comps = [Compression("K1", sp.kernel_size, sp.kernel_stride),
-             Compression("K2", sp.k2_kernel_size, sp.k2_kernel_stride)]
+    comps = [Compression("K1", sp.kernel_size, sp.kernel_stride)]
     impls = (["cuda"] if _cuda.available() else []) + ["triton"]
     device = torch.cuda.get_device_name(0).lower()
     tag = args.tag or next((t for t in ("h100", "h200") if t in device), "gpu")

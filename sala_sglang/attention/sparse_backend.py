@@ -3,15 +3,18 @@ compressed-key cache (SPEC 2.2).
 
 SGLang's `HybridLinearAttnBackend` routes the sparse layers (the config's
 `full_attention_layer_ids`) here. The KV pool is paged with page size = block_size, so a block is
-a page and the compressed keys K1/K2 of a block live in buffers indexed by that page: they are
-allocated, freed and reused together with the KV cache (see `sala_sglang.ops.sparse`).
+a page and the compressed keys K1 of a block live in a buffer indexed by that page: they are
+allocated, freed and reused together with the KV cache (see `sala_sglang.ops.infllm_v2`).
 
 Per forward, `init_forward_metadata_in_graph` builds per-token metadata once (request slot,
-position, mode) with device ops only, so decode runs under CUDA graphs with no host sync; every
-sparse layer reuses it. Mode switch (SPEC, DECIDED): a token at position p of a request whose
-prompt has P tokens is sparse iff max(P, p + 1) >= dense_len, with max(P, seq_len) taken from
-SGLang's `orig_seq_lens`. Tokens below n_sel * block_size attend to every block either way
-(identical result), so they skip selection.
+position, mode) with device ops only, so decode runs under CUDA graphs with no host sync, and the
+ops' plan (`infllm_v2.plan.make_plan`) from host sizes only; every sparse layer reuses both.
+Kernel overrides from the environment are read once, when the backend is built.
+
+Mode switch (SPEC, DECIDED): a token at position p of a request whose prompt has P tokens is
+sparse iff max(P, p + 1) >= dense_len, with max(P, seq_len) taken from SGLang's `orig_seq_lens`.
+Tokens below n_sel * block_size attend to every block either way (identical result), so they skip
+selection.
 """
 
 from __future__ import annotations
@@ -22,18 +25,23 @@ import operator
 from dataclasses import dataclass
 
 import torch
-
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.runtime_context import get_parallel
 
-from sala_sglang.ops.sparse import block_sparse_attention, compress_new_windows, select_blocks
+from sala_sglang.ops._cuda import DeviceFacts
+from sala_sglang.ops.infllm_v2 import (
+    SparsePlan,
+    block_sparse_attention,
+    compress_new_windows,
+    make_plan,
+    select_blocks,
+)
+from sala_sglang.ops.overrides import KernelOverrides
 from sala_sglang.server_args import dense_as_sparse
 
 logger = logging.getLogger(__name__)
-
-DECODE_SPLITS = 8
 
 
 @dataclass
@@ -75,26 +83,25 @@ class SparseLayerBackend(AttentionBackend):
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
         self.max_blocks = math.ceil(self.max_context_len / self.sparse.block_size)
-        self.k1, self.k2 = self._allocate_compressed_keys(config)
+        k_buffer = self.token_to_kv_pool.get_key_buffer(config.sparse_layer_ids[0])
+        self.kv_heads = k_buffer.shape[1]
+        self.k1 = self._allocate_compressed_keys(config, k_buffer)
+        self.overrides = KernelOverrides.from_env()
+        self.device_facts = DeviceFacts.of(self.device)
         self.meta: TokenMetadata | None = None
+        self.plan: SparsePlan | None = None
         _log_memory_split(model_runner, self)
 
-    def _allocate_compressed_keys(self, config) -> tuple[dict, dict]:
-        k_buffer = self.token_to_kv_pool.get_key_buffer(config.sparse_layer_ids[0])
+    def _allocate_compressed_keys(self, config, k_buffer: torch.Tensor) -> dict[int, torch.Tensor]:
         pages = k_buffer.shape[0] // self.sparse.block_size
-
-        def per_layer(stride: int) -> dict[int, torch.Tensor]:
-            rows = self.sparse.rows_per_block(stride)
-            return {
-                i: torch.zeros(pages, rows, *k_buffer.shape[1:], dtype=k_buffer.dtype,
-                               device=self.device)
-                for i in config.sparse_layer_ids
-            }
-
-        return per_layer(self.sparse.kernel_stride), per_layer(self.sparse.k2_kernel_stride)
+        return {
+            i: torch.zeros(pages, self.sparse.windows_per_block, *k_buffer.shape[1:],
+                           dtype=k_buffer.dtype, device=self.device)
+            for i in config.sparse_layer_ids
+        }
 
     def compressed_key_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k1.values(), *self.k2.values()))
+        return sum(t.numel() * t.element_size() for t in self.k1.values())
 
     # ---- metadata ------------------------------------------------------------------------------
     def init_forward_metadata_out_graph(
@@ -106,10 +113,18 @@ class SparseLayerBackend(AttentionBackend):
         mode = forward_batch.forward_mode
         if mode.is_decode_or_idle():
             self.meta = self._decode_metadata(forward_batch)
+            tokens = forward_batch.seq_lens.shape[0]
         elif mode.is_extend():
             self.meta = self._extend_metadata(forward_batch)
+            tokens = int(forward_batch.extend_num_tokens)
         else:
             raise NotImplementedError(f"MiniCPM-SALA: forward mode {mode} is not supported")
+        sp = self.sparse
+        self.plan = make_plan(
+            sp, tokens=tokens, groups=self.kv_heads, head_dim=self.head_dim,
+            width=self.meta.width, decode=mode.is_decode_or_idle(), device=self.device_facts,
+            overrides=self.overrides, n_sel=sp.num_selected_blocks if self.meta.select else 1,
+        )
 
     def _is_sparse(self, prompt_or_len: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         longest = torch.maximum(prompt_or_len, pos + 1)
@@ -163,57 +178,41 @@ class SparseLayerBackend(AttentionBackend):
         return 1
 
     # ---- layers --------------------------------------------------------------------------------
-    def _compress(self, layer_id: int, k_buffer: torch.Tensor, meta: TokenMetadata) -> None:
-        sp = self.sparse
-        rt = self.req_to_token_pool.req_to_token
-        for out, size, stride in (
-            (self.k1[layer_id], sp.kernel_size, sp.kernel_stride),
-            (self.k2[layer_id], sp.k2_kernel_size, sp.k2_kernel_stride),
-        ):
-            compress_new_windows(
-                k_buffer, out, rt, meta.req_slots, meta.old_lens, meta.new_lens, size, stride,
-                sp.block_size, max_new_windows=meta.max_new_tokens // stride + 2,
-            )
-
-    def _select(
-        self, layer_id: int, q: torch.Tensor, meta: TokenMetadata, splits: int
-    ) -> torch.Tensor:
-        sp = self.sparse
-        tokens = q.shape[0]
+    def _select(self, layer_id: int, q: torch.Tensor, meta: TokenMetadata) -> torch.Tensor:
         if not meta.select:
-            return torch.full((tokens, 1, 1), -1, dtype=torch.int32, device=q.device)
+            return torch.full((q.shape[0], 1, 1), -1, dtype=torch.int32, device=q.device)
         return select_blocks(
             q, self.k1[layer_id], self.req_to_token_pool.req_to_token, meta.token_req,
-            meta.token_pos, sp.kernel_size, sp.kernel_stride, sp.block_size, sp.init_blocks,
-            sp.local_blocks, sp.num_selected_blocks, meta.width, self.scale, splits,
+            meta.token_pos, self.sparse, meta.width, self.scale, self.plan,
         )
 
     def _attend(
-        self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache: bool,
-        splits: int,
+        self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache: bool
     ) -> torch.Tensor:
         if save_kv_cache:
             self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
-        meta = self.meta
+        meta, sp, rt = self.meta, self.sparse, self.req_to_token_pool.req_to_token
         k_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-        self._compress(layer.layer_id, k_buffer, meta)
+        compress_new_windows(
+            k_buffer, self.k1[layer.layer_id], rt, meta.req_slots, meta.old_lens, meta.new_lens,
+            sp, max_new_windows=meta.max_new_tokens // sp.kernel_stride + 2, plan=self.plan,
+        )
         q = q.reshape(-1, self.num_heads, self.head_dim)
-        selected = self._select(layer.layer_id, q, meta, splits)
+        selected = self._select(layer.layer_id, q, meta)
         out = block_sparse_attention(
-            q, k_buffer, v_buffer, self.req_to_token_pool.req_to_token, meta.token_req,
-            meta.token_pos, meta.token_sparse, selected, self.sparse.block_size, self.scale,
-            num_splits=splits,
+            q, k_buffer, v_buffer, rt, meta.token_req, meta.token_pos, meta.token_sparse,
+            selected, sp, self.scale, self.plan,
         )
         return out.reshape(-1, self.num_heads * self.head_dim)
 
     def forward_extend(self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch,
                        save_kv_cache: bool = True, **kwargs) -> torch.Tensor:
-        return self._attend(q, k, v, layer, forward_batch, save_kv_cache, splits=1)
+        return self._attend(q, k, v, layer, forward_batch, save_kv_cache)
 
     def forward_decode(self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch,
                        save_kv_cache: bool = True, **kwargs) -> torch.Tensor:
-        return self._attend(q, k, v, layer, forward_batch, save_kv_cache, splits=DECODE_SPLITS)
+        return self._attend(q, k, v, layer, forward_batch, save_kv_cache)
 
 
 def _log_memory_split(runner, backend: SparseLayerBackend) -> None:
@@ -227,7 +226,7 @@ def _log_memory_split(runner, backend: SparseLayerBackend) -> None:
     state_bytes = config.mamba2_cache_params.mamba_cache_per_req
     logger.info(
         "MiniCPM-SALA memory: KV %d B/token for %d sparse layers, %d tokens (%.2f GiB); "
-        "compressed keys K1/K2 %.2f GiB; recurrent state %.1f MiB/request for %d linear "
+        "compressed keys K1 %.2f GiB; recurrent state %.1f MiB/request for %d linear "
         "layers, %d state slots (%.2f GiB); max concurrent requests %d; dense_len %d",
         kv_bytes_per_token,
         len(config.sparse_layer_ids),

@@ -99,15 +99,17 @@ class DeviceFacts:
     name: str  # for messages: "cuda:0", "cpu"
     multiprocessors: int  # SMs of a CUDA GPU; 0 elsewhere
     compiled: bool  # sala_sglang._C is loaded and the device is a CUDA GPU
+    max_smem: int = 0  # opt-in dynamic shared memory per CTA (bytes) of a CUDA GPU
 
     @classmethod
     def of(cls, device: torch.device | str) -> DeviceFacts:
         device = torch.device(device)
         if device.type != "cuda":
             return cls(name=str(device), multiprocessors=0, compiled=False)
-        return cls(name=str(device),
-                   multiprocessors=device_properties(device).multi_processor_count,
-                   compiled=available())
+        props = device_properties(device)
+        return cls(name=str(device), multiprocessors=props.multi_processor_count,
+                   compiled=available(),
+                   max_smem=int(getattr(props, "shared_memory_per_block_optin", 48 * 1024)))
 
     def why_not_compiled(self) -> str | None:
         """Why no kernel of `sala_sglang._C` can run here, or None."""

@@ -49,19 +49,17 @@ def _extend_compressed(
 
 @dataclass
 class SparseLayerCache:
-    """One sparse layer's memory: keys, values [L, G, D]; K1 [n1, G, D], K2 [n2, G, D]."""
+    """One sparse layer's memory: keys, values [L, G, D]; K1 [n1, G, D]."""
 
     keys: torch.Tensor
     values: torch.Tensor
     k1: torch.Tensor
-    k2: torch.Tensor
 
     def append(self, k: torch.Tensor, v: torch.Tensor, cfg: SparseConfig) -> None:
-        """Append k, v [T, G, D]; K1/K2 gain every window whose last key is now cached."""
+        """Append k, v [T, G, D]; K1 gains every window whose last key is now cached."""
         self.keys = torch.cat([self.keys, k], dim=0)
         self.values = torch.cat([self.values, v], dim=0)
         self.k1 = _extend_compressed(self.k1, self.keys, cfg.kernel_size, cfg.kernel_stride)
-        self.k2 = _extend_compressed(self.k2, self.keys, cfg.k2_kernel_size, cfg.k2_kernel_stride)
 
 
 @dataclass
@@ -144,7 +142,6 @@ class SparseAttention(nn.Module):
             keys=torch.zeros(shape, dtype=dtype, device=device),
             values=torch.zeros(shape, dtype=dtype, device=device),
             k1=torch.zeros(shape, dtype=cdt, device=device),
-            k2=torch.zeros(shape, dtype=cdt, device=device),
         )
 
     def forward(

@@ -1,7 +1,7 @@
 """Inputs for the InfLLM-v2 ops in the serving layout (sala_sglang/attention/sparse_backend.py):
-a paged KV cache with shuffled pages (page size = block size), its req_to_token table, the K1/K2
-compressed-key buffers beside the pages, and per-token query metadata. Shared by
-the kernel benchmarks and the op tests.
+a paged KV cache with shuffled pages (page size = block size), its req_to_token table, the K1
+compressed-key buffer beside the pages, and per-token query metadata. Shared by the kernel
+benchmarks and the op tests.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from sala_sglang.config import SparseConfig
-from sala_sglang.ops.sparse import compress_new_windows
+from sala_sglang.ops.infllm_v2 import compress_new_windows
 
 
 def paged_cache(
@@ -43,8 +43,7 @@ class SparseInputs:
     rt: torch.Tensor  # [requests + 1, max_len + block] int32
     k: torch.Tensor  # [slots, G, D]
     v: torch.Tensor
-    k1: torch.Tensor  # [pages, rows_per_block, G, D]
-    k2: torch.Tensor
+    k1: torch.Tensor  # [pages, windows_per_block, G, D]
     lengths: list[int]
     q: torch.Tensor  # [T, Hq, D]
     token_req: torch.Tensor  # [T] int32 row of rt
@@ -61,22 +60,26 @@ class SparseInputs:
         return self.k[idx], self.v[idx]
 
 
-def compressed_buffers(
+def paged_k1(
     k: torch.Tensor, rt: torch.Tensor, lengths: list[int], cfg: SparseConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """K1 and K2 of every request, written by the serving kernel from nothing to `lengths`."""
+) -> torch.Tensor:
+    """K1 of every request [pages, windows_per_block, G, D], written by the serving op from
+    nothing to `lengths` (the measured-faster kernel)."""
     pages = k.shape[0] // cfg.block_size
     slots = torch.arange(1, len(lengths) + 1, dtype=torch.int32, device=k.device)
     new = torch.tensor(lengths, dtype=torch.int32, device=k.device)
-    out = []
-    for size, stride in ((cfg.kernel_size, cfg.kernel_stride),
-                         (cfg.k2_kernel_size, cfg.k2_kernel_stride)):
-        buf = torch.zeros(pages, cfg.rows_per_block(stride), *k.shape[1:], dtype=k.dtype,
-                          device=k.device)
-        compress_new_windows(k, buf, rt, slots, torch.zeros_like(new), new, size, stride,
-                             cfg.block_size, max_new_windows=max(lengths) // stride + 2)
-        out.append(buf)
-    return out[0], out[1]
+    k1 = torch.zeros(pages, cfg.windows_per_block, *k.shape[1:], dtype=k.dtype, device=k.device)
+    compress_new_windows(k, k1, rt, slots, torch.zeros_like(new), new, cfg,
+                         max_new_windows=max(lengths) // cfg.kernel_stride + 2)
+    return k1
+
+
+def request_k1(k1: torch.Tensor, rt: torch.Tensor, row: int, length: int,
+               cfg: SparseConfig) -> torch.Tensor:
+    """The K1 of request row `row` of rt (`length` keys cached) in window order: [n1, G, D]."""
+    start = torch.arange(cfg.num_k1(length), device=k1.device) * cfg.kernel_stride
+    page = rt[row, (start // cfg.block_size) * cfg.block_size].long() // cfg.block_size
+    return k1[page, (start % cfg.block_size) // cfg.kernel_stride]
 
 
 def correlated_queries(tokens: int, heads: int, dim: int, shared: float, dev: str) -> torch.Tensor:
@@ -87,18 +90,33 @@ def correlated_queries(tokens: int, heads: int, dim: int, shared: float, dev: st
     return (shared**0.5 * common + (1 - shared) ** 0.5 * own).to(torch.bfloat16)
 
 
+def paged_batch(
+    cfg: SparseConfig, lengths: list[int], token_req: list[int], token_pos: list[int],
+    heads: int, groups: int, dim: int, dev: str, dtype: torch.dtype = torch.bfloat16,
+    shared: float | None = None,
+) -> SparseInputs:
+    """Requests of `lengths` keys with their K1, and query tokens of request rows `token_req`
+    (1-based) at `token_pos`, all in sparse mode: random queries, or `correlated_queries` when
+    `shared` is given."""
+    rt, k, v = paged_cache(lengths, cfg.block_size, groups, dim, dev, dtype)
+    k1 = paged_k1(k, rt, lengths, cfg)
+    req = torch.tensor(token_req, dtype=torch.int32, device=dev)
+    pos = torch.tensor(token_pos, dtype=torch.int32, device=dev)
+    if shared is None:
+        q = torch.randn(len(token_req), heads, dim, device=dev, dtype=dtype)
+    else:
+        q = correlated_queries(len(token_req), heads, dim, shared, dev).to(dtype)
+    return SparseInputs(cfg, rt, k, v, k1, lengths, q, req, pos, torch.ones_like(pos))
+
+
 def prefill_chunk(
     cfg: SparseConfig, context: int, chunk: int, heads: int, groups: int, dim: int, dev: str,
     shared: float = 0.0,
 ) -> SparseInputs:
     """One request of `context` cached keys; the queries are its last `chunk` tokens (the
     chunked-prefill step that completes the prompt), all in sparse mode."""
-    rt, k, v = paged_cache([context], cfg.block_size, groups, dim, dev)
-    k1, k2 = compressed_buffers(k, rt, [context], cfg)
-    pos = torch.arange(context - chunk, context, dtype=torch.int32, device=dev)
-    q = correlated_queries(chunk, heads, dim, shared, dev)
-    ones = torch.ones_like(pos)
-    return SparseInputs(cfg, rt, k, v, k1, k2, [context], q, ones, pos, ones)
+    return paged_batch(cfg, [context], [1] * chunk, list(range(context - chunk, context)), heads,
+                       groups, dim, dev, shared=shared)
 
 
 def decode_batch(
@@ -106,10 +124,5 @@ def decode_batch(
 ) -> SparseInputs:
     """`batch` requests of `context` keys each, one decode query per request at its last position
     (the new token's key is already cached, as in serving)."""
-    rt, k, v = paged_cache([context] * batch, cfg.block_size, groups, dim, dev)
-    k1, k2 = compressed_buffers(k, rt, [context] * batch, cfg)
-    req = torch.arange(1, batch + 1, dtype=torch.int32, device=dev)
-    pos = torch.full((batch,), context - 1, dtype=torch.int32, device=dev)
-    q = torch.randn(batch, heads, dim, device=dev, dtype=torch.bfloat16)
-    return SparseInputs(cfg, rt, k, v, k1, k2, [context] * batch, q, req, pos,
-                        torch.ones_like(pos))
+    return paged_batch(cfg, [context] * batch, list(range(1, batch + 1)), [context - 1] * batch,
+                       heads, groups, dim, dev)

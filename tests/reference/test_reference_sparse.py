@@ -53,13 +53,6 @@ def test_k1_window_count_for_released_geometry(length, n1):
     assert compress_keys(k, RELEASED.kernel_size, RELEASED.kernel_stride).shape == (n1, 2, 4)
 
 
-@pytest.mark.parametrize("length,n2", [(127, 0), (128, 1), (191, 1), (192, 2)])
-def test_k2_window_count_for_released_geometry(length, n2):
-    assert RELEASED.num_k2(length) == n2
-    k = torch.zeros(length, 2, 4)
-    assert compress_keys(k, RELEASED.k2_kernel_size, RELEASED.k2_kernel_stride).shape == (n2, 2, 4)
-
-
 def test_compressed_keys_are_means_of_complete_windows_on_hand_example():
     # k_t = [t, t^2], windows of 4 keys every 2: t = 0..3, 2..5, 4..7 (6..9 is incomplete at L = 9).
     t = torch.arange(9, dtype=torch.float32)

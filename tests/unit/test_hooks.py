@@ -10,15 +10,15 @@ from sala_sglang.config import MiniCPMSALAConfig
 from sala_sglang.hooks import add_compressed_keys_to_cell_size, compressed_key_bytes_per_token
 
 
-def test_released_model_adds_a_sixteenth_and_a_sixty_fourth_of_k() -> None:
-    # 8 layers x 2 kv heads x 128 x (K + V) x 2 B = 8 KiB/token; K1 + K2 = (1/16 + 1/64) of K.
-    assert compressed_key_bytes_per_token(MiniCPMSALAConfig().sparse, 8192) == 320
+def test_released_model_adds_a_sixteenth_of_k() -> None:
+    # 8 layers x 2 kv heads x 128 x (K + V) x 2 B = 8 KiB/token; K1 = 1/16 of K.
+    assert compressed_key_bytes_per_token(MiniCPMSALAConfig().sparse, 8192) == 256
 
 
 def test_hook_adds_compressed_keys_only_for_minicpm_sala() -> None:
     ours = SimpleNamespace(model_config=SimpleNamespace(hf_config=MiniCPMSALAConfig()))
     other = SimpleNamespace(model_config=SimpleNamespace(hf_config=object()))
-    assert add_compressed_keys_to_cell_size(8192, None, ours, 8) == 8192 + 320
+    assert add_compressed_keys_to_cell_size(8192, None, ours, 8) == 8192 + 256
     assert add_compressed_keys_to_cell_size(8192, None, other, 8) == 8192
 
 
