@@ -57,6 +57,7 @@ def cuda_extension_setup() -> dict:
     extension = CUDAExtension(
         name="sala_sglang._C",
         sources=sources,
+        depends=sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cuh")),
         extra_compile_args={
             "cxx": ["-O3", "-std=c++17"],
             # No --use_fast_math: the kernels call fast intrinsics only where accuracy allows.

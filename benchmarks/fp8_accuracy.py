@@ -2,7 +2,8 @@
 
 The tiny checkpoint is served twice, in bf16 and with `--quantization fp8` (same flags
 otherwise), and both are compared teacher-forced with the float64 reference on the same prompts
-(sala_sglang.testing.compare.served_vs_reference, which excuses sparse-selection near-ties exactly as the GPU
+(sala_sglang.testing.compare.served_vs_reference, which excuses sparse-selection near-ties
+exactly as the GPU
 serving tests do). There is no FP8 reference, so this measures the error FP8 adds on top of bf16
 rather than passing or failing it: max and mean logprob error, confident top-1 flips, and how
 often the served greedy token equals the reference's argmax. Random weights, a 6-layer model:
@@ -24,7 +25,6 @@ import torch
 if __name__ == "__main__":  # run as a file: `benchmarks` imports from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, header, write_result
-
 from sala_sglang.testing.compare import served_vs_reference  # noqa: E402
 from sala_sglang.testing.server import Server  # noqa: E402
 from sala_sglang.tiny import make_tiny  # noqa: E402

@@ -94,7 +94,8 @@ def table(runs: dict[str, dict]) -> str:
     lengths = sorted({p["input_tokens"] for r in runs.values() for p in r["points"]})
     head = ["input tokens", "SALA TTFT (s)", "SALA decode (tok/s)", "SALA MFU"]
     for label in dense:
-        head += [f"{label} TTFT (s)", f"{label} decode (tok/s)", f"TTFT ratio {label.split()[1]}/SALA"]
+        head += [f"{label} TTFT (s)", f"{label} decode (tok/s)",
+                 f"TTFT ratio {label.split()[1]}/SALA"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in lengths:
         s = next((p for p in sala["points"] if p["input_tokens"] == n), None) if sala else None

@@ -22,7 +22,13 @@ from pathlib import Path
 import requests
 
 from sala_sglang.bench import (
-    COMMON_FLAGS, MODELS, header, prepare_model_dir, random_ids, stream_one, write_result,
+    COMMON_FLAGS,
+    MODELS,
+    header,
+    prepare_model_dir,
+    random_ids,
+    stream_one,
+    write_result,
 )
 from sala_sglang.testing.server import Server
 from sala_sglang.tiny import TINY_VOCAB_SIZE

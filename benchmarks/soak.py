@@ -30,7 +30,6 @@ import requests
 if __name__ == "__main__":  # run as a file: `benchmarks` imports from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, header, write_result
-
 from sala_sglang.bench import random_ids  # noqa: E402
 from sala_sglang.testing.server import Server  # noqa: E402
 from sala_sglang.tiny import TINY_VOCAB_SIZE, make_tiny  # noqa: E402

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import requests
 
-from sala_sglang.server_args import RECOMMENDED_SERVE_FLAGS
 from sala_sglang.config import RELEASED_CONFIG_PATH, MiniCPMSALAConfig
 from sala_sglang.hooks import compressed_key_bytes_per_token
+from sala_sglang.server_args import RECOMMENDED_SERVE_FLAGS
 from sala_sglang.testing.server import Server
 from sala_sglang.tiny import TINY_VOCAB_SIZE, TOKENIZER_CONFIG, TOKENIZER_PATH
 
@@ -126,7 +126,8 @@ class ModelShape:
             dense_part = min(n, keys_cap)
             keys = dense_part * (dense_part + 1) / 2 + max(0, n - keys_cap) * keys_cap
             # stage-1 scoring: QK^T against the compressed keys (one per kernel_stride tokens)
-            stage1 = 2 * c["num_attention_heads"] * c["head_dim"] * n * n / 2 / cfg.sparse.kernel_stride
+            heads, dim = c["num_attention_heads"], c["head_dim"]
+            stage1 = 2 * heads * dim * n * n / 2 / cfg.sparse.kernel_stride
             lin = c["lightning_nh"] * c["lightning_head_dim"] * c["lightning_head_dim"]
             return (len(cfg.sparse_layer_ids) * (per_key * keys + stage1)
                     + len(cfg.linear_layer_ids) * 4 * lin * n)
@@ -184,7 +185,8 @@ class GpuMemoryPeak:
     def _poll(self) -> None:
         while not self._stop.is_set():
             out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                 "-i", "0"],
                 capture_output=True, text=True, check=False,
             ).stdout.strip()
             if out.isdigit():
@@ -251,7 +253,8 @@ def bench_serving(url: str, tokenizer: Path, input_len: int, range_ratio: float,
     summary = json.loads(out.read_text().strip().splitlines()[-1])
     keep = ("completed", "duration", "total_input_tokens", "total_output_tokens",
             "request_throughput", "input_throughput", "output_throughput", "mean_ttft_ms",
-            "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "mean_e2e_latency_ms",
+            "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
+            "mean_e2e_latency_ms",
             "concurrency")
     return {"command": cmd, **{k: summary[k] for k in keep if k in summary}}
 
@@ -271,7 +274,8 @@ def run(args: argparse.Namespace) -> Path:
     tag = args.tag or f"long_context_{shape.name}_{backend}"
     work = Path(tempfile.mkdtemp(prefix="sala-bench-"))
     model_dir, tok_dir = prepare_model_dir(shape, work)
-    context = max([*args.lengths, args.serving_input_len]) + max(args.decode_tokens, args.serving_output_len) + 64
+    longest_input = max([*args.lengths, args.serving_input_len])
+    context = longest_input + max(args.decode_tokens, args.serving_output_len) + 64
     flags = [*COMMON_FLAGS, *shape.server_flags, "--attention-backend", backend,
              "--context-length", str(context), "--tokenizer-path", str(tok_dir),
              *args.server_args.split()]
@@ -304,7 +308,8 @@ def run(args: argparse.Namespace) -> Path:
         # autotuning are not charged to the first measured point.
         stream_one(server.url, random_ids(16384, vocab, 0), 16)
         for n in args.lengths:
-            print(f"[bench] {shape.name}: {n} input tokens, {args.decode_tokens} output", flush=True)
+            print(f"[bench] {shape.name}: {n} input tokens, {args.decode_tokens} output",
+                  flush=True)
             with GpuMemoryPeak() as mem:
                 row = {"input_tokens": n, **stream_one(server.url, random_ids(n, vocab, n),
                                                       args.decode_tokens)}
@@ -362,7 +367,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=sorted(MODELS), default="sala",
                    help="sala: MiniCPM-SALA's released config; qwen3-8b: the dense baseline")
     p.add_argument("--backend", default=None,
-                   help="attention backend (default: minicpm_flashinfer for sala, fa3 for qwen3-8b)")
+                   help="attention backend (default: minicpm_flashinfer for sala, fa3 for "
+                        "qwen3-8b)")
     p.add_argument("--lengths", type=int, nargs="*", default=DEFAULT_LENGTHS,
                    help="batch-1 input lengths (none: only the bench_serving runs)")
     p.add_argument("--decode-tokens", type=int, default=1024)
@@ -407,7 +413,7 @@ def measure_bf16_peak() -> dict:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     ms = gpu_time_ms(lambda: a @ b)
-    del a, b
+    a = b = None
     torch.cuda.empty_cache()
     return {"bf16_tflops": round(2 * n**3 / ms / 1e9, 1)}
 
@@ -423,7 +429,8 @@ def bench(args: argparse.Namespace) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("sala-sglang bench: no CUDA GPU visible; the benchmark serves the real config on a GPU.",
+        print("sala-sglang bench: no CUDA GPU visible; the benchmark serves the real config on "
+              "a GPU.",
               file=sys.stderr)
         return 2
     if args.concurrency and importlib.util.find_spec("datasets") is None:

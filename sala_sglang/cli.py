@@ -13,7 +13,6 @@ from pathlib import Path
 from sala_sglang.server_args import RECOMMENDED_SERVE_FLAGS
 
 
-
 def _run_make_tiny(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 

@@ -80,9 +80,8 @@ def register_with_sglang() -> None:
 
 
 def _register_config() -> None:
-    from transformers import AutoConfig
-
     from sglang.srt.utils.hf_transformers.common import _CONFIG_REGISTRY
+    from transformers import AutoConfig
 
     _CONFIG_REGISTRY[MiniCPMSALAConfig.model_type] = MiniCPMSALAConfig
     try:

@@ -8,6 +8,8 @@ for pid in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/nu
     kill -9 "$pid" 2>/dev/null
 done
 source .device-kit/setup.sh || return 1
+# SALA_SGLANG_CUDA=0 when sala_sglang/_C was built elsewhere for this Python and torch and carried
+# (saves the nvcc build of a fresh machine); otherwise the install builds it.
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null || return 1
 # sglang.bench_serving imports `datasets`, which the kit lacks: carry its wheels (datasets, dill,
 # multiprocess) as .whl/ to run the benchmark's serving part.

@@ -28,6 +28,7 @@ run() {  # name, command...
     [ "$rc" -eq 0 ] || { echo "=== $name FAILED (rc $rc), log: $out/$name.log"; status=1; }
 }
 pytest_gpu() { python -m pytest -q -s -p no:cacheprovider "$@"; }
+SERVING=tests/serving/test_gpu_serving.py
 long_context() { python benchmarks/long_context.py --out "$out" "$@"; }
 # Qwen3-8B's shape on FlashInfer, SGLang's fastest dense backend here; its piecewise prefill
 # graph capture did not finish within 170 s of startup, and 8192-token chunks gain nothing by it.
@@ -36,16 +37,15 @@ for part in "$@"; do
     case "$part" in
         # Every op test, each implementation against the reference (on a GPU nothing skips).
         ops) run ops pytest_gpu tests/ops ;;
-        http) run http pytest_gpu tests/test_gpu_http_errors.py ;;
-        serving-graph) run serving-graph pytest_gpu tests/test_gpu_serving.py -k "graph_fp16" ;;
-        serving-other) run serving-other pytest_gpu tests/test_gpu_serving.py \
-                           -k "eager_mixed_fp16 or graph_bf16" ;;
+        http) run http pytest_gpu tests/serving/test_gpu_http_errors.py ;;
+        # Server modes by marker (tests/serving/test_gpu_serving.py: MODE_MARKS).
+        serving-graph) run "$part" pytest_gpu "$SERVING" -m "fp16 and cuda_graph" ;;
+        serving-other) run "$part" pytest_gpu "$SERVING" -m "eager or bf16" ;;
         # Every op on its CUDA kernel where one exists, also where Triton is the faster one.
-        serving-cuda) SALA_SGLANG_KERNELS=cuda run serving-cuda pytest_gpu tests/test_gpu_serving.py \
-                          -k "graph_fp16 and not dense_as_sparse or graph_bf16" ;;
+        serving-cuda) SALA_SGLANG_KERNELS=cuda run "$part" pytest_gpu "$SERVING" \
+                          -m "cuda_graph and not dense_as_sparse" ;;
         serving-segments) SALA_SGLANG_KERNELS=cuda SALA_SGLANG_SELECT_TILE=8 SALA_SGLANG_SELECT_SEGMENT=3 \
-                              run serving-segments pytest_gpu tests/test_gpu_serving.py \
-                              -k "graph_fp16 and not dense_as_sparse" ;;
+                              run "$part" pytest_gpu "$SERVING" -m "fp16 and cuda_graph and not dense_as_sparse" ;;
         soak) run soak python benchmarks/soak.py --out "$out" ;;
         profile) run profile python benchmarks/profile_decode.py --out "$out" ;;
         # One server for both: SALA's startup (graph capture, Triton JIT) is 80-190 s.

@@ -34,7 +34,6 @@ from benchmarks.common import (
     measured_peaks,
     write_result,
 )
-
 from sala_sglang.ops import _cuda, lightning  # noqa: E402
 from sala_sglang.ops.lightning_plan import PREFILL_LAUNCH  # noqa: E402
 from sala_sglang.reference.lightning import lightning_chunked, lightning_slopes  # noqa: E402
@@ -178,7 +177,7 @@ def bench_decode(found: dict, peaks: dict, heads: int, dim: int, layers: int, ba
                 graphs.append(graph)
             turn = itertools.count()
             ms = gpu_time_ms(lambda: graphs[next(turn) % copies].replay(), warmup=3, iters=20)
-            del graphs
+            graphs = None
         except Exception as exc:  # an anchor that fails is reported, not fatal
             entry["error"] = f"{type(exc).__name__}: {exc}"[:400]
             continue
@@ -279,7 +278,7 @@ def bench_prefill(found: dict, peaks: dict, heads: int, dim: int, tokens: int,
     for entry in row["impls"].values():
         if base and "ms" in entry:
             entry["ours_speedup"] = entry["ms"] / base
-    del q, k, v, ref, ours
+    q = k = v = ref = ours = None
     torch.cuda.empty_cache()
     return row
 

@@ -38,7 +38,6 @@ if __name__ == "__main__":  # run as a file: `benchmarks` imports from the repo 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.common import RESULTS, gpu_time_ms, header, measured_peaks, write_result
 from benchmarks.kernels import sparse_anchors as anchors
-
 from sala_sglang.config import MiniCPMSALAConfig  # noqa: E402
 from sala_sglang.ops import _cuda  # noqa: E402
 from sala_sglang.ops._cuda import DeviceFacts  # noqa: E402

@@ -34,7 +34,6 @@ import torch
 if __name__ == "__main__":  # run as a file: `benchmarks` imports from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.common import RESULTS, gpu_time_ms, header, measured_peaks, write_result
-
 from sala_sglang.config import MiniCPMSALAConfig, complete_windows  # noqa: E402
 from sala_sglang.ops import _cuda  # noqa: E402
 from sala_sglang.ops.infllm_v2 import compress_new_windows  # noqa: E402
@@ -179,7 +178,7 @@ def bench_case(case: str, old: int, new: int, batch: int, comps: list[Compressio
             row["cuda_speedup_eager"] = t["eager_ms"] / c["eager_ms"]
         rows.append(row)
         print(table_line(row), flush=True)
-        del inp, outs
+        inp = outs = None
         torch.cuda.empty_cache()
     return rows
 

@@ -12,7 +12,6 @@ once (the device, the kernel overrides); the layer calls only read it.
 from __future__ import annotations
 
 import torch
-
 from sglang.srt.layers.attention.hybrid_linear_attn_backend import MambaAttnBackendBase
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch

@@ -9,8 +9,6 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import torch
-from torch import nn
-
 from sglang.srt.distributed import tensor_model_parallel_all_reduce
 from sglang.srt.layers.activation import SiluAndMul
 from sglang.srt.layers.layernorm import RMSNorm
@@ -29,6 +27,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.model_loader.weight_utils import default_weight_loader
 from sglang.srt.runtime_context import get_parallel
 from sglang.srt.utils import add_prefix
+from torch import nn
 
 from sala_sglang.config import SPARSE_MIXER, MiniCPMSALAConfig
 

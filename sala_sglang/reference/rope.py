@@ -13,7 +13,8 @@ def rope_cos_sin(
     """cos, sin [T, head_dim] for absolute positions [T]; angles computed in `dtype` (fp32/fp64)."""
     if head_dim % 2:
         raise ValueError(f"RoPE head_dim = {head_dim}: expected an even number")
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=dtype, device=positions.device) / head_dim))
+    even = torch.arange(0, head_dim, 2, dtype=dtype, device=positions.device)
+    inv_freq = 1.0 / (theta ** (even / head_dim))
     angles = positions.to(dtype)[:, None] * inv_freq[None, :]  # [T, head_dim / 2]
     angles = torch.cat([angles, angles], dim=-1)  # [T, head_dim]
     return angles.cos(), angles.sin()

@@ -9,15 +9,10 @@ server runs with SGLang's strict idle memory check plus ours, which stop it on a
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
-import torch
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = [pytest.mark.gpu, pytest.mark.serving]
 
 CONTEXT = 512
 GOOD = {"input_ids": [1, 7, 9, 11], "sampling_params": {"max_new_tokens": 4}}

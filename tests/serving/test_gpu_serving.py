@@ -20,13 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = [pytest.mark.gpu, pytest.mark.serving]
 
 CHUNK = 64
 from sala_sglang.testing.compare import LOGPROB_TOL  # noqa: E402  (SPEC section 4)
+
 # In bf16 the logits themselves are rounded to bf16 (spacing 0.03 at |logit| 4-8), which alone
 # moves some logprobs past 5e-2 (measured up to 0.076, with no token flips). The exactness modes
 # therefore serve in float16 (8x finer rounding; SGLang's fused norms have no float32 kernel),
@@ -77,7 +75,18 @@ def reference(server, references: dict):
     return references[server.mode.endswith("dense_as_sparse")]
 
 
-@pytest.fixture(scope="module", params=sorted(SERVER_MODES))
+# Markers select server modes (scripts/gpu_checks.sh runs them in parts that fit one call).
+MODE_MARKS = {
+    "graph_fp16": [pytest.mark.fp16, pytest.mark.cuda_graph],
+    "eager_mixed_fp16": [pytest.mark.fp16, pytest.mark.eager],
+    "graph_fp16_dense_as_sparse": [pytest.mark.fp16, pytest.mark.cuda_graph,
+                                   pytest.mark.dense_as_sparse],
+    "graph_bf16": [pytest.mark.bf16, pytest.mark.cuda_graph],
+}
+
+
+@pytest.fixture(scope="module",
+                params=[pytest.param(m, marks=MODE_MARKS[m]) for m in sorted(SERVER_MODES)])
 def server(request, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from sala_sglang.testing.server import Server
 

@@ -68,7 +68,8 @@ def test_a_length_measured_again_takes_the_newest_point(tmp_path: Path) -> None:
         json.dumps(_record("sala", "m", new, date="2026-11-23T00:18:11+00:00")))
     (tmp_path / "long_context_sala_z.json").write_text(
         json.dumps(_record("sala", "m", old, date="2026-11-22T19:00:00+00:00")))
-    points = {p["input_tokens"]: p["ttft_s"] for p in plot.load_runs(tmp_path)["sala (m)"]["points"]}
+    runs = plot.load_runs(tmp_path)
+    points = {p["input_tokens"]: p["ttft_s"] for p in runs["sala (m)"]["points"]}
     assert points == {32768: 1.0, 65536: 9.0}
 
 

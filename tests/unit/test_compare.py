@@ -40,9 +40,8 @@ def _fake_answer(reference, prompt: list[int], new_tokens: int) -> dict:
 
 @pytest.fixture(scope="module")
 def setup(request):
-    from tests.conftest import random_state_dict, tiny_config
-
     from sala_sglang.reference import ReferenceModel
+    from tests.conftest import random_state_dict, tiny_config
 
     config = tiny_config()
     reference = ReferenceModel.from_state_dict(config, random_state_dict(config, 3),
@@ -78,7 +77,8 @@ def test_a_confident_flip_is_counted(setup) -> None:
     top2 = logits.topk(2, dim=-1)
     row = int(((top2.values[:, 0] - top2.values[:, 1]) >= 0.1).nonzero()[0])
     bad = {**answer, "meta_info": {**answer["meta_info"]}}
-    tops = [None if t is None else [list(x) for x in t] for t in bad["meta_info"]["input_top_logprobs"]]
+    tops = [None if t is None else [list(x) for x in t]
+            for t in bad["meta_info"]["input_top_logprobs"]]
     tops[row + 1][0][1] = int(top2.indices[row, 1])
     bad["meta_info"]["input_top_logprobs"] = tops
     assert served_vs_reference(reference, prompt, bad, trials=2)["confident_flips"] == 1

@@ -10,9 +10,9 @@ import pytest
 
 from sala_sglang.config import (
     LINEAR_MIXER,
+    RELEASED_CONFIG_PATH,
     SPARSE_MIXER,
     ConfigError,
-    RELEASED_CONFIG_PATH,
     MiniCPMSALAConfig,
 )
 
@@ -94,10 +94,13 @@ def test_mixer_aliases_are_normalised(alias: str, canonical: str) -> None:
 @pytest.mark.parametrize(
     "raw, message",
     [
-        (released(mixer_types=["minicpm4"] * 31), r"'mixer_types' has 31 entries but num_hidden_layers = 32"),
-        (released(mixer_types=["minicpm4"] * 31 + ["mamba"]), r"'mixer_types\[31\]' = 'mamba' is not a known mixer"),
+        (released(mixer_types=["minicpm4"] * 31),
+         r"'mixer_types' has 31 entries but num_hidden_layers = 32"),
+        (released(mixer_types=["minicpm4"] * 31 + ["mamba"]),
+         r"'mixer_types\[31\]' = 'mamba' is not a known mixer"),
         (released(mixer_types="minicpm4"), r"'mixer_types' = 'minicpm4': expected a list"),
-        (released(num_attention_heads=31), r"'num_attention_heads' = 31 is not divisible by 'num_key_value_heads' = 2"),
+        (released(num_attention_heads=31),
+         r"'num_attention_heads' = 31 is not divisible by 'num_key_value_heads' = 2"),
         (released(lightning_nkv=8), r"'lightning_nkv' = 8 differs from 'lightning_nh' = 32"),
         (released(hidden_size=0), r"'hidden_size' = 0: expected a positive integer"),
         (released(hidden_act="gelu"), r"'hidden_act' = 'gelu'"),
@@ -105,10 +108,14 @@ def test_mixer_aliases_are_normalised(alias: str, canonical: str) -> None:
         (released(lightning_scale="1"), r"'lightning_scale' = '1'"),
         (released(scale_depth=-1), r"'scale_depth' = -1: expected a positive number"),
         (released(sparse_config=[1, 2]), r"'sparse_config' = \[1, 2\]: expected an object"),
-        (with_sparse(window_size=2000), r"'sparse_config.window_size' = 2000 is not a multiple of block_size = 64"),
-        (with_sparse(block_size=72), r"'sparse_config.block_size' = 72 is not a multiple of kernel_stride = 16"),
-        (with_sparse(kernel_size=40), r"'sparse_config.kernel_size' = 40 is not a multiple of kernel_stride = 16"),
-        (with_sparse(kernel_size=8), r"'sparse_config.kernel_size' = 8 is smaller than kernel_stride = 16"),
+        (with_sparse(window_size=2000),
+         r"'sparse_config.window_size' = 2000 is not a multiple of block_size = 64"),
+        (with_sparse(block_size=72),
+         r"'sparse_config.block_size' = 72 is not a multiple of kernel_stride = 16"),
+        (with_sparse(kernel_size=40),
+         r"'sparse_config.kernel_size' = 40 is not a multiple of kernel_stride = 16"),
+        (with_sparse(kernel_size=8),
+         r"'sparse_config.kernel_size' = 8 is smaller than kernel_stride = 16"),
         (with_sparse(topk=1), r"'sparse_config.topk' = 1 must be at least init_blocks \+ 1 = 2"),
         (with_sparse(topk=0), r"'sparse_config.topk' = 0: expected a positive integer"),
         (with_sparse(dense_len=-5), r"'sparse_config.dense_len' = -5: expected an integer >= 0"),
@@ -133,5 +140,6 @@ def test_config_error_is_a_value_error() -> None:
 
 
 def test_tp_size_that_does_not_divide_heads_is_rejected() -> None:
-    with pytest.raises(ConfigError, match="tensor parallel size 3 does not divide lightning_nh = 32"):
+    with pytest.raises(ConfigError,
+                       match="tensor parallel size 3 does not divide lightning_nh = 32"):
         MiniCPMSALAConfig(**RELEASED).linear_state_shape(tp_size=3)

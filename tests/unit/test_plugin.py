@@ -14,8 +14,11 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from sala_sglang import plugin, registration  # noqa: E402
-from sala_sglang import server_args  # noqa: E402
+from sala_sglang import (  # noqa: E402
+    plugin,
+    registration,
+    server_args,  # noqa: E402
+)
 from sala_sglang.config import MiniCPMSALAConfig  # noqa: E402
 
 
