@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -75,9 +76,26 @@ def header(benchmark: str, tag: str) -> dict:
     }
 
 
+def device_slug(device: str | None) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100': the model number a result file is named by."""
+    if device is None:
+        return "cpu"
+    model = re.search(r"\b[A-Z]+\d+[A-Z]*\b", device)
+    return model.group(0).lower() if model else re.sub(r"\W+", "-", device).strip("-").lower()
+
+
+def result_name(record: dict, name: str) -> str:
+    """`<what>_<device>_<YYYY-MM-DD>`: what the run measured (name), where and when (the record's
+    header); the device is not repeated where name already ends with it."""
+    device = device_slug(record.get("device"))
+    what = name if name.split("_")[-1] == device else f"{name}_{device}"
+    return f"{what}_{record['date'][:10]}"
+
+
 def write_result(record: dict, name: str, out: Path) -> Path:
+    """Writes record to out/<name>_<device>_<date>.json (see result_name)."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
+    path = out / f"{result_name(record, name)}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
 
@@ -380,7 +398,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serving-output-len", type=int, default=256)
     p.add_argument("--serving-prompts", type=int, default=16)
     p.add_argument("--server-args", default="", help="extra flags for sglang.launch_server")
-    p.add_argument("--tag", default=None, help="result file name (default from model/backend)")
+    p.add_argument("--tag", default=None,
+                   help="what the result file is named by, before device and date "
+                        "(default long_context_<model>_<backend>)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--no-peaks", dest="measure_peaks", action="store_false",
                    help="skip measuring the GPU's bf16 peak (MFU then not reported)")

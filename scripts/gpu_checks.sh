@@ -50,9 +50,10 @@ for part in "$@"; do
         profile) run profile python benchmarks/profile_decode.py --out "$out" ;;
         # One server for both: SALA's startup (graph capture, Triton JIT) is 80-190 s.
         sweep-sala-short) run "$part" long_context --model sala --lengths 32768 65536 131072 262144 \
-                              --concurrency 8 0 --serving-prompts 16 --tag long_context_sala_short ;;
+                              --concurrency 8 0 --serving-prompts 16 \
+                              --tag long_context_sala_32k_to_256k ;;
         sweep-sala-long) run "$part" long_context --model sala --lengths 524288 1048576 \
-                             --concurrency --tag long_context_sala_long ;;
+                             --concurrency --tag long_context_sala_512k_1m ;;
         sweep-dense) run "$part" long_context "${DENSE[@]}" --lengths 32768 65536 131072 262144 \
                          524288 --concurrency --tag long_context_qwen3-8b_flashinfer ;;
         # Both models at 64K-256K on one machine, for ratios from one run: the SALA part took

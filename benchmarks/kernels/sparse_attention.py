@@ -560,7 +560,8 @@ def main() -> None:
     p.add_argument("--baseline", type=Path, help="an older sparse.py to time beside ours")
     p.add_argument("--flashinfer-aot", type=Path, help="FlashInfer kernels built ahead")
     p.add_argument("--sweep", action="store_true", help="launch-shape sweeps at 128K")
-    p.add_argument("--tag", default="kernels_sparse_h100")
+    p.add_argument("--tag", default="kernels_sparse",
+                   help="what the result file is named by, before device and date")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
 

@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import plot_long_context as plot
 from benchmarks import profile_decode, soak
-from sala_sglang.bench import MODELS, stream_one
+from sala_sglang.bench import MODELS, stream_one, write_result
 
 
 def test_sala_counts_match_the_spec() -> None:
@@ -79,7 +79,7 @@ def test_a_quantized_run_is_its_own_model(tmp_path: Path) -> None:
                                      "decode_tok_per_s": 155.0}], date="2026-11-23"),
            "server_flags": ["--load-format", "dummy", "--quantization", "fp8"]}
     (tmp_path / "long_context_sala_a.json").write_text(json.dumps(_record("sala", "m", bf16)))
-    (tmp_path / "long_context_sala_fp8.json").write_text(json.dumps(fp8))
+    (tmp_path / "long_context_sala_fp8_h100_2026-11-23.json").write_text(json.dumps(fp8))
     runs = plot.load_runs(tmp_path)
     assert sorted(runs) == ["sala (m)", "sala fp8 (m)"]
     assert "| 128K | 6.00 | 107.0 | 50% |" in plot.table(runs)
@@ -97,6 +97,16 @@ def test_a_run_with_kernel_overrides_is_kept_apart(tmp_path: Path) -> None:
     runs = plot.load_runs(tmp_path)
     assert sorted(runs) == ["sala (m)", "sala kernels=triton (m)"]
     assert "| 128K | 5.50 | 107.0 | 60% |" in plot.table(runs)
+
+
+def test_a_result_file_is_named_by_what_device_and_date(tmp_path: Path) -> None:
+    record = {"date": "2026-11-23T05:08:01+00:00", "device": "NVIDIA H100 80GB HBM3"}
+    assert write_result(record, "long_context_sala", tmp_path).name == (
+        "long_context_sala_h100_2026-11-23.json")
+    # a name that already ends with the device (kernels_lightning_<gpu>) does not repeat it
+    assert write_result(record, "kernels_lightning_h100", tmp_path).name == (
+        "kernels_lightning_h100_2026-11-23.json")
+    assert json.loads((tmp_path / "long_context_sala_h100_2026-11-23.json").read_text()) == record
 
 
 def test_soak_plan_covers_both_modes_and_aborts() -> None:
