@@ -56,9 +56,9 @@ for part in "$@"; do
                              --concurrency --tag long_context_sala_512k_1m ;;
         sweep-dense) run "$part" long_context "${DENSE[@]}" --lengths 32768 65536 131072 262144 \
                          524288 --concurrency --tag long_context_qwen3-8b_flashinfer ;;
-        # Both models at 64K-256K on one machine, for ratios from one run: the SALA part took
-        # 267 s, the dense part more than the rest of a 10-minute call (its server alone 211 s),
-        # so run them in back-to-back calls while the machine is still held.
+        # Both models at 64K-256K on one machine, for ratios from one run; together they overrun
+        # one 10-minute call, so run them back to back while the machine is held (see
+        # benchmarks/NOTES.md).
         compare-sala) run "$part" long_context --model sala --lengths 65536 131072 262144 \
                           --concurrency --tag long_context_compare_sala ;;
         compare-dense) run "$part" long_context "${DENSE[@]}" --lengths 65536 131072 262144 \

@@ -16,9 +16,8 @@ from sala_sglang.ops.overrides import IMPLS
 
 # Head dims that csrc/lightning.cu instantiates; others take the Triton kernel.
 CUDA_DECODE_HEAD_DIMS = (32, 64, 128, 256)
-# Decode takes the CUDA kernel where it can: one step of the 24 layers took 0.094 / 0.340 / 1.207 ms
-# at batch 1 / 8 / 32 against Triton's 0.111 / 0.344 / 1.250
-# (benchmarks/results/kernels_lightning_h100_2026-11-22.json).
+# Decode takes the CUDA kernel where it can: it beats Triton at batch 1-32 on an H100 (see
+# benchmarks/README.md, Kernels, and benchmarks/NOTES.md).
 CUDA_DECODE_FASTER = True
 
 # Prefill launch shape: chunk rows, value columns per program, warps, software-pipeline stages.
