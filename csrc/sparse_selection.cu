@@ -1,5 +1,5 @@
 // InfLLM-v2 stage-1 block selection (SPEC 2.2), fused: the CUDA twin of `select_blocks` in
-// sala_sglang/ops/sparse.py, with the same result. One CTA per (query token, kv head):
+// sala_sglang/ops/infllm_v2/select.py, with the same result. One CTA per (query token, kv head):
 //   pass 1  q . K1 over the windows the token sees -> each head's softmax max and sum (online);
 //   pass 2  q . K1 again -> probabilities, summed over the group's heads, max-pooled straight into
 //           per-block scores held in shared memory (no [T, G, windows] matrix in device memory);
