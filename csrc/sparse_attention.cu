@@ -1,6 +1,6 @@
 // InfLLM-v2 block-sparse GQA attention (SPEC 2.2 step 5), the CUDA twin of the Triton
-// `block_sparse_attention` in sala_sglang/ops/infllm_v2/attention.py, with the same arguments and semantics:
-// query token t attends, causally (key position <= token_pos[t]), to the blocks
+// `block_sparse_attention` in sala_sglang/ops/infllm_v2/attention.py, with the same arguments and
+// semantics: query token t attends, causally (key position <= token_pos[t]), to the blocks
 // selected[t, g, :] (-1 = none) when token_sparse[t], else to every block 0 .. pos / block_size.
 // Block b of request r is one page of SGLang's paged cache: page = req_to_token[r, b * bs] / bs,
 // slots page * bs .. page * bs + bs - 1.

@@ -1,7 +1,7 @@
 // Incremental key compression of the sparse layers (SPEC 2.2, step 1), the CUDA twin of the
-// Triton `compress_new_windows` in sala_sglang/ops/infllm_v2/compress.py (same arguments, same writes):
-// for request b, every window c with lo_b <= c < hi_b (lo/hi = complete windows at old_lens /
-// new_lens keys, at most max_new_windows of them) gets
+// Triton `compress_new_windows` in sala_sglang/ops/infllm_v2/compress.py (same arguments, same
+// writes): for request b, every window c with lo_b <= c < hi_b (lo/hi = complete windows at
+// old_lens / new_lens keys, at most max_new_windows of them) gets
 //   out[page, (stride*c % block) / stride, g, :] = mean(k[req_to_token[req, stride*c + j], g, :])
 // over j < kernel_size, with page = req_to_token[req, (stride*c / block) * block] / block.
 //
