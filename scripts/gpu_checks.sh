@@ -4,6 +4,7 @@
 #   bash scripts/gpu_checks.sh ops http         # kernels against the reference; HTTP 4xx
 #   bash scripts/gpu_checks.sh serving-graph    # tiny model served = reference, fp16 graph modes
 #   bash scripts/gpu_checks.sh serving-other    # eager+mixed-chunk fp16 and bf16 modes
+#   bash scripts/gpu_checks.sh serving-parallel # dense_as_sparse, eager, bf16 and http side by side
 #   bash scripts/gpu_checks.sh serving-cuda     # graph fp16/bf16 with every op on its CUDA kernel
 #   bash scripts/gpu_checks.sh serving-segments # graph fp16, CUDA selection in 8-token CTAs that
 #                                               # merge 3-block segments (the tiny suite's widths
@@ -26,6 +27,7 @@ run() {  # name, command...
     local rc=$?
     grep -E "passed|failed|error|\[soak\] \{|\[bench\] \{|kernels_per_step|gpu_busy_ms|span_ms" "$out/$name.log" | tail -3
     [ "$rc" -eq 0 ] || { echo "=== $name FAILED (rc $rc), log: $out/$name.log"; status=1; }
+    return "$rc"
 }
 pytest_gpu() { python -m pytest -q -s -p no:cacheprovider "$@"; }
 SERVING=tests/serving/test_gpu_serving.py
@@ -41,6 +43,17 @@ for part in "$@"; do
         # Server modes by marker (tests/serving/test_gpu_serving.py: MODE_MARKS).
         serving-graph) run "$part" pytest_gpu "$SERVING" -m "fp16 and cuda_graph" ;;
         serving-other) run "$part" pytest_gpu "$SERVING" -m "eager or bf16" ;;
+        # The three modes serving-graph and serving-other leave out of one call, side by side on
+        # one GPU (a fifth of its memory each; the tiny model needs little): one call, not two.
+        serving-parallel)
+            export SALA_SGLANG_TEST_SERVER_FLAGS="--mem-fraction-static 0.2"
+            pids=()
+            for m in "dense_as_sparse" "eager" "bf16"; do
+                run "$part-$m" pytest_gpu "$SERVING" -m "$m" & pids+=($!)
+            done
+            run http pytest_gpu tests/serving/test_gpu_http_errors.py & pids+=($!)
+            for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+            unset SALA_SGLANG_TEST_SERVER_FLAGS ;;
         # Every op on its CUDA kernel where one exists, also where Triton is the faster one.
         serving-cuda) SALA_SGLANG_KERNELS=cuda run "$part" pytest_gpu "$SERVING" \
                           -m "cuda_graph and not dense_as_sparse" ;;

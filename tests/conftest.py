@@ -80,8 +80,8 @@ def random_state_dict(config: MiniCPMSALAConfig, seed: int) -> dict[str, torch.T
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref||, NaN-proof (a NaN anywhere gives inf)."""
-    out, ref = out.double(), ref.double()
+    """||out - ref|| / ||ref||, on the CPU in float64, NaN-proof (a NaN anywhere gives inf)."""
+    out, ref = out.double().cpu(), ref.double().cpu()
     if not torch.isfinite(out).all():
         return float("inf")
     return float((out - ref).norm() / ref.norm().clamp_min(1e-300))

@@ -4,6 +4,7 @@ it (health, /generate with logprobs, load counters)."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -15,6 +16,9 @@ from typing import Any
 import requests
 
 STARTUP_TIMEOUT_S = 900
+# Flags appended to every test server's command line, e.g. "--mem-fraction-static 0.25" so that
+# parts of the GPU suite can share one GPU (scripts/gpu_checks.sh serving-parallel).
+EXTRA_FLAGS_ENV = "SALA_SGLANG_TEST_SERVER_FLAGS"
 
 
 def free_port() -> int:
@@ -41,6 +45,7 @@ class Server:
             "--grammar-backend", "none",
             "--mem-fraction-static", "0.5",
             *flags,
+            *shlex.split(os.environ.get(EXTRA_FLAGS_ENV, "")),
         ]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(

@@ -205,7 +205,8 @@ def test_triton_sparse_and_dense_tokens_match_the_reference_in_fp32(
     device: str, splits: int, relative_error
 ) -> None:
     """fp32, blocks chosen by the selection op: sparse tokens over them, dense tokens over every
-    block, both to 1e-5, and the selection really drops blocks."""
+    block, both to 1e-5 (on a GPU Triton's fp32 dot rounds to tf32: 1e-3), and the selection
+    really drops blocks."""
     torch.manual_seed(0)
     cfg, scale = dataclasses.replace(TINY_CFG, topk=4), 32**-0.5
     inp = paged_batch(cfg, [300, 180], [1] * 9, [0, 15, 31, 100, 127, 128, 200, 255, 299], 8, 2,
@@ -223,8 +224,9 @@ def test_triton_sparse_and_dense_tokens_match_the_reference_in_fp32(
                                       scale)
     dense = attention.block_sparse_attention(*args, torch.zeros_like(ones), sel, cfg, scale, p)
     ref_dense = ref.dense_attention(qd, keys, vals, posd, scale)
-    assert relative_error(sparse, ref_sparse) < 1e-5
-    assert relative_error(dense, ref_dense) < 1e-5
+    tol = 1e-5 if device == "cpu" else 1e-3
+    assert relative_error(sparse, ref_sparse) < tol
+    assert relative_error(dense, ref_dense) < tol
     assert relative_error(ref_sparse, ref_dense) > 1e-2  # selection really dropped blocks
 
 

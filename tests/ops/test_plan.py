@@ -178,20 +178,21 @@ def test_triton_selection_pieces_bound_the_scratch(smem, monkeypatch) -> None:
 
 
 # ---- ops follow the plan ----------------------------------------------------------------------
-def _op_calls():
-    """Each op called on small CPU tensors, as f(plan, impl)."""
+def _op_calls(device: str = "cpu"):
+    """Each op called on small tensors (on the CPU unless `device` says otherwise), as
+    f(plan, impl)."""
     cfg = SparseConfig(kernel_size=16, kernel_stride=8, init_blocks=1, block_size=16,
                        window_size=64, topk=6, use_nope=False, dense_len=256)
-    rt = torch.zeros(2, 64, dtype=torch.int32)
-    idx = torch.zeros(1, dtype=torch.int32)
-    tokens = torch.zeros(2, dtype=torch.int32)
-    q = torch.zeros(2, 8, 64)
-    k1 = torch.zeros(4, 2, 2, 64)
-    kv = torch.zeros(64, 2, 64)
-    sel = torch.zeros(2, 2, 4, dtype=torch.int32)
+    rt = torch.zeros(2, 64, dtype=torch.int32, device=device)
+    idx = torch.zeros(1, dtype=torch.int32, device=device)
+    tokens = torch.zeros(2, dtype=torch.int32, device=device)
+    q = torch.zeros(2, 8, 64, device=device)
+    k1 = torch.zeros(4, 2, 2, 64, device=device)
+    kv = torch.zeros(64, 2, 64, device=device)
+    sel = torch.zeros(2, 2, 4, dtype=torch.int32, device=device)
     return {
         "compress_new_windows": lambda p, impl: compress_new_windows(
-            kv, torch.zeros(4, 2, 2, 64), rt, idx, idx, idx + 40, cfg, 4, p, impl=impl),
+            kv, k1.clone(), rt, idx, idx, idx + 40, cfg, 4, p, impl=impl),
         "select_blocks": lambda p, impl: select_blocks(
             q, k1, rt, tokens, tokens, cfg, 16, 0.125, p, impl=impl),
         "block_sparse_attention": lambda p, impl: block_sparse_attention(
@@ -216,11 +217,11 @@ def test_impl_is_checked_and_cuda_is_refused_with_the_reason(op: str) -> None:
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_ops_never_read_the_environment(op: str, monkeypatch) -> None:
+def test_ops_never_read_the_environment(op: str, device: str, monkeypatch) -> None:
     # overrides are read once, when a backend is built (KernelOverrides.from_env)
     monkeypatch.setenv("SALA_SGLANG_KERNELS", "cuda-please")
     monkeypatch.setenv("SALA_SGLANG_SELECT_TILE", "3")
-    _op_calls()[op](None, None)
+    _op_calls(device)[op](None, None)
 
 
 def test_overrides_from_the_environment_are_checked() -> None:
