@@ -19,11 +19,8 @@ pytest.importorskip("sglang")
 
 # conftest.py has Triton interpret its kernels in this process only where no GPU is visible; the
 # GPU serving tests cover the backend on a GPU.
-pytestmark = [
-    pytest.mark.skipif(torch.cuda.is_available(), reason="runs Triton in the CPU interpreter"),
-    # Triton 3's interpreter, on every scalar it reads back (thousands per run); not our code.
-    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
-]
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="runs Triton in the CPU interpreter")
 
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 
