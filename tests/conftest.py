@@ -4,6 +4,8 @@ relative-error helper, the `gpu` marker's skip and the `impl` / `device` fixture
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from sala_sglang.config import MiniCPMSALAConfig
+from sala_sglang.config import MiniCPMSALAConfig, SparseConfig
 
 S, L = "minicpm4", "lightning-attn"
 
@@ -31,6 +33,8 @@ TINY_SPARSE_CONFIG: dict[str, Any] = {
     "use_nope": False,
     "dense_len": 256,
 }
+# The same geometry as the ops and the reference take it; tests vary it with dataclasses.replace.
+TINY_SPARSE = SparseConfig.from_dict(TINY_SPARSE_CONFIG)
 
 
 def tiny_config(**overrides: Any) -> MiniCPMSALAConfig:
@@ -102,6 +106,20 @@ def extension_built() -> bool:
     from sala_sglang.ops import _cuda
 
     return torch.cuda.is_available() and _cuda.available()
+
+
+# Tests that call an op of `sala_sglang._C` directly.
+needs_extension = pytest.mark.skipif(not extension_built(), reason="sala_sglang._C is not built")
+
+
+def child_stdout(script: str) -> str:
+    """Run script in a fresh interpreter and return what it printed: an error path of `_C` that
+    brings the interpreter down (a segfault was seen on the H100 image) then fails one test
+    instead of ending the whole session."""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-2000:]}"
+    return out.stdout
 
 
 @pytest.fixture(params=["triton", "cuda"])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from cuda_extension import needs_extension
+from conftest import TINY_SPARSE, needs_extension
 
 from sala_sglang.config import MiniCPMSALAConfig, SparseConfig
 from sala_sglang.ops._cuda import DeviceFacts
@@ -30,8 +30,7 @@ from sala_sglang.testing.paged_inputs import paged_batch, paged_cache, paged_k1
 # Relative error against the float64 reference (SPEC section 4: bf16 inputs 1e-3 to 1e-2).
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
 
-TINY_CFG = SparseConfig(kernel_size=16, kernel_stride=8, init_blocks=1, block_size=16,
-                        window_size=64, topk=2, use_nope=False, dense_len=256)
+TINY_CFG = dataclasses.replace(TINY_SPARSE, topk=2)
 
 
 @dataclass(frozen=True)

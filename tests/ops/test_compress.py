@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from cuda_extension import child_stdout, needs_extension
+from conftest import TINY_SPARSE, child_stdout, needs_extension
 
 from sala_sglang.config import MiniCPMSALAConfig, SparseConfig
 from sala_sglang.ops.infllm_v2 import compress_new_windows
@@ -29,7 +29,7 @@ def _sparse(kernel_size: int, kernel_stride: int, block_size: int) -> SparseConf
 # (name, geometry, head dim): the released model's K1, the tiny test model's, and a stride equal
 # to the block (one row per page)
 RELEASED = ("released", MiniCPMSALAConfig().sparse, 128)
-TINY = ("tiny", _sparse(16, 8, 16), 64)
+TINY = ("tiny", TINY_SPARSE, 64)
 ONE_ROW = ("one_row_per_page", _sparse(128, 64, 64), 128)
 GEOMETRIES = [pytest.param(TINY, id="tiny"),
               pytest.param(RELEASED, id="released", marks=pytest.mark.gpu),

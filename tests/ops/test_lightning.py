@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from cuda_extension import child_stdout, needs_extension
+from conftest import child_stdout, needs_extension
 
 from sala_sglang.ops.lightning import lightning_decode, lightning_prefill
 from sala_sglang.reference.lightning import lightning_chunked, lightning_recurrent, lightning_slopes

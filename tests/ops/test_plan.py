@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_SPARSE
 
-from sala_sglang.config import MiniCPMSALAConfig, SparseConfig
+from sala_sglang.config import MiniCPMSALAConfig
 from sala_sglang.ops import _cuda
 from sala_sglang.ops._cuda import DeviceFacts
 from sala_sglang.ops.infllm_v2 import (
@@ -181,8 +182,7 @@ def test_triton_selection_pieces_bound_the_scratch(smem, monkeypatch) -> None:
 def _op_calls(device: str = "cpu"):
     """Each op called on small tensors (on the CPU unless `device` says otherwise), as
     f(plan, impl)."""
-    cfg = SparseConfig(kernel_size=16, kernel_stride=8, init_blocks=1, block_size=16,
-                       window_size=64, topk=6, use_nope=False, dense_len=256)
+    cfg = TINY_SPARSE
     rt = torch.zeros(2, 64, dtype=torch.int32, device=device)
     idx = torch.zeros(1, dtype=torch.int32, device=device)
     tokens = torch.zeros(2, dtype=torch.int32, device=device)

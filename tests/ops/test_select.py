@@ -17,7 +17,7 @@ import dataclasses
 
 import pytest
 import torch
-from cuda_extension import needs_extension
+from conftest import TINY_SPARSE, needs_extension
 
 from sala_sglang.config import MiniCPMSALAConfig, SparseConfig
 from sala_sglang.ops._cuda import DeviceFacts
@@ -32,12 +32,10 @@ from sala_sglang.testing.paged_inputs import paged_batch, paged_cache, paged_k1,
 REL_TOL = 1e-3
 ABS_TOL = 1e-6
 
-TINY = SparseConfig(kernel_size=16, kernel_stride=8, init_blocks=1, block_size=16,
-                    window_size=64, topk=6, use_nope=False, dense_len=256)
+TINY = TINY_SPARSE
 # fp32 exactness case: 2 windows per block, 4 local blocks, 8 selected; two requests, awkward
 # positions (no window yet, block edges, past the dense span)
-FP32_CASE = SparseConfig(kernel_size=16, kernel_stride=8, init_blocks=1, block_size=16,
-                         window_size=64, topk=4, use_nope=False, dense_len=256)
+FP32_CASE = dataclasses.replace(TINY_SPARSE, topk=4)
 FP32_POSITIONS = [0, 15, 31, 100, 127, 128, 200, 255, 299]
 # (sparse config, query heads, kv heads, head dim)
 SHAPES = {"released": (MiniCPMSALAConfig().sparse, 32, 2, 128), "tiny": (TINY, 8, 2, 64)}

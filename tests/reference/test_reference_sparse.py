@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_SPARSE
 
 from sala_sglang.config import RELEASED_SPARSE_CONFIG, SparseConfig
 from sala_sglang.reference.sparse import (
@@ -25,18 +26,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 INF = float("inf")
 RELEASED = SparseConfig.from_dict(RELEASED_SPARSE_CONFIG)
 # r = 2 windows per block, w = 4 local blocks, n_sel = 10.
-TINY = SparseConfig.from_dict(
-    dict(
-        kernel_size=16,
-        kernel_stride=8,
-        block_size=16,
-        window_size=64,
-        topk=6,
-        init_blocks=1,
-        use_nope=False,
-        dense_len=256,
-    )
-)
+TINY = TINY_SPARSE
 
 
 def _randn(*shape, seed: int, dtype=torch.float64) -> torch.Tensor:

@@ -22,6 +22,7 @@ pytest.importorskip("sglang")
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="runs Triton in the CPU interpreter")
 
+from conftest import TINY_SPARSE_CONFIG  # noqa: E402
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 
 from sala_sglang.attention import sparse_backend  # noqa: E402
@@ -55,9 +56,7 @@ class Pool:
 def build_backend(make_tiny_config, monkeypatch, pool: Pool,
                   rt: torch.Tensor) -> sparse_backend.SparseLayerBackend:
     """The backend as SGLang builds it, on the CPU, for a tiny config (sparse layers 0, 3, 5)."""
-    config = make_tiny_config(head_dim=D, sparse_config={
-        "kernel_size": 16, "kernel_stride": 8, "block_size": 16, "window_size": 64, "topk": 4,
-        "init_blocks": 1, "use_nope": False, "dense_len": 256})
+    config = make_tiny_config(head_dim=D, sparse_config=dict(TINY_SPARSE_CONFIG, topk=4))
     monkeypatch.setattr(sparse_backend, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
     monkeypatch.setattr(sparse_backend, "_log_memory_split", lambda runner, backend: None)
     runner = SimpleNamespace(
