@@ -4,6 +4,8 @@ Qwen3-8B's shape, each served by SGLang at batch 1 (TTFT, decode speed, GPU memo
 
 `sala-sglang bench` and `benchmarks/long_context.py` run it; results are JSON (device, versions,
 date, command) written after every measured point, so a run cut short keeps what it measured.
+`--workload soar` runs instead a SOAR-2026-style serving score: a fixed request set (SOAR_MIX)
+under bench_serving at concurrency 1, 8 and unlimited, each wall time recorded.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -34,7 +37,7 @@ from sala_sglang.config import RELEASED_CONFIG_PATH, MiniCPMSALAConfig
 from sala_sglang.hooks import compressed_key_bytes_per_token
 from sala_sglang.server_args import RECOMMENDED_SERVE_FLAGS
 from sala_sglang.testing.server import Server
-from sala_sglang.tiny import TINY_VOCAB_SIZE, TOKENIZER_CONFIG, TOKENIZER_PATH
+from sala_sglang.tiny import CORPUS_PATH, TINY_VOCAB_SIZE, TOKENIZER_CONFIG, TOKENIZER_PATH
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 QWEN3_8B_CONFIG_PATH = DATA_DIR / "qwen3_8b_config.json"
@@ -43,6 +46,11 @@ PACKAGES = ("sglang", "sglang-kernel", "flashinfer-python", "flash-linear-attent
             "sala-sglang")
 # OpenBMB's flags for both models (the dense one's --attention-backend comes later and wins).
 COMMON_FLAGS = [*RECOMMENDED_SERVE_FLAGS, "--load-format", "dummy", "--mem-fraction-static", "0.85"]
+# SOAR-style request set, (input tokens, output tokens, requests): 16 of the 24 inputs lie in
+# 32K-512K, the two thirds the SOAR 2026 set has; the exact lengths are this project's choice.
+SOAR_MIX = ((4096, 512, 2), (8192, 512, 3), (16384, 512, 3), (32768, 256, 4), (65536, 256, 4),
+            (131072, 256, 3), (262144, 256, 3), (524288, 256, 2))
+SOAR_CONCURRENCY = (1, 8, 0)  # 0: unlimited
 
 
 # ---- result records --------------------------------------------------------------------------
@@ -252,14 +260,26 @@ def stream_one(url: str, ids: list[int], new_tokens: int, timeout_s: float = 720
     }
 
 
-def bench_serving(url: str, tokenizer: Path, input_len: int, range_ratio: float, output_len: int,
-                  num_prompts: int, concurrency: int | None, workdir: Path) -> dict:
-    """`python -m sglang.bench_serving` on random token ids; its summary line as a dict."""
+def random_ids_dataset(input_len: int, range_ratio: float, output_len: int) -> list[str]:
+    """bench_serving's flags for random token ids, inputs uniform in [len * ratio, len]."""
+    return ["--dataset-name", "random-ids", "--tokenize-prompt", "--random-input-len",
+            str(input_len), "--random-range-ratio", str(range_ratio), "--random-output-len",
+            str(output_len)]
+
+
+def custom_dataset(path: Path) -> list[str]:
+    """bench_serving's flags for a JSONL request set (see write_soar_workload)."""
+    return ["--dataset-name", "custom", "--dataset-path", str(path)]
+
+
+def bench_serving(url: str, tokenizer: Path, dataset: list[str], num_prompts: int,
+                  concurrency: int | None, workdir: Path) -> dict:
+    """`python -m sglang.bench_serving` over dataset (its flags); its summary line as a dict
+    ("duration": the run's wall time in seconds)."""
     out = workdir / f"bench_serving_{concurrency or 'inf'}.jsonl"
+    out.unlink(missing_ok=True)  # the output file is appended to
     cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang",
-           "--base-url", url, "--dataset-name", "random-ids", "--tokenize-prompt",
-           "--tokenizer", str(tokenizer), "--random-input-len", str(input_len),
-           "--random-range-ratio", str(range_ratio), "--random-output-len", str(output_len),
+           "--base-url", url, *dataset, "--tokenizer", str(tokenizer),
            "--num-prompts", str(num_prompts), "--request-rate", "inf", "--seed", "1",
            "--output-file", str(out), "--disable-tqdm", "--warmup-requests", "0"]
     if concurrency:
@@ -278,10 +298,49 @@ def bench_serving(url: str, tokenizer: Path, input_len: int, range_ratio: float,
 
 
 def random_ids(n: int, vocab: int, seed: int) -> list[int]:
-    import random
-
     rng = random.Random(seed)
     return [rng.randrange(5, vocab) for _ in range(n)]
+
+
+# ---- the SOAR-style workload ----------------------------------------------------------------
+def soar_requests(max_input: int | None = None) -> list[tuple[int, int]]:
+    """SOAR_MIX as (input tokens, output tokens) per request; inputs above max_input are cut to
+    it (the same requests for a model that cannot hold the longest, e.g. dense at 256K)."""
+    return [(min(n, max_input or n), out) for n, out, count in SOAR_MIX for _ in range(count)]
+
+
+def write_soar_workload(path: Path, seed: int = 0, max_input: int | None = None) -> list[dict]:
+    """Writes soar_requests(max_input) as bench_serving's custom JSONL, in an order and with text
+    fixed by seed: one {"conversations": [user, assistant]} line per request. The text is words
+    of the tiny corpus drawn at random, each " word" its own pre-token, so the tiny tokenizer
+    (the one `bench` gives server and client) counts exactly the requested tokens, BOS included;
+    bench_serving takes a request's output length from its assistant turn's token count."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(TOKENIZER_PATH))
+    words = [f" {w}" for w in re.findall(r"[A-Za-z]+", CORPUS_PATH.read_text())]
+    cost = {w: len(tok.encode(w, add_special_tokens=False).ids) for w in set(words)}
+    singles = sorted(w for w in cost if cost[w] == 1)
+    rng = random.Random(seed)
+
+    def text(n: int) -> str:  # n tokens with the BOS the tokenizer adds
+        out, left = [], n - 1
+        while left > 0:
+            w = rng.choice(words)
+            w = w if cost[w] <= left else rng.choice(singles)
+            out.append(w)
+            left -= cost[w]
+        return "".join(out)
+
+    rows = soar_requests(max_input)
+    rng.shuffle(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for n, out in rows:
+            turns = [{"role": "user", "content": text(n)},
+                     {"role": "assistant", "content": text(out)}]
+            f.write(json.dumps({"conversations": turns}) + "\n")
+    return [{"input_tokens": n, "output_tokens": out} for n, out in rows]
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -289,16 +348,30 @@ def run(args: argparse.Namespace) -> Path:
 
     shape = MODELS[args.model]
     backend = args.backend or ("minicpm_flashinfer" if shape.name == "sala" else "fa3")
-    tag = args.tag or f"long_context_{shape.name}_{backend}"
+    soar = args.workload == "soar"
+    cap = f"_max{args.soar_max_input // 1024}k" if soar and args.soar_max_input else ""
+    tag = args.tag or f"{_workload_name(args)}_{shape.name}_{backend}{cap}"
+    lengths = args.lengths if args.lengths is not None else ([] if soar else DEFAULT_LENGTHS)
     work = Path(tempfile.mkdtemp(prefix="sala-bench-"))
     model_dir, tok_dir = prepare_model_dir(shape, work)
-    longest_input = max([*args.lengths, args.serving_input_len])
-    context = longest_input + max(args.decode_tokens, args.serving_output_len) + 64
+    if soar:
+        requests_ = write_soar_workload(work / "soar.jsonl", args.seed, args.soar_max_input)
+        dataset, concurrency = custom_dataset(work / "soar.jsonl"), SOAR_CONCURRENCY
+        prompts = len(requests_)
+        longest_input = max([*lengths, *(r["input_tokens"] for r in requests_)])
+        longest_output = max(r["output_tokens"] for r in requests_)
+    else:
+        dataset = random_ids_dataset(args.serving_input_len, args.serving_range,
+                                     args.serving_output_len)
+        concurrency, prompts = args.concurrency, args.serving_prompts
+        longest_input = max([*lengths, args.serving_input_len])
+        longest_output = args.serving_output_len
+    context = longest_input + max(args.decode_tokens, longest_output) + 64
     flags = [*COMMON_FLAGS, *shape.server_flags, "--attention-backend", backend,
              "--context-length", str(context), "--tokenizer-path", str(tok_dir),
              *args.server_args.split()]
     record = {
-        **header("long_context", tag),
+        **header(_workload_name(args), tag),
         "model": f"{shape.name}: {shape.config_path.name}, random weights (--load-format dummy)",
         "attention_backend": backend,
         "server_flags": flags,
@@ -310,6 +383,12 @@ def run(args: argparse.Namespace) -> Path:
         "batch1": [],
         "bench_serving": [],
     }
+    if soar:
+        record["workload"] = {"name": "soar", "seed": args.seed,
+                              "max_input": args.soar_max_input, "mix": SOAR_MIX,
+                              "requests": prompts,
+                              "input_tokens": sum(r["input_tokens"] for r in requests_),
+                              "output_tokens": sum(r["output_tokens"] for r in requests_)}
     if torch.cuda.is_available():
         record["gpu_total_mib"] = torch.cuda.get_device_properties(0).total_memory // 2**20
     save = lambda: write_result(record, tag, args.out)  # noqa: E731
@@ -325,7 +404,7 @@ def run(args: argparse.Namespace) -> Path:
         # Warm-up: two full prefill chunks and a few decode steps, so that kernel JIT and
         # autotuning are not charged to the first measured point.
         stream_one(server.url, random_ids(16384, vocab, 0), 16)
-        for n in args.lengths:
+        for n in lengths:
             print(f"[bench] {shape.name}: {n} input tokens, {args.decode_tokens} output",
                   flush=True)
             with GpuMemoryPeak() as mem:
@@ -345,15 +424,20 @@ def run(args: argparse.Namespace) -> Path:
             save()
             if "error" in row and not server.alive():
                 break
-        for conc in args.concurrency:
+        for conc in concurrency:
             if not server.alive():
                 break
             print(f"[bench] bench_serving, concurrency {conc or 'unlimited'}", flush=True)
-            res = bench_serving(server.url, tok_dir, args.serving_input_len, args.serving_range,
-                                args.serving_output_len, args.serving_prompts, conc, work)
+            res = bench_serving(server.url, tok_dir, dataset, prompts, conc, work)
             print("[bench] " + json.dumps({k: v for k, v in res.items() if k != "command"}),
                   flush=True)
             record["bench_serving"].append({"max_concurrency": conc, **res})
+            if soar:  # the score: each wall time, and their sum once all three ran
+                walls = {str(r["max_concurrency"] or "unlimited"): r.get("duration")
+                         for r in record["bench_serving"]}
+                record["soar_wall_s"] = walls
+                if len(walls) == len(SOAR_CONCURRENCY) and None not in walls.values():
+                    record["soar_total_s"] = round(sum(walls.values()), 2)
             save()
     finally:
         server.stop()
@@ -387,8 +471,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None,
                    help="attention backend (default: minicpm_flashinfer for sala, fa3 for "
                         "qwen3-8b)")
-    p.add_argument("--lengths", type=int, nargs="*", default=DEFAULT_LENGTHS,
-                   help="batch-1 input lengths (none: only the bench_serving runs)")
+    p.add_argument("--workload", choices=("random", "soar"), default="random",
+                   help="random: batch-1 lengths, then bench_serving on random ids at "
+                        "--concurrency; soar: the SOAR-style request set (SOAR_MIX) under "
+                        "bench_serving at concurrency 1, 8 and unlimited, each wall time recorded")
+    p.add_argument("--soar-max-input", type=int, default=None,
+                   help="soar: cut longer inputs to this many tokens (262144 to compare with the "
+                        "dense model, which cannot hold 512K on an H100)")
+    p.add_argument("--seed", type=int, default=0, help="soar: the workload's text and order")
+    p.add_argument("--lengths", type=int, nargs="*", default=None,
+                   help="batch-1 input lengths (default: 32K-1M for random, none for soar; "
+                        "none: only the bench_serving runs)")
     p.add_argument("--decode-tokens", type=int, default=1024)
     p.add_argument("--concurrency", type=int, nargs="*", default=[8, 0],
                    help="bench_serving runs: max concurrency each, 0 = unlimited (none: skip)")
@@ -445,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
     return bench(args)
 
 
+def _workload_name(args: argparse.Namespace) -> str:
+    return "soar" if args.workload == "soar" else "long_context"
+
+
 def bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -453,7 +550,8 @@ def bench(args: argparse.Namespace) -> int:
               "a GPU.",
               file=sys.stderr)
         return 2
-    if args.concurrency and importlib.util.find_spec("datasets") is None:
+    if ((args.concurrency or args.workload == "soar")
+            and importlib.util.find_spec("datasets") is None):
         # sglang.bench_serving imports it at startup; found missing only after the server's
         # minutes of startup and the batch-1 points otherwise.
         print("sala-sglang bench: sglang.bench_serving needs the `datasets` package: "

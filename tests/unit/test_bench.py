@@ -1,6 +1,6 @@
 """The long-context benchmark's arithmetic (FLOPs, bytes per token) against SPEC section 3, its
 table and plots from result files, the soak plan, the decode profile's summary, and
-`sala-sglang bench` without a GPU."""
+`sala-sglang bench` without a GPU, and the SOAR-style workload."""
 
 from __future__ import annotations
 
@@ -14,7 +14,15 @@ import torch
 
 from benchmarks import plot_long_context as plot
 from benchmarks import profile_decode, soak
-from sala_sglang.bench import MODELS, stream_one, write_result
+from sala_sglang.bench import (
+    MODELS,
+    SOAR_MIX,
+    prepare_model_dir,
+    soar_requests,
+    stream_one,
+    write_result,
+    write_soar_workload,
+)
 
 
 def test_sala_counts_match_the_spec() -> None:
@@ -215,3 +223,65 @@ def test_compression_benchmark_parses_its_arguments_and_counts_bytes_without_a_g
     # an 8192-token chunk: 512 new windows over 511 * 16 + 32 keys, each key read once
     assert bench.call_bytes(k1, 122880, 131072, 1, 2, 128, 2) == 8208 * (row + 4) + 512 * row
     assert bench.call_bytes(k1, 100, 100, 1, 2, 128, 2) == 0
+
+
+def test_soar_mix_is_two_thirds_32k_to_512k_and_the_cap_keeps_the_requests() -> None:
+    rows = soar_requests()
+    assert len(rows) == sum(count for _, _, count in SOAR_MIX) == 24
+    assert sum(32768 <= n <= 524288 for n, _ in rows) == 16
+    assert max(n for n, _ in rows) == 524288
+    capped = soar_requests(262144)
+    assert [out for _, out in capped] == [out for _, out in rows]
+    assert max(n for n, _ in capped) == 262144
+    assert sum(n == 262144 for n, _ in capped) == 5  # 3 at 256K and the 2 cut from 512K
+
+
+def test_soar_workload_is_fixed_by_its_seed(tmp_path: Path) -> None:
+    a, b, c = (tmp_path / name for name in ("a.jsonl", "b.jsonl", "c.jsonl"))
+    rows = write_soar_workload(a, seed=3, max_input=4096)
+    assert write_soar_workload(b, seed=3, max_input=4096) == rows
+    assert a.read_bytes() == b.read_bytes()
+    write_soar_workload(c, seed=4, max_input=4096)
+    assert a.read_bytes() != c.read_bytes()
+    assert sorted((r["input_tokens"], r["output_tokens"]) for r in rows) == sorted(
+        soar_requests(4096))
+
+
+def test_soar_workload_loads_in_bench_servings_custom_dataset(tmp_path: Path) -> None:
+    """sglang's own loader, with the tokenizer `bench` gives it, counts the planned lengths."""
+    custom = pytest.importorskip("sglang.benchmark.datasets.custom")
+    from transformers import AutoTokenizer
+
+    rows = write_soar_workload(tmp_path / "soar.jsonl", seed=0, max_input=8192)
+    _, tok_dir = prepare_model_dir(MODELS["sala"], tmp_path)
+    got = custom.sample_custom_requests(str(tmp_path / "soar.jsonl"), len(rows),
+                                        AutoTokenizer.from_pretrained(tok_dir))
+    assert sorted((r.prompt_len, r.output_len) for r in got) == sorted(
+        (r["input_tokens"], r["output_tokens"]) for r in rows)
+
+
+def test_bench_soar_mode_parses_and_needs_a_gpu(capsys: pytest.CaptureFixture) -> None:
+    from sala_sglang.cli import build_parser, main
+
+    args = build_parser().parse_args(["bench", "--workload", "soar", "--soar-max-input",
+                                      "262144", "--model", "qwen3-8b", "--seed", "2"])
+    assert (args.workload, args.soar_max_input, args.seed, args.lengths) == (
+        "soar", 262144, 2, None)
+    assert main(["bench", "--workload", "soar"]) == 2
+    assert "no CUDA GPU visible" in capsys.readouterr().err
+
+
+def test_soar_mode_needs_datasets_even_without_concurrency(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import importlib.util
+
+    from sala_sglang import bench
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "datasets" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("server started"))
+    assert bench.main(["--workload", "soar", "--concurrency", "--no-peaks"]) == 2
+    assert "needs the `datasets` package" in capsys.readouterr().err
