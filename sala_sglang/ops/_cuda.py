@@ -75,6 +75,15 @@ def resolve_impl(op: str, impl: str | None, cuda_faster: bool,
     return "triton"
 
 
+def planned_impl(op: str, prefer: str | None, cuda_faster: bool,
+                 why_not_cuda: Callable[[], str | None]) -> str:
+    """The implementation a plan fixes for `op`: `prefer` (an environment override,
+    `KernelOverrides.impl`) in place of the measured choice `cuda_faster`, falling back to Triton
+    wherever CUDA cannot run (`resolve_impl`'s rule, never raising)."""
+    return resolve_impl(op, None, cuda_faster if prefer is None else prefer == "cuda",
+                        why_not_cuda)
+
+
 def choose_cuda(op: str, impl: str | None, x: torch.Tensor, cuda_faster: bool,
                 unsupported: Callable[[], str | None]) -> bool:
     """Whether `op` runs its CUDA kernel on x (`resolve_impl`'s rule). The caller resolves

@@ -49,8 +49,8 @@ def plan_lightning(
     None takes the faster one."""
     if prefer not in (None, *IMPLS):
         raise ValueError(f"plan_lightning: prefer={prefer!r}; expected 'cuda', 'triton' or None")
-    decode = _cuda.resolve_impl(
-        "lightning_decode", None, CUDA_DECODE_FASTER if prefer is None else prefer == "cuda",
+    decode = _cuda.planned_impl(
+        "lightning_decode", prefer, CUDA_DECODE_FASTER,
         lambda: device.why_not_compiled() or decode_cuda_unsupported(head_dim))
     return LightningPlan(
         decode_impl=decode,

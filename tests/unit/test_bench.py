@@ -193,8 +193,12 @@ def test_bench_without_a_gpu_says_so(capsys: pytest.CaptureFixture) -> None:
     assert "no CUDA GPU visible" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [
+    ["--lengths", "1024", "--concurrency", "8", "--no-peaks"],  # random-ids bench_serving runs
+    ["--workload", "soar", "--concurrency", "--no-peaks"],  # soar runs bench_serving regardless
+], ids=["random_with_concurrency", "soar_without_concurrency"])
 def test_bench_serving_without_datasets_fails_before_starting_a_server(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     import importlib.util
 
@@ -205,7 +209,7 @@ def test_bench_serving_without_datasets_fails_before_starting_a_server(
                         lambda name, *a: None if name == "datasets" else real_find_spec(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bench, "run", lambda args: pytest.fail("server started"))
-    assert bench.main(["--lengths", "1024", "--concurrency", "8", "--no-peaks"]) == 2
+    assert bench.main(argv) == 2
     assert "needs the `datasets` package" in capsys.readouterr().err
 
 
@@ -269,19 +273,3 @@ def test_bench_soar_mode_parses_and_needs_a_gpu(capsys: pytest.CaptureFixture) -
         "soar", 262144, 2, None)
     assert main(["bench", "--workload", "soar"]) == 2
     assert "no CUDA GPU visible" in capsys.readouterr().err
-
-
-def test_soar_mode_needs_datasets_even_without_concurrency(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    import importlib.util
-
-    from sala_sglang import bench
-
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(bench.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "datasets" else real_find_spec(name, *a))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("server started"))
-    assert bench.main(["--workload", "soar", "--concurrency", "--no-peaks"]) == 2
-    assert "needs the `datasets` package" in capsys.readouterr().err

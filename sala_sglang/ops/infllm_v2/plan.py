@@ -101,9 +101,7 @@ def make_plan(
     def choose(op: str, cuda_faster: bool) -> str:
         if impl is not None:  # required: an op that cannot run it says why, naming itself
             return impl
-        prefer = overrides.impl
-        return _cuda.resolve_impl(op, None, cuda_faster if prefer is None else prefer == "cuda",
-                                  device.why_not_compiled)
+        return _cuda.planned_impl(op, overrides.impl, cuda_faster, device.why_not_compiled)
 
     select = choose("select_blocks", _fills_sms(tokens, CUDA_SELECT_TILES[0], groups, device))
     tile, warps, segment, unfit = _cuda_selection_variant(
