@@ -2,8 +2,12 @@
 // Triton `compress_new_windows` in sala_sglang/ops/infllm_v2/compress.py (same arguments, same
 // writes): for request b, every window c with lo_b <= c < hi_b (lo/hi = complete windows at
 // old_lens / new_lens keys, at most max_new_windows of them) gets
-//   out[page, (stride*c % block) / stride, g, :] = mean(k[req_to_token[req, stride*c + j], g, :])
-// over j < kernel_size, with page = req_to_token[req, (stride*c / block) * block] / block.
+//   out[page, (last % block) / stride, g, :] = mean(k[req_to_token[req, stride*c + j], g, :])
+// over j < kernel_size, with last = stride*c + kernel_size - 1 the window's last token and
+// page = req_to_token[req, (last / block) * block] / block: a window lives beside the page of its
+// last token, so a page's rows depend only on that page and earlier ones, and a request extending
+// a shared (prefix-cached) page-aligned prefix writes only into its own pages. Rows per page stay
+// block / stride: kernel_size is a multiple of stride, so last % stride == stride - 1.
 //
 // The op is purely bandwidth-bound, and with kernel_size = 2 * stride each key belongs to two
 // windows. So one block handles a run of consecutive windows of one (request, kv head): it reads
@@ -151,10 +155,11 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(Args<scalar_t> a) {
         acc[e + 3] += s.w;
       }
     }
-    const int64_t start = (c0 + i) * geo.stride;
+    // Each window is addressed on its own (a run may span pages): by its last token.
+    const int64_t last = (c0 + i) * geo.stride + geo.kernel_size - 1;
     const int64_t page =
-        a.req_to_token[row + (start / geo.block_size) * geo.block_size] / geo.block_size;
-    const int64_t sub = (start % geo.block_size) / geo.stride;
+        a.req_to_token[row + (last / geo.block_size) * geo.block_size] / geo.block_size;
+    const int64_t sub = (last % geo.block_size) / geo.stride;
     alignas(16) scalar_t mean[kVec];
 #pragma unroll
     for (int e = 0; e < kVec; ++e) mean[e] = static_cast<scalar_t>(acc[e] / count);

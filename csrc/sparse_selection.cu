@@ -78,6 +78,7 @@ struct Geometry {
   int64_t stride_rt;                        // req_to_token [R, L] int32
   int tokens, groups, group_heads;
   int kernel_size, kernel_stride, block_size;
+  int k1_lag;  // kernel_size / kernel_stride - 1: window c is K1 row slot c + k1_lag of a request
   int init_blocks, local_blocks, num_selected, width;
   int segment;       // blocks per segment (token-tiled kernel only)
   float scale_log2;  // softmax scale * log2(e): exp2 throughout
@@ -93,7 +94,10 @@ __device__ __forceinline__ uint32_t block_hi(uint32_t score_bits, int b, int qb,
 
 // Where each K1 row of a staged tile of kWT windows starts (elements from the kv head's K1), -1
 // past the n_vis visible windows: one thread per row does the page lookup, so the copy loop that
-// follows does no division.
+// follows does no division. Window c lives beside the page of its last token
+// kernel_stride * c + kernel_size - 1 (the layout compress_new_windows writes; Triton twin
+// `page_of_window`): as kernel_size is a multiple of kernel_stride, that is row slot
+// c + k1_lag of the request, ratio = block_size / kernel_stride slots per page.
 template <int kWT>
 __device__ __forceinline__ void locate_k1_rows(int64_t* offsets, int tile, int n_vis, int tid,
                                                const int32_t* rt_row, const Geometry& geo,
@@ -102,9 +106,10 @@ __device__ __forceinline__ void locate_k1_rows(int64_t* offsets, int tile, int n
     const int c = tile * kWT + tid;
     int64_t offset = -1;
     if (c < n_vis) {
-      const int block = c / ratio;  // block_size is a multiple of kernel_stride
+      const int slot = c + geo.k1_lag;
+      const int block = slot / ratio;  // block_size is a multiple of kernel_stride
       const int64_t page = rt_row[int64_t{block} * geo.block_size] / geo.block_size;
-      offset = page * geo.stride_kp + int64_t{c - block * ratio} * geo.stride_ks;
+      offset = page * geo.stride_kp + int64_t{slot - block * ratio} * geo.stride_ks;
     }
     offsets[tid] = offset;
   }
@@ -1050,9 +1055,11 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1, const at::Te
               "select_blocks: ", heads, " query heads over ", groups,
               " kv heads: need at most 16 query heads per kv head");
   TORCH_CHECK(kernel_stride > 0 && kernel_size >= kernel_stride && block_size > 0 &&
-                  block_size % kernel_stride == 0 && k1.size(1) >= block_size / kernel_stride,
-              "select_blocks: need kernel_size >= kernel_stride > 0 and block_size a multiple of "
-              "kernel_stride (k1 holding block_size / kernel_stride rows per page), got kernel ",
+                  kernel_size % kernel_stride == 0 && block_size % kernel_stride == 0 &&
+                  k1.size(1) >= block_size / kernel_stride,
+              "select_blocks: need kernel_size >= kernel_stride > 0 and kernel_size and block_size "
+              "multiples of kernel_stride (k1 holding block_size / kernel_stride rows per page), "
+              "got kernel ",
               kernel_size, ", stride ", kernel_stride, ", block ", block_size, ", rows ",
               k1.size(1));
   check_variant("select_blocks", dim, tile_tokens, warps, segment, num_selected, width);
@@ -1080,6 +1087,7 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k1, const at::Te
   geo.kernel_size = static_cast<int>(kernel_size);
   geo.kernel_stride = static_cast<int>(kernel_stride);
   geo.block_size = static_cast<int>(block_size);
+  geo.k1_lag = static_cast<int>(kernel_size / kernel_stride - 1);
   geo.init_blocks = static_cast<int>(std::min<int64_t>(init_blocks, 1 << 30));
   geo.local_blocks = static_cast<int>(std::min<int64_t>(local_blocks, 1 << 30));
   geo.num_selected = static_cast<int>(num_selected);

@@ -163,9 +163,17 @@ class SparseConfig:
 
     @property
     def windows_per_block(self) -> int:
-        """Compressed keys whose window starts inside one block (`r` in SPEC 2.2): the K1 rows
-        stored beside each block-sized KV page."""
+        """Compressed keys per block (`r` in SPEC 2.2): the K1 rows stored beside each
+        block-sized KV page (windows whose last token lies in that block; see `k1_home`)."""
         return self.block_size // self.kernel_stride
+
+    def k1_home(self, c: int) -> tuple[int, int]:
+        """(block, row) where K1 window c is stored: the request's block holding the window's last
+        token `kernel_stride * c + kernel_size - 1`, at row `(last % block_size) // kernel_stride`
+        (< windows_per_block). The page is that block's page in req_to_token. Twin of the kernels'
+        addressing (`infllm_v2._triton.page_of_window`, csrc `locate_k1_rows`)."""
+        last = self.kernel_stride * c + self.kernel_size - 1
+        return last // self.block_size, (last % self.block_size) // self.kernel_stride
 
     @property
     def local_blocks(self) -> int:

@@ -1,7 +1,7 @@
 """The small SGLang hooks the plugin registers for MiniCPM-SALA.
 
 - Pool sizing: SGLang sizes the KV pool by bytes per token; the compressed keys (one row per
-  window start, stored beside each KV page) add a fixed share of the K part.
+  window, stored beside the KV page of its last token) add a fixed share of the K part.
 - Idle state check: SGLang's idle invariant checker covers the KV pool and the request slots, and
   the recurrent-state slots only when a prefix cache manages them; this adds the state slots
   (under `SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE=1` a leak stops the scheduler, otherwise it

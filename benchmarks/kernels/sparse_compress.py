@@ -105,8 +105,9 @@ def reference_error(inp: Inputs, out: torch.Tensor, comp: Compression, block: in
             continue
         pos = starts[:, None] + torch.arange(comp.kernel, device=DEVICE)[None, :]
         want.append(inp.k[inp.rt[row, pos].long()].double().mean(dim=1))
-        page = inp.rt[row, starts // block * block].long() // block
-        got.append(out[page, (starts % block) // comp.stride].double())
+        last = starts + comp.kernel - 1  # a window lives beside the page of its last token
+        page = inp.rt[row, last // block * block].long() // block
+        got.append(out[page, (last % block) // comp.stride].double())
     got, want = torch.cat(got), torch.cat(want)
     return float((got - want).norm() / want.norm())
 

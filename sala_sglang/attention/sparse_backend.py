@@ -3,8 +3,10 @@ compressed-key cache (SPEC 2.2).
 
 SGLang's `HybridLinearAttnBackend` routes the sparse layers (the config's
 `full_attention_layer_ids`) here. The KV pool is paged with page size = block_size, so a block is
-a page and the compressed keys K1 of a block live in a buffer indexed by that page: they are
-allocated, freed and reused together with the KV cache (see `sala_sglang.ops.infllm_v2`).
+a page and each compressed key K1 lives in a buffer indexed by the page of its window's last
+token: a page's rows depend only on that page and earlier ones (so a shared prefix page is never
+written by the request extending it), and they are allocated, freed and reused together with the
+KV cache (see `sala_sglang.ops.infllm_v2.compress`).
 
 Per forward, `init_forward_metadata_in_graph` builds per-token metadata once (request slot,
 position, mode) with device ops only, so decode runs under CUDA graphs with no host sync, and the

@@ -76,10 +76,13 @@ def paged_k1(
 
 def request_k1(k1: torch.Tensor, rt: torch.Tensor, row: int, length: int,
                cfg: SparseConfig) -> torch.Tensor:
-    """The K1 of request row `row` of rt (`length` keys cached) in window order: [n1, G, D]."""
-    start = torch.arange(cfg.num_k1(length), device=k1.device) * cfg.kernel_stride
-    page = rt[row, (start // cfg.block_size) * cfg.block_size].long() // cfg.block_size
-    return k1[page, (start % cfg.block_size) // cfg.kernel_stride]
+    """The K1 of request row `row` of rt (`length` keys cached) in window order: [n1, G, D],
+    read through the layout (window c beside the page of its last token, `SparseConfig.k1_home`)."""
+    homes = [cfg.k1_home(c) for c in range(cfg.num_k1(length))]
+    block = torch.tensor([b for b, _ in homes], dtype=torch.long, device=rt.device)
+    row_in_page = torch.tensor([r for _, r in homes], dtype=torch.long, device=k1.device)
+    page = rt[row, block * cfg.block_size].long().to(k1.device) // cfg.block_size
+    return k1[page, row_in_page]
 
 
 def correlated_queries(tokens: int, heads: int, dim: int, shared: float, dev: str) -> torch.Tensor:

@@ -87,9 +87,8 @@ class Growth:
             row = int(self.slots[b])
             lo, hi = cfg.num_k1(o), cfg.num_k1(n)
             for c in range(lo, min(hi, lo + most)):
-                start = c * cfg.kernel_stride
-                page = int(rt[row, (start // cfg.block_size) * cfg.block_size]) // cfg.block_size
-                sub = (start % cfg.block_size) // cfg.kernel_stride
+                block, sub = cfg.k1_home(c)
+                page = int(rt[row, block * cfg.block_size]) // cfg.block_size
                 assert not mask[page, sub], "test inputs: two windows share one output row"
                 mask[page, sub] = True
                 where.append((page, sub, b, c))
@@ -215,6 +214,113 @@ def test_two_growth_steps_give_every_window(impl: str, device: str, geometry, dt
             assert float((got - want).abs().max()) < bound, f"request {r}"
         else:
             assert relative_error(got, want) < bound, f"request {r}"
+
+
+@pytest.mark.parametrize("geometry", [pytest.param(TINY, id="tiny"),
+                                      pytest.param(RELEASED, id="released"),
+                                      pytest.param(ONE_ROW, id="one_row_per_page")])
+def test_a_window_lives_beside_the_page_of_its_last_token(geometry) -> None:
+    """The layout rule (`SparseConfig.k1_home`): window c's (block, row) is the block of its last
+    token and that token's offset in the block over the stride; rows of a block are distinct and
+    fewer than windows_per_block, and every one depends only on tokens of that block or earlier."""
+    _, cfg, _ = geometry
+    kl, ks, bs, r = cfg.kernel_size, cfg.kernel_stride, cfg.block_size, cfg.windows_per_block
+    seen: set[tuple[int, int]] = set()
+    for c in range(40 * r):
+        block, row = cfg.k1_home(c)
+        last = ks * c + kl - 1
+        assert block * bs <= last < (block + 1) * bs and 0 <= row < r, (c, block, row)
+        assert (block, row) not in seen, f"window {c} shares ({block}, {row})"
+        seen.add((block, row))
+    lag = kl // ks - 1  # windows before c = 0 that would fill the first block's first rows
+    assert len(seen) == 40 * r and {b * r + w for b, w in seen} == set(range(lag, 40 * r + lag))
+    # c = 0 ends at token kl - 1; a window ending on a page's last token takes the page's last row
+    assert cfg.k1_home(0) == ((kl - 1) // bs, ((kl - 1) % bs) // ks)
+    ends_last = (bs - kl % bs) // ks if kl % bs else 0  # (ks*c + kl) % bs == 0
+    assert cfg.k1_home(ends_last) == ((ks * ends_last + kl - 1) // bs, r - 1)
+
+
+def test_the_layout_rule_on_the_real_and_tiny_configs() -> None:
+    released, tiny = RELEASED[1], TINY[1]
+    # released (32 / 16 / 64): windows 4p - 1 .. 4p + 2 in page p; page 0 row 0 never written
+    assert [released.k1_home(c) for c in range(7)] == [
+        (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]
+    assert [released.k1_home(4 * 9 + d) for d in (-1, 0, 1, 2)] == [(9, w) for w in range(4)]
+    # tiny (16 / 8 / 16): windows 2p - 1, 2p in page p; window 2 ends on token 31, page 1's last
+    assert [tiny.k1_home(c) for c in range(4)] == [(0, 1), (1, 0), (1, 1), (2, 0)]
+    # one row per page (128 / 64 / 64): window c lives in page c + 1, page 0 holds none
+    assert [ONE_ROW[1].k1_home(c) for c in range(3)] == [(1, 0), (2, 0), (3, 0)]
+
+
+def _shared_prefix_cache(cfg: SparseConfig, dim: int, dtype: torch.dtype, len_a: int,
+                         shared: int, len_b: int, device: str):
+    """req_to_token rows 1 (request A, `len_a` keys) and 2 (request B, `len_b` keys) whose first
+    `shared` pages are the same physical pages (a prefix-cache hit: same keys), every other page
+    each request's own; pages shuffled over the pool. Returns rt, k, A's pages, B's pages."""
+    bs = cfg.block_size
+    n_a, own_b = -(-len_a // bs), -(-len_b // bs) - shared
+    perm = torch.randperm(n_a + own_b) + 1  # page 0 unused
+    pages_a, pages_b = perm[:n_a], torch.cat([perm[:shared], perm[n_a:]])
+    rt = torch.zeros(3, max(len_a, len_b) + bs, dtype=torch.int32)
+    for row, pages, n in ((1, pages_a, len_a), (2, pages_b, len_b)):
+        pos = torch.arange(n)
+        rt[row, :n] = (pages[pos // bs] * bs + pos % bs).to(torch.int32)
+    k = torch.randn((n_a + own_b + 1) * bs, GROUPS, dim, dtype=dtype)
+    return rt.to(device), k.to(device), pages_a, pages_b
+
+
+# (geometry, A's length, shared pages, B's length, where B's second step starts past the shared
+# prefix, or None for one step from the shared prefix's end)
+SHARED = [pytest.param(TINY, 100, 3, 118, None, id="tiny"),
+          pytest.param(TINY, 100, 3, 118, 5, id="tiny-mid-page"),
+          pytest.param(RELEASED, 1000, 5, 1020, None, id="released", marks=pytest.mark.gpu),
+          pytest.param(RELEASED, 1000, 5, 1020, 37, id="released-mid-page",
+                       marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("geometry,len_a,shared,len_b,mid", SHARED)
+def test_a_request_extending_shared_pages_writes_none_of_them(
+    impl: str, device: str, geometry, len_a: int, shared: int, len_b: int, mid: int | None
+) -> None:
+    """Prefix caching: B's req_to_token starts with A's first `shared` pages, and B compresses
+    from the end of that prefix (old_len = shared * block, as a prefix hit gives). B writes
+    nothing into a shared page (the window crossing the last shared page's end lives in B's own
+    next page), B's windows are its keys' means, A's stay its own. `mid`: B grows in two steps,
+    the second from mid-page in B's own first page (a chunked-prefill extend); that is all the
+    layout guarantees: a prefix is shared only in whole pages, so an extend starting mid-page is
+    in a page the request owns."""
+    _, cfg, dim = geometry
+    torch.manual_seed(len_b + (mid or 0))
+    dtype = torch.float32
+    rt, k, pages_a, pages_b = _shared_prefix_cache(cfg, dim, dtype, len_a, shared, len_b, device)
+    out = torch.full((k.shape[0] // cfg.block_size, cfg.windows_per_block, GROUPS, dim),
+                     SENTINEL, dtype=dtype, device=device)
+    most = max(len_a, len_b) // cfg.kernel_stride + 2
+
+    def grow(row: int, old: int, new: int) -> None:
+        compress_new_windows(k, out, rt, torch.tensor([row], dtype=torch.int32, device=device),
+                             torch.tensor([old], device=device),
+                             torch.tensor([new], device=device), cfg, most, impl=impl)
+
+    grow(1, 0, len_a)
+    shared_pages = pages_a[:shared].to(device)
+    before = out[shared_pages].clone()
+    a_before = request_k1(out, rt, 1, len_a, cfg).clone()
+    prefix = shared * cfg.block_size
+    steps = [(prefix, len_b)] if mid is None else [(prefix, prefix + mid), (prefix + mid, len_b)]
+    for old, new in steps:
+        grow(2, old, new)
+        assert torch.equal(out[shared_pages], before), (
+            f"{impl}: B's growth {old} -> {new} wrote into a shared page")
+    for row, n in ((1, len_a), (2, len_b)):
+        want = compress_keys(k[rt[row, :n].long()].double().cpu(), cfg.kernel_size,
+                             cfg.kernel_stride)
+        got = request_k1(out, rt, row, n, cfg).double().cpu()
+        assert want.shape[0] > 0 and float((got - want).abs().max()) < 1e-5, (
+            f"{impl}: request {'AB'[row - 1]}'s windows")
+    assert torch.equal(request_k1(out, rt, 1, len_a, cfg), a_before)
+    # B's own pages hold B's windows only: nothing of B landed in an A-only page either
+    assert not set(pages_b[shared:].tolist()) & set(pages_a.tolist())
 
 
 @pytest.mark.gpu

@@ -8,11 +8,13 @@ import triton.language as tl
 
 
 @triton.jit
-def page_of_window(rt_row_ptr, c, KS: tl.constexpr, BS: tl.constexpr, mask):
-    """Page and slot-within-page of the compressed key whose window starts at KS * c."""
-    start = c * KS
-    page = tl.load(rt_row_ptr + (start // BS) * BS, mask=mask, other=0) // BS
-    return page.to(tl.int64), (start % BS) // KS
+def page_of_window(rt_row_ptr, c, KL: tl.constexpr, KS: tl.constexpr, BS: tl.constexpr, mask):
+    """Page and row-within-page of compressed key c (window `[KS * c, KS * c + KL)`): the page of
+    the window's LAST token, so a page's rows depend only on that page and earlier ones (a request
+    extending a shared prefix never writes into a shared page). Twin: `SparseConfig.k1_home`."""
+    last = c * KS + (KL - 1)
+    page = tl.load(rt_row_ptr + (last // BS) * BS, mask=mask, other=0) // BS
+    return page.to(tl.int64), (last % BS) // KS
 
 
 def group_heads(query_heads: int, groups: int) -> tuple[int, int]:

@@ -3,9 +3,15 @@
 
 Layout. The KV pool is paged with page size = block_size, so block b of a request is one page:
 `page = req_to_token[req, b * block_size] // block_size`, its tokens contiguous from
-`page * block_size`. A compressed key whose window starts at token `stride * c` lives next to its
-block's page: `k1[page, (stride * c % block_size) // stride, kv_head, :]`. So compressed keys are
-freed and reused with their pages, and cost 1/stride of K per token.
+`page * block_size`. Compressed key c (window `[stride * c, stride * c + kernel_size)`) lives beside
+the page of its window's LAST token `e = stride * c + kernel_size - 1`:
+`k1[req_to_token[req, (e // block_size) * block_size] // block_size, (e % block_size) // stride,
+kv_head, :]` (`SparseConfig.k1_home`). Every row of a page then depends only on tokens of that page
+and earlier ones, so a request that extends a shared (prefix-cached) page-aligned prefix writes only
+into its own pages. Rows per page stay block_size / stride (kernel_size is a multiple of stride, so
+`e % stride == stride - 1`); on the released config windows 4p-1 .. 4p+2 live in page p, and row 0
+of a request's first page is never written. Compressed keys are freed and reused with their pages,
+and cost 1/stride of K per token.
 
 The CUDA kernel is csrc/sparse_compress.cu; the Triton one is below.
 """
@@ -119,7 +125,7 @@ def _compress_kernel(
         keys = tl.load(k_ptr + slots[:, None] * stride_kt + g * stride_kg + dims[None, :],
                        mask=inside[:, None], other=0.0)
         mean = tl.sum(keys.to(tl.float32), axis=0) / KL
-        page, sub = page_of_window(rt_row, c, KS, BS, True)
+        page, sub = page_of_window(rt_row, c, KL, KS, BS, True)
         tl.store(out_ptr + page * stride_op + sub * stride_os + g * stride_og + dims,
                  mean.to(out_ptr.dtype.element_ty))
 

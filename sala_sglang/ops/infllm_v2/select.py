@@ -85,7 +85,8 @@ def cuda_unsupported(tensors: tuple[torch.Tensor, ...], cfg: SparseConfig,
         return f"dtypes q {q.dtype}, k1 {k1.dtype} (need both bfloat16 or both float16)"
     if hq % groups or hq // groups > _CUDA_MAX_GROUP:
         return f"{hq} query heads over {groups} kv heads (at most 16 per kv head)"
-    if cfg.block_size % cfg.kernel_stride or cfg.kernel_size < cfg.kernel_stride:
+    if (cfg.block_size % cfg.kernel_stride or cfg.kernel_size % cfg.kernel_stride
+            or cfg.kernel_size < cfg.kernel_stride):
         return f"block {cfg.block_size}, kernel {cfg.kernel_size}, stride {cfg.kernel_stride}"
     if k1.shape[1] < cfg.windows_per_block:
         return f"k1 holds {k1.shape[1]} rows per page, fewer than {cfg.windows_per_block}"
@@ -144,9 +145,9 @@ def _first_of_request(treq_ptr, t0, j: tl.constexpr, n_tokens, TM: tl.constexpr)
 
 
 @triton.jit
-def _load_windows(k1_ptr, rt_row, c, live, g, stride_kp, stride_ks, stride_kg, KS: tl.constexpr,
-                  BS: tl.constexpr, D: tl.constexpr):
-    page, sub = page_of_window(rt_row, c, KS, BS, live)
+def _load_windows(k1_ptr, rt_row, c, live, g, stride_kp, stride_ks, stride_kg, KL: tl.constexpr,
+                  KS: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):
+    page, sub = page_of_window(rt_row, c, KL, KS, BS, live)
     return tl.load(k1_ptr + page[:, None] * stride_kp + sub[:, None] * stride_ks + g * stride_kg
                    + tl.arange(0, D)[None, :], mask=live[:, None], other=0.0)
 
@@ -178,7 +179,7 @@ def _stage1_stats_kernel(
             for tile in range(split, tl.cdiv(n_j, WT), NSPLIT):
                 c = tile * WT + tl.arange(0, WT)
                 k1 = _load_windows(k1_ptr, rt_row, c, c < n_j, g, stride_kp, stride_ks,
-                                   stride_kg, KS, BS, D)
+                                   stride_kg, KL, KS, BS, D)
                 s = tl.dot(q, tl.trans(k1)) * scale
                 s = tl.where(mine[:, None] & (c[None, :] < visible[:, None]), s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -224,7 +225,7 @@ def _window_probs_kernel(
             if c0 < n_j:
                 rt_row = rt_ptr + req_j.to(tl.int64) * stride_rt
                 k1 = _load_windows(k1_ptr, rt_row, c, c < n_j, g, stride_kp, stride_ks,
-                                   stride_kg, KS, BS, D)
+                                   stride_kg, KL, KS, BS, D)
                 s = tl.dot(q, tl.trans(k1)) * scale
                 seen = mine[:, None] & (c[None, :] < visible[:, None])
                 p_sum += tl.where(seen, tl.exp(s - m[:, None]) / l[:, None], 0.0)
