@@ -327,7 +327,9 @@ def test_a_request_extending_shared_pages_writes_none_of_them(
 @needs_extension
 def test_cuda_compression_replays_in_a_cuda_graph_with_new_lengths() -> None:
     _, cfg, dim = RELEASED
-    growth = Growth(cfg, dim, torch.bfloat16, [(0, 4000), (100, 3000), (2000, 2001)], "cuda",
+    # every row holds the longest replay: past a row's allocation req_to_token reads page 0, so
+    # windows there would race on page 0's rows with differing values
+    growth = Growth(cfg, dim, torch.bfloat16, [(0, 4000), (100, 4000), (2000, 4000)], "cuda",
                     seed=9)
     op = torch.ops.sala_sglang.compress_new_windows
     out = torch.zeros(growth.pages, cfg.windows_per_block, GROUPS, dim, dtype=torch.bfloat16,
