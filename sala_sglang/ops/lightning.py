@@ -103,11 +103,13 @@ def _segment_scan_kernel(
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, state_ptr, slots_ptr, cu_ptr, has_init_ptr, slopes_ptr, buf_ptr,
+    track_slots_ptr, track_len_ptr,
     scale, seg_len,
     stride_t, stride_h,  # q/k/v/o: [T, H, D] contiguous in D
     stride_ss, stride_sh, stride_sk,  # state: [slots, H, Dk, Dv] contiguous in Dv
     stride_bb, stride_bs, stride_bh, stride_bk,  # buf (SPLIT): segment initial states
     D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, SPLIT: tl.constexpr,
+    TRACK: tl.constexpr,
 ):
     head = tl.program_id(0) // NV
     vb = tl.program_id(0) % NV
@@ -140,8 +142,19 @@ def _prefill_kernel(
     intra_decay = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0.0)), 0.0)
     q_decay = tl.exp(-slope * (rows + 1).to(tl.float32))
 
+    if TRACK:
+        # the state after `track_at` tokens of this extend (a multiple of C; -1: none) is also
+        # written to the request's track slot, for the prefix cache
+        track_at = tl.load(track_len_ptr + seq)
+        track_slot = tl.load(track_slots_ptr + seq).to(tl.int64)
+        t_ptrs = (state_ptr + track_slot * stride_ss + head * stride_sh + dk[:, None] * stride_sk
+                  + dv[None, :])
+        track_live = (track_at >= 0) & (track_slot >= 0)
+
     first = start + seg_start
     for c0 in range(0, length, C):
+        if TRACK:
+            tl.store(t_ptrs, state, mask=track_live & (seg_start + c0 == track_at))
         n = tl.minimum(length - c0, C)
         valid = rows < n
         offs = (first + c0 + rows).to(tl.int64) * stride_t + head * stride_h
@@ -161,16 +174,20 @@ def _prefill_kernel(
         state = tl.dot(k_t, (v * k_decay[:, None]).to(v.dtype),
                        state * tl.exp(-slope * n.to(tl.float32)))
 
-    tl.store(s_ptrs, state, mask=(slot >= 0) & (seg_start + seg_len >= total))
+    last_segment = seg_start + seg_len >= total
+    tl.store(s_ptrs, state, mask=(slot >= 0) & last_segment)
+    if TRACK:
+        # a later segment stores a state at its own start; only the end of the extend is left
+        tl.store(t_ptrs, state, mask=track_live & last_segment & (track_at == total))
 
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, state_ptr, slots_ptr, slopes_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, state_ptr, slots_ptr, slopes_ptr, track_slots_ptr, track_mask_ptr,
     scale,
     stride_b, stride_h,
     stride_ss, stride_sh, stride_sk,
-    D: tl.constexpr, BV: tl.constexpr,
+    D: tl.constexpr, BV: tl.constexpr, TRACK: tl.constexpr,
 ):
     req = tl.program_id(0)
     head = tl.program_id(1)
@@ -187,6 +204,12 @@ def _decode_kernel(
     state = tl.load(s_ptrs, mask=live, other=0.0)
     state = state * tl.exp(-tl.load(slopes_ptr + head)) + k[:, None] * v[None, :]
     tl.store(s_ptrs, state, mask=live)
+    if TRACK:
+        track_slot = tl.load(track_slots_ptr + req).to(tl.int64)
+        tracked = live & (tl.load(track_mask_ptr + req) != 0) & (track_slot >= 0)
+        t_ptrs = (state_ptr + track_slot * stride_ss + head * stride_sh + dk[:, None] * stride_sk
+                  + dv[None, :])
+        tl.store(t_ptrs, state, mask=tracked)
     out = tl.sum(q[:, None] * state, axis=0) * scale
     tl.store(o_ptr + base + dv, out.to(o_ptr.dtype.element_ty))
 
@@ -216,13 +239,18 @@ def lightning_prefill(
     segment_len: int | None = None,
     launch: Mapping[str, int] | None = None,
     impl: str | None = None,
+    track_slots: torch.Tensor | None = None,
+    track_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen prefill. q,k,v [T, H, D]; state [slots, H, D, D] fp32, updated in place at
     `state_slots` [B] (-1: no state kept); cu_seqlens [B+1] int32; has_initial_state [B]
     (False: start from zero). segment_len: tokens per parallel segment, a multiple of the chunk
     (`LightningPlan.segment_len`; default: `prefill_segment_len` on q's device). launch: entries
     replacing PREFILL_LAUNCH's (the chunk size in tests; the benchmark sweeps all four). impl:
-    "triton" or None (there is no CUDA prefill kernel). Returns o [T, H, D]."""
+    "triton" or None (there is no CUDA prefill kernel). track_slots [B] and track_len [B]
+    (together or neither): sequence b also writes its state after its first track_len[b] tokens
+    into slot track_slots[b] (the prefix cache's snapshot); track_len a multiple of the chunk or
+    equal to the sequence's length, -1 (or slot -1) for none. Returns o [T, H, D]."""
     if impl not in (None, "triton"):
         raise ValueError(f"lightning_prefill: impl={impl!r}; expected 'triton' or None (there is "
                          "no CUDA prefill kernel)")
@@ -236,6 +264,7 @@ def lightning_prefill(
     if segment_len is not None and (segment_len <= 0 or segment_len % chunk):
         raise ValueError(f"lightning_prefill: segment_len = {segment_len}: expected a positive "
                          f"multiple of the chunk size {chunk}")
+    track = _track_pair("lightning_prefill", track_slots, track_len, "track_len")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     tokens, heads = q.shape[0], q.shape[1]
@@ -266,11 +295,12 @@ def lightning_prefill(
         )
     _prefill_kernel[(heads * nv, segments, batch)](
         q, k, v, out, state, state_slots, cu_seqlens, has_initial_state, slopes, buf,
+        *(track or (state_slots, state_slots)),  # unread unless tracking
         scale, seg,
         q.stride(0), q.stride(1),
         state.stride(0), state.stride(1), state.stride(2),
         *buf.stride()[:4],  # unused unless split (then buf is [B, segments, H, D, D])
-        D=dim, C=chunk, BV=block_v, NV=nv, SPLIT=split, **tuning,
+        D=dim, C=chunk, BV=block_v, NV=nv, SPLIT=split, TRACK=track is not None, **tuning,
     )
     return out
 
@@ -284,25 +314,40 @@ def lightning_decode(
     slopes: torch.Tensor,
     scale: float,
     impl: str | None = None,
+    track_slots: torch.Tensor | None = None,
+    track_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token per request. q,k,v [B, H, D]; state [slots, H, D, D] fp32 updated in place at
     `state_slots` [B] (-1: padding, left alone). impl: "cuda" (csrc/lightning.cu; ValueError where
     it cannot run), "triton", or None (the faster one that can run; see `_cuda.choose_cuda`); the
-    serving backend passes `LightningPlan.decode_impl`. Returns o [B, H, D]."""
+    serving backend passes `LightningPlan.decode_impl`. track_slots [B] int and track_mask [B]
+    bool (together or neither): where the mask is set, the new state is also written to the track
+    slot (the prefix cache's decode snapshot). Returns o [B, H, D]."""
     dim = _check(q, state)
+    track = _track_pair("lightning_decode", track_slots, track_mask, "track_mask")
     if _cuda.choose_cuda("lightning_decode", impl, q, CUDA_DECODE_FASTER,
                          lambda: decode_cuda_unsupported(dim)):
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        return torch.ops.sala_sglang.lightning_decode(q, k, v, state, state_slots, slopes, scale)
+        return torch.ops.sala_sglang.lightning_decode(q, k, v, state, state_slots, slopes, scale,
+                                                      track_slots, track_mask)
     block_v = min(dim, 64)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     grid = (q.shape[0], q.shape[1], dim // block_v)
     _decode_kernel[grid](
         q, k, v, out, state, state_slots, slopes,
+        *(track or (state_slots, state_slots)),  # unread unless tracking
         scale,
         q.stride(0), q.stride(1),
         state.stride(0), state.stride(1), state.stride(2),
-        D=dim, BV=block_v,
+        D=dim, BV=block_v, TRACK=track is not None,
     )
     return out
+
+
+def _track_pair(op: str, slots: torch.Tensor | None, where: torch.Tensor | None,
+                where_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The track arguments, checked: both or neither."""
+    if (slots is None) != (where is None):
+        raise ValueError(f"{op}: pass track_slots and {where_name} together, or neither")
+    return None if slots is None else (slots, where)

@@ -56,6 +56,17 @@ class PrefillCase:
     slopes: tuple[float, ...] | None = None  # None: the real schedule for `heads`
     segment_len: int | None = None
     chunk: int | None = None  # None: PREFILL_LAUNCH's
+    # the prefix cache's snapshots: sequence i also writes its state after track_len[i] tokens
+    # to track_slots[i] (-1 in either: none)
+    track_slots: list[int] | None = None
+    track_len: list[int] | None = None
+
+    def tracked(self) -> list[tuple[int, int, int]]:
+        """(sequence, slot, tokens) of each snapshot the call must write."""
+        if self.track_slots is None:
+            return []
+        return [(i, slot, n) for i, (slot, n) in enumerate(zip(self.track_slots, self.track_len))
+                if slot >= 0 and n >= 0]
 
 
 def run_prefill(case: PrefillCase, device: str, dtype: torch.dtype, seed: int):
@@ -66,6 +77,10 @@ def run_prefill(case: PrefillCase, device: str, dtype: torch.dtype, seed: int):
                for _ in range(3))
     state = torch.randn(case.pool, case.heads, case.dim, case.dim, generator=gen).to(device)
     before = state.clone()
+    track = {}
+    if case.track_slots is not None:
+        track = {"track_slots": torch.tensor(case.track_slots, device=device),
+                 "track_len": torch.tensor(case.track_len, device=device, dtype=torch.int32)}
     out = lightning_prefill(
         q, k, v, state,
         torch.tensor(case.slots, device=device, dtype=torch.int32),
@@ -73,25 +88,34 @@ def run_prefill(case: PrefillCase, device: str, dtype: torch.dtype, seed: int):
         torch.tensor(case.has_initial_state, device=device, dtype=torch.int32),
         slopes.to(device), case.dim**-0.5,
         segment_len=case.segment_len, launch={"chunk": case.chunk} if case.chunk else None,
+        **track,
     )
     return (q, k, v), slopes, before, out, state
 
 
 def check_prefill(case: PrefillCase, device: str, dtype: torch.dtype, relative_error,
                   reference: Callable = lightning_recurrent, seed: int = 0) -> None:
-    """Every sequence's output and final state match the reference from its initial state (or
-    zero); slots no sequence owns are left bit for bit."""
+    """Every sequence's output, final state and snapshot match the reference from its initial
+    state (or zero); slots no sequence owns are left bit for bit."""
     (q, k, v), slopes, before, out, state = run_prefill(case, device, dtype, seed)
     starts = cumulative(case.lengths, "cpu").tolist()
-    for i, n in enumerate(case.lengths):
+
+    def expected(i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         s, slot = starts[i], case.slots[i]
         init = before[slot].double().cpu() if case.has_initial_state[i] and slot >= 0 else None
-        ref_o, ref_s = reference(*(x[s : s + n].double().cpu() for x in (q, k, v)),
-                                 slopes.double(), case.dim**-0.5, init)
+        return reference(*(x[s : s + n].double().cpu() for x in (q, k, v)), slopes.double(),
+                         case.dim**-0.5, init)
+
+    for i, n in enumerate(case.lengths):
+        ref_o, ref_s = expected(i, n)
+        s, slot = starts[i], case.slots[i]
         assert relative_error(out[s : s + n].cpu(), ref_o) < OUT_TOL[dtype], f"sequence {i}"
         if slot >= 0:
             assert relative_error(state[slot].cpu(), ref_s) < OUT_TOL[dtype], f"sequence {i}"
-    untouched = unowned(case.pool, case.slots)
+    for i, slot, n in case.tracked():
+        assert relative_error(state[slot].cpu(), expected(i, n)[1]) < OUT_TOL[dtype], (
+            f"sequence {i}'s snapshot after {n} tokens")
+    untouched = unowned(case.pool, case.slots + [slot for _, slot, _ in case.tracked()])
     assert torch.equal(state[untouched], before[untouched]), "prefill wrote a slot no one owns"
 
 
@@ -106,12 +130,23 @@ SMALL_PREFILL = {
     "segments_with_state_in": PrefillCase([5, 37, 16], [2, 0, 3], [0, 1, 1], pool=4,
                                           slopes=tuple(SMALL_SLOPES), chunk=16, segment_len=16),
 }
+# Snapshots (slots 4-6) at a chunk boundary inside a sequence, at a sequence's end (whole chunks,
+# and the 5-token partial one), and none (-1); with segments of 16 the snapshot after 32 tokens is
+# a segment's start and the one after 16 the end of a sequence's only segment.
+TRACKED_PREFILL = {
+    f"{name}_tracked": PrefillCase(case.lengths, case.slots, case.has_initial_state, pool=8,
+                                   slopes=case.slopes, chunk=16, segment_len=case.segment_len,
+                                   track_slots=track_slots, track_len=track_len)
+    for name, case in SMALL_PREFILL.items()
+    for track_slots, track_len in (([4, 5, 6], [-1, 32, 16]), ([6, 4, -1], [5, 16, 16]))
+}
 
 
-@pytest.mark.parametrize("name", SMALL_PREFILL)
+@pytest.mark.parametrize("name", [*SMALL_PREFILL, *TRACKED_PREFILL])
 def test_prefill_matches_recurrence_with_state_in_and_out(name: str, device: str,
                                                           relative_error) -> None:
-    check_prefill(SMALL_PREFILL[name], device, small_dtype(device), relative_error)
+    case = SMALL_PREFILL.get(name) or TRACKED_PREFILL[name]
+    check_prefill(case, device, small_dtype(device), relative_error)
 
 
 def test_prefill_in_segments_equals_prefill_in_one(device: str, relative_error) -> None:
@@ -148,8 +183,11 @@ def test_prefill_matches_recurrence_at_awkward_lengths(case: PrefillCase, relati
 def test_segment_parallel_prefill_matches_reference_at_real_dims(segment_len: int | None,
                                                                  relative_error) -> None:
     # the last sequence keeps no state (slot -1); slots 1, 3 and 5 are owned by no one
+    # snapshots after 640 tokens (mid-segment), 1024 (a segment boundary at 128 and 512) and at
+    # the end of the stateless sequence
     case = PrefillCase([1, 700, 2000, 64], [4, 0, 2, -1], [1, 0, 1, 1], pool=6, heads=32, dim=128,
-                       segment_len=segment_len)
+                       segment_len=segment_len, track_slots=[-1, 1, 3, 5],
+                       track_len=[-1, 640, 1024, 64])
     check_prefill(case, "cuda", torch.bfloat16, relative_error, reference=lightning_chunked,
                   seed=7)
 
@@ -241,6 +279,40 @@ def test_decode_matches_recurrence_and_leaves_padding_alone(case: DecodeCase, im
         assert torch.equal(state[untouched], before[untouched]), "padding wrote state"
 
 
+@pytest.mark.parametrize("heads,dim", [pytest.param(SMALL_HEADS, SMALL_DIM, id="small"),
+                                       pytest.param(32, 128, id="real", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_decode_snapshots_where_the_track_mask_is_set(heads: int, dim: int,
+                                                      index_dtype: torch.dtype, impl: str,
+                                                      device: str) -> None:
+    # rows: tracked, a padding row whose mask is set (must write nothing), untracked, tracked
+    slots = torch.tensor([2, -1, 0, 3], device=device, dtype=index_dtype)
+    track_slots = torch.tensor([4, 5, 6, 7], device=device, dtype=index_dtype)
+    mask = torch.tensor([True, True, False, True], device=device)
+    gen = torch.Generator().manual_seed(3)
+    dtype = small_dtype(device)
+    q, k, v = (torch.randn(4, heads, dim, generator=gen).to(device, dtype) for _ in range(3))
+    state = torch.randn(8, heads, dim, dim, generator=gen).to(device)
+    slopes = lightning_slopes(heads).float().to(device)
+    untracked = lightning_decode(q, k, v, state.clone(), slots, slopes, 0.1, impl=impl)
+    before = state.clone()
+    out = lightning_decode(q, k, v, state, slots, slopes, 0.1, impl=impl,
+                           track_slots=track_slots, track_mask=mask)
+    assert torch.equal(out, untracked)
+    assert torch.equal(state[4], state[2]) and torch.equal(state[7], state[3])
+    assert torch.equal(state[[1, 5, 6]], before[[1, 5, 6]]), "an untracked slot was written"
+
+
+def test_track_arguments_come_in_pairs() -> None:
+    q = torch.zeros(1, 1, 32)
+    state, slots = torch.zeros(2, 1, 32, 32), torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="pass track_slots and track_mask together"):
+        lightning_decode(q, q, q, state, slots, torch.ones(1), 0.1, track_slots=slots)
+    with pytest.raises(ValueError, match="pass track_slots and track_len together"):
+        lightning_prefill(q, q, q, state, slots, torch.tensor([0, 1], dtype=torch.int32), slots,
+                          torch.ones(1), 0.1, track_slots=slots)
+
+
 def test_decode_impl_cuda_says_why_it_cannot_run() -> None:
     q = torch.zeros(1, 1, 32)
     with pytest.raises(ValueError, match="impl='cuda' cannot run: sala_sglang._C is not built or "
@@ -264,19 +336,24 @@ def test_decode_replays_in_a_cuda_graph(impl: str) -> None:
     gen = torch.Generator(device="cuda").manual_seed(1)
     q, k, v = (torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
                for _ in range(3))
-    state = torch.randn(batch, heads, dim, dim, device="cuda")
+    # slots batch..2*batch-1 are the track slots; the mask changes between replays
+    state = torch.randn(2 * batch, heads, dim, dim, device="cuda")
     eager_state = state.clone()
+    track_slots = torch.arange(batch, 2 * batch, device="cuda")
+    mask = torch.zeros(batch, dtype=torch.bool, device="cuda")
 
     def step(st: torch.Tensor) -> torch.Tensor:
-        return lightning_decode(q, k, v, st, slots, slopes, 0.1, impl=impl)
+        return lightning_decode(q, k, v, st, slots, slopes, 0.1, impl=impl,
+                                track_slots=track_slots, track_mask=mask)
 
     step(state.clone())  # compile and warm up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step(state)
-    for _ in range(2):
+    for replay in range(2):
         for x in (q, k, v):
             x.copy_(torch.randn(x.shape, device="cuda", dtype=x.dtype, generator=gen))
+        mask.copy_(torch.arange(batch, device="cuda") % 2 == replay)
         graph.replay()
         expected = step(eager_state)
         assert torch.equal(out, expected) and torch.equal(state, eager_state)
@@ -321,9 +398,10 @@ q = torch.randn(2, 4, 64, device="cuda", dtype=torch.bfloat16)
 slots = torch.zeros(2, device="cuda", dtype=torch.int32)
 slopes = torch.rand(4, device="cuda")
 state = torch.zeros(2, 4, 64, 64, device="cuda")
-for bad_state, bad_slopes in ((state.bfloat16(), slopes), (state, slopes.double())):
+for bad_state, bad_slopes, track in ((state.bfloat16(), slopes, ()), (state, slopes.double(), ()),
+                                     (state, slopes, (slots, slots)), (state, slopes, (slots,))):
     try:
-        torch.ops.sala_sglang.lightning_decode(q, q, q, bad_state, slots, bad_slopes, 0.1)
+        torch.ops.sala_sglang.lightning_decode(q, q, q, bad_state, slots, bad_slopes, 0.1, *track)
     except RuntimeError as exc:
         print(str(exc).splitlines()[0])
 """
@@ -336,6 +414,7 @@ def test_cuda_decode_names_the_bad_argument() -> None:
     # down on the GPU machine (benchmarks/NOTES.md), which would end the whole session.
     out = child_stdout(BAD_ARGUMENTS)
     assert "state must be float32" in out and "slopes must be float32" in out
+    assert "track_mask must be bool" in out and "track_slots and track_mask together" in out
 
 
 @pytest.mark.gpu
@@ -350,3 +429,7 @@ def test_cuda_decode_op_registration_passes_opcheck() -> None:
     slopes = torch.rand(heads, device="cuda")
     torch.library.opcheck(torch.ops.sala_sglang.lightning_decode.default,
                           (q, k, v, state, slots, slopes, 0.125))
+    track = (torch.tensor([1, 0, -1], device="cuda"), torch.tensor([True, False, True],
+                                                                    device="cuda"))
+    torch.library.opcheck(torch.ops.sala_sglang.lightning_decode.default,
+                          (q, k, v, state, slots, slopes, 0.125, *track))
