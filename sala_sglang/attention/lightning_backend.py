@@ -7,19 +7,28 @@ request first gets it, and the kernels additionally start from zero when a reque
 Each forward's `LightningPlan` (decode kernel, prefill segment length) is built with its metadata,
 eagerly or before a CUDA graph is captured or replayed, from host facts and what `__init__` read
 once (the device, the kernel overrides); the layer calls only read it.
+
+Prefix cache: SGLang's scheduler marks where a request's running state must be snapshotted into
+its track slot (`ForwardBatch.mamba_track_*`): in prefill after the last whole 64-token chunk of
+the extend (or at a branch point the radix tree asked for), in decode every
+`--mamba-track-interval` tokens. The kernels write those snapshots as they go; the metadata here
+turns SGLang's per-request lengths into "after how many tokens of this extend" on the device,
+without a host sync. A request whose prefix was matched finds the snapshot already copied into
+its working slot by SGLang before the forward, and starts from it (`has_initial_state`).
 """
 
 from __future__ import annotations
 
 import torch
 from sglang.srt.layers.attention.hybrid_linear_attn_backend import MambaAttnBackendBase
+from sglang.srt.layers.attention.mamba.mamba2_metadata import ForwardMetadata
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.runtime_context import get_parallel
 
 from sala_sglang.ops._cuda import DeviceFacts
 from sala_sglang.ops.lightning import lightning_decode, lightning_prefill
-from sala_sglang.ops.lightning_plan import LightningPlan, plan_lightning
+from sala_sglang.ops.lightning_plan import PREFILL_LAUNCH, LightningPlan, plan_lightning
 from sala_sglang.ops.overrides import KernelOverrides
 from sala_sglang.reference.lightning import lightning_slopes
 
@@ -46,15 +55,50 @@ class LightningBackend(MambaAttnBackendBase):
         self.head_dim = config.lightning_head_dim
         self.scale = self.head_dim**-0.5
         self.has_initial_state: torch.Tensor | None = None
+        # prefill snapshots: after this many tokens of the extend (-1: none), one per request
+        self.track_len: torch.Tensor | None = None
+        # SGLang places prefill snapshots at multiples of this from the extend's start; the
+        # kernel can store a state only between its chunks
+        self.snapshot_step = model_runner.server_args.mamba_cache_chunk_size
+        if self.snapshot_step % PREFILL_LAUNCH["chunk"]:
+            raise ValueError(
+                f"mamba_cache_chunk_size {self.snapshot_step} is not a multiple of the lightning "
+                f"prefill chunk {PREFILL_LAUNCH['chunk']}"
+            )
         self.device_facts = DeviceFacts.of(self.device)
         self.prefer_impl = KernelOverrides.from_env().impl
         self.plan: LightningPlan | None = None
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
-        super().init_forward_metadata(forward_batch)
+        """Eager forwards (and prefill under SGLang's breakable graphs, whose attention runs
+        outside the captured body): device ops only, no host sync."""
         self._plan(forward_batch)
-        if forward_batch.forward_mode.is_extend():
-            self.has_initial_state = (forward_batch.extend_prefix_lens > 0).to(torch.int32)
+        fb = forward_batch
+        slots = self.req_to_token_pool.get_mamba_indices(fb.req_pool_indices)
+        real = fb._original_batch_size
+        if real is not None and real < slots.shape[0]:
+            slots = slots.clone()
+            slots[real:] = -1  # padding rows touch no state
+        query_start_loc = None
+        if fb.forward_mode.is_extend():
+            query_start_loc = torch.zeros(fb.batch_size + 1, dtype=torch.int32, device=self.device)
+            torch.cumsum(fb.extend_seq_lens, 0, out=query_start_loc[1:])
+            self.has_initial_state = (fb.extend_prefix_lens > 0).to(torch.int32)
+            self.track_len = None
+            if fb.mamba_track_mask is not None:
+                # the scheduler's track length counts the whole sequence; the kernel counts the
+                # extend, floored to a snapshot step
+                extend_len = fb.mamba_track_seqlens.long() - fb.extend_prefix_lens.long()
+                self.track_len = torch.where(
+                    fb.mamba_track_mask,
+                    extend_len // self.snapshot_step * self.snapshot_step,
+                    -1,
+                ).to(torch.int32)
+        self.forward_metadata = ForwardMetadata(
+            query_start_loc=query_start_loc,
+            mamba_cache_indices=slots,
+            mamba_track_indices=fb.mamba_track_indices,
+        )
 
     def init_forward_metadata_out_graph(
         self, forward_batch: ForwardBatch, in_capture: bool = False
@@ -102,6 +146,8 @@ class LightningBackend(MambaAttnBackendBase):
             self.slopes,
             self.scale,
             segment_len=self.plan.segment_len,
+            track_slots=None if self.track_len is None else meta.mamba_track_indices,
+            track_len=self.track_len,
         )
         return out.view(-1, self.num_heads * self.head_dim)
 
@@ -115,14 +161,20 @@ class LightningBackend(MambaAttnBackendBase):
         save_kv_cache: bool = True,
         **kwargs,
     ) -> torch.Tensor:
+        # under CUDA graphs the destinations are the base class's static buffer and the mask is
+        # the graph's input slot; both None when the prefix cache is off
+        meta = self.forward_metadata
+        track = forward_batch.mamba_track_mask is not None and meta.mamba_track_indices is not None
         out = lightning_decode(
             self._heads(q),
             self._heads(k),
             self._heads(v),
             self._state(layer),
-            self.forward_metadata.mamba_cache_indices,
+            meta.mamba_cache_indices,
             self.slopes,
             self.scale,
             impl=self.plan.decode_impl,
+            track_slots=meta.mamba_track_indices if track else None,
+            track_mask=forward_batch.mamba_track_mask if track else None,
         )
         return out.view(-1, self.num_heads * self.head_dim)
