@@ -114,6 +114,9 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
       trials rarely hit a gap of a few 1e-4, which rounding still decides. The pairs are listed
       in "near_ties" as (row, sparse layer, kv head, chosen block, served block, relative gap),
       the sparse layer counted among the sparse layers (0 = the first).
+    The prompt's entries may start anywhere (`logprob_start_len` > 0, as a prefix-cache hit
+    needs): they are the prompt's last ones, and an entry without a logprob (the first, which
+    scores nothing) is skipped. Rows are reported as reference rows: row r scores token r + 1.
     Returns the worst and mean logprob errors, the number of confident token flips (reference
     top-1/top-2 margin >= 0.1 but a different served choice), and the count of positions.
     """
@@ -122,23 +125,28 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
     meta = result["meta_info"]
     sequence = prompt + list(result["output_ids"])
     logits, logprobs = _reference_logprobs(reference, sequence, len(prompt))
-    # Served entry j (j >= 1) scores token j given tokens < j: reference row j - 1.
-    served = [e for e in meta["input_token_logprobs"][1:]] + list(meta["output_token_logprobs"])
-    served_top = [e for e in meta["input_top_logprobs"][1:]] + list(meta["output_top_logprobs"])
-    rows = torch.arange(len(served))
-    tokens = torch.tensor(sequence[1:])
+    inputs, input_tops = meta["input_token_logprobs"], meta["input_top_logprobs"]
+    first = len(prompt) - len(inputs)  # the position the first prompt entry scores
+    kept_inputs = [i for i, e in enumerate(inputs) if e[0] is not None]
+    served = [inputs[i] for i in kept_inputs] + list(meta["output_token_logprobs"])
+    served_top = [input_tops[i] for i in kept_inputs] + list(meta["output_top_logprobs"])
+    # the entry for position p scores token p given tokens < p: reference row p - 1
+    positions = [first + i for i in kept_inputs] + [
+        len(prompt) + j for j in range(len(meta["output_token_logprobs"]))]
+    rows = torch.tensor(positions) - 1
+    tokens = torch.tensor([sequence[p] if 0 < p < len(sequence) else -1 for p in positions])
     served_tokens = [e[1] for e in served]
     # SGLang 0.5.16 reports prompt token ids >= vocab_size - 1 as 0 (it clips image-hash
     # padding), so the last vocabulary id reads back as 0 in the prompt part.
     clip = reference.config.vocab_size - 1
-    expected = [0 if (t >= clip and i < len(prompt) - 1) else t
-                for i, t in enumerate(sequence[1:])]
-    if served_tokens != expected:
-        first = next((i for i, (a, b) in enumerate(zip(served_tokens, expected)) if a != b),
-                     min(len(served_tokens), len(sequence) - 1))
+    expected = [0 if (t >= clip and p < len(prompt)) else t
+                for p, t in zip(positions, tokens.tolist())]
+    if served_tokens != expected or first < 0:
+        bad_at = next((int(r) for r, a, b in zip(rows, served_tokens, expected) if a != b),
+                      len(sequence) - 1)
         raise AssertionError(
             f"served logprob entries do not line up with the sequence: {len(served_tokens)} "
-            f"entries for {len(sequence) - 1} positions, first difference at row {first}"
+            f"entries for {len(sequence) - 1} positions, first difference at row {bad_at}"
         )
     served_lp = torch.tensor([e[0] for e in served], dtype=torch.float64)
     served_choice = torch.tensor([t[0][1] for t in served_top])
@@ -167,20 +175,23 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
     left = (bad & ~excused).nonzero().flatten().tolist()
     if 0 < len(left) <= MAX_TIE_ROWS:
         rel = 2 * q_noise if tie_rel is None else tie_rel
+        entry_of = {int(rows[i]): i for i in left}
         for row, layer, group, chosen, passed, gap in _near_tie_swaps(
-                reference, sequence, len(prompt), left, rel):
-            if tie_excused[row]:
+                reference, sequence, len(prompt), list(entry_of), rel):
+            i = entry_of[row]
+            if tie_excused[i]:
                 continue
             alt_err, alt_flip = misses(*_reference_logprobs(
                 reference, sequence, len(prompt),
                 _swapped_stage1(row, layer, group, chosen, passed)))
-            if alt_err[row] <= LOGPROB_TOL and not alt_flip[row]:
-                tie_excused[row] = True
+            if alt_err[i] <= LOGPROB_TOL and not alt_flip[i]:
+                tie_excused[i] = True
                 near_ties.append((row, layer, group, chosen, passed, round(gap, 6)))
     kept = ~(excused | tie_excused)
     worst = (err * kept).topk(min(3, len(served))).indices.tolist()
     return {
-        "worst_rows": [(r, round(float(err[r]), 4), r >= len(prompt) - 1) for r in worst],
+        "worst_rows": [(int(rows[i]), round(float(err[i]), 4), int(rows[i]) >= len(prompt) - 1)
+                       for i in worst],
         "max_logprob_err": float(err[kept].max()),
         "mean_logprob_err": float(err[kept].mean()),
         "confident_flips": int((flip & kept).sum()),

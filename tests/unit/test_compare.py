@@ -60,6 +60,23 @@ def test_an_exact_answer_passes(setup) -> None:
     assert report["positions"] == len(prompt) + 3
 
 
+@pytest.mark.parametrize("start", [1, 16, 40])
+def test_an_answer_scoring_the_prompt_from_a_later_start_passes(setup, start: int) -> None:
+    # as SGLang answers logprob_start_len = start (a prefix-cache hit needs start > 0): the
+    # prompt's entries from position start on, the first without a logprob
+    reference, prompt, answer = setup
+    meta = answer["meta_info"]
+    later = {**answer, "meta_info": {
+        **meta,
+        "input_token_logprobs": [[None, prompt[start], None]]
+        + meta["input_token_logprobs"][start + 1:],
+        "input_top_logprobs": [None] + meta["input_top_logprobs"][start + 1:],
+    }}
+    report = served_vs_reference(reference, prompt, later)
+    assert report["max_logprob_err"] < 1e-9
+    assert report["positions"] == len(prompt) - 1 - start + 4
+
+
 def test_a_wrong_logprob_is_reported(setup) -> None:
     reference, prompt, answer = setup
     bad = {**answer, "meta_info": {**answer["meta_info"]}}
