@@ -94,6 +94,10 @@ class Server:
         r.raise_for_status()
         return r.json()["loads"][0]
 
+    def flush_cache(self) -> None:
+        """Empty the prefix cache (SGLang refuses while requests are running)."""
+        requests.post(self.url + "/flush_cache", timeout=60).raise_for_status()
+
     def generate(self, input_ids: list[int], max_new_tokens: int, **extra: Any) -> dict:
         body = {
             "input_ids": input_ids,

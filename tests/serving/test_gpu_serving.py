@@ -23,19 +23,9 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.serving]
 
 CHUNK = 64
-from sala_sglang.testing.compare import LOGPROB_TOL  # noqa: E402  (SPEC section 4)
-
-# In bf16 the logits themselves are rounded to bf16 (spacing 0.03 at |logit| 4-8), which alone
-# moves some logprobs past 5e-2 (measured up to 0.076, with no token flips). The exactness modes
-# therefore serve in float16 (8x finer rounding; SGLang's fused norms have no float32 kernel),
-# in the spirit of SPEC section 4's "serve it in float32"; the bf16 mode checks tokens the same
-# way, every logprob within 0.15 and their mean within 0.02.
-BF16_MAX_LOGPROB_ERR = 0.15
-# Relative noise on the reference's stage-1 queries that stands for the served model's rounding
-# when deciding whether a missed position is a selection near-tie (see served_vs_reference).
-FP16_Q_NOISE = 1e-3
-BF16_Q_NOISE = 8e-3
-BF16_MEAN_LOGPROB_ERR = 0.02
+# The exactness modes serve in float16 (SGLang's fused norms have no float32 kernel), in the
+# spirit of SPEC section 4's "serve it in float32"; bf16 is held to looser logprob bounds
+# (sala_sglang.testing.compare.check_served).
 SHORT_AND_LONG = [40, 250, 300, 700]
 CONCURRENT = [5, 33, 64, 65, 100, 131, 200, 257]
 CONCURRENT_LONG = [250, 300, 520, 777, 1000, 64, 131, 700]  # several drop blocks
@@ -44,8 +34,10 @@ NEW_TOKENS = 12
 COMMON = ["--chunked-prefill-size", str(CHUNK), "--max-running-requests", "8"]
 SERVER_MODES = {
     "graph_fp16": [*COMMON, "--dtype", "float16"],
+    # mixed prefill+decode batches drop SGLang's state-snapshot marks, so they need the prefix
+    # cache off: this mode is also the suite's run without it
     "eager_mixed_fp16": [*COMMON, "--dtype", "float16", "--disable-cuda-graph",
-                         "--enable-mixed-chunk"],
+                         "--enable-mixed-chunk", "--disable-radix-cache"],
     "graph_fp16_dense_as_sparse": [*COMMON, "--dtype", "float16", "--dense-as-sparse"],
     "graph_bf16": [*COMMON, "--dtype", "bfloat16"],
 }
@@ -106,27 +98,10 @@ def _prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
 
 
 def _check(server, reference, prompt: list[int], result: dict) -> dict:
-    from sala_sglang.testing.compare import served_vs_reference
+    from sala_sglang.testing.compare import check_served
 
-    noise = BF16_Q_NOISE if server.mode.endswith("bf16") else FP16_Q_NOISE
-    try:
-        report = served_vs_reference(reference, prompt, result, q_noise=noise)
-    except Exception as exc:
-        print(json.dumps({"mode": server.mode, "prompt_len": len(prompt), "error": repr(exc),
-                          "meta_keys": sorted(result.get("meta_info", {}))}))
-        raise
-    print(json.dumps({"mode": server.mode, "prompt_len": len(prompt), **report}))
-    assert report["confident_flips"] == 0, report
-    # A selection bug shows as more near-tie misses than rounding-sized noise on the reference's
-    # stage-1 inputs causes by itself, so that count is the cap: a fixed 10% sat below what
-    # bf16-sized noise alone causes (see benchmarks/NOTES.md, fifth session).
-    assert report["selection_excused"] <= report["noisy_reference_misses"], report
-    if server.mode.endswith("bf16"):
-        assert report["max_logprob_err"] <= BF16_MAX_LOGPROB_ERR, report
-        assert report["mean_logprob_err"] <= BF16_MEAN_LOGPROB_ERR, report
-    else:
-        assert report["max_logprob_err"] <= LOGPROB_TOL, report
-    return report
+    return check_served(reference, prompt, result, bf16=server.mode.endswith("bf16"),
+                        mode=server.mode)
 
 
 @pytest.mark.parametrize("length", SHORT_AND_LONG)
