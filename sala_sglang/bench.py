@@ -6,11 +6,15 @@ Qwen3-8B's shape, each served by SGLang at batch 1 (TTFT, decode speed, GPU memo
 date, command) written after every measured point, so a run cut short keeps what it measured.
 `--workload soar` runs instead a SOAR-2026-style serving score: a fixed request set (SOAR_MIX)
 under bench_serving at concurrency 1, 8 and unlimited, each wall time recorded.
+`--workload multiturn` measures the prefix cache: multi-turn conversations about long documents
+and bench_serving's generated-shared-prefix set, on a server with the cache and then on one with
+`--disable-radix-cache` (see run_multiturn).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import importlib.metadata as md
@@ -27,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +55,18 @@ COMMON_FLAGS = [*RECOMMENDED_SERVE_FLAGS, "--load-format", "dummy", "--mem-fract
 SOAR_MIX = ((4096, 512, 2), (8192, 512, 3), (16384, 512, 3), (32768, 256, 4), (65536, 256, 4),
             (131072, 256, 3), (262144, 256, 3), (524288, 256, 2))
 SOAR_CONCURRENCY = (1, 8, 0)  # 0: unlimited
+# The multiturn workload's documents: the issue's 128K, 512K and 1M tokens.
+MULTITURN_LENGTHS = [131072, 524288, 1048576]
+# bench_serving's generated-shared-prefix set for the multiturn workload, (groups, questions per
+# group, system-prompt tokens): long documents, each asked several questions, as a served
+# long-context model sees them. 2 x 4 keeps the run without the cache to 8 cold prefills of
+# ~80K tokens (the tiny tokenizer re-encodes the generator's random text ~1.2x longer than
+# asked), about half a minute on an H100 by the batch-1 TTFTs.
+SHARED_PREFIX_SET = (2, 4, 65536)
+# The warm-up conversation's document: two full prefill chunks.
+WARMUP_TOKENS = 16384
+# The multiturn workload's two servers, in this order: name, the flags added to the common ones.
+CACHE_SIDES = (("cache", ()), ("no_cache", ("--disable-radix-cache",)))
 
 
 # ---- result records --------------------------------------------------------------------------
@@ -229,17 +245,24 @@ class GpuMemoryPeak:
 
 
 def stream_one(url: str, ids: list[int], new_tokens: int, timeout_s: float = 7200,
-               first_token: threading.Event | None = None) -> dict:
+               first_token: threading.Event | None = None, keep_output: bool = False) -> dict:
     """One greedy streamed request: TTFT from send to first chunk, decode rate over the rest.
-    first_token, if given, is set when the first chunk arrives (the request is then decoding)."""
+    first_token, if given, is set when the first chunk arrives (the request is then decoding).
+    keep_output: also the generated ids ("output_ids") and how many prompt tokens the server took
+    from its prefix cache ("cached_tokens"), from the last chunk."""
+    # No logprob_start_len: with input logprobs asked from position 0 SGLang matches no prefix.
     body = {
         "input_ids": ids,
         "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True},
         "stream": True,
     }
+    # Encoded before the clock starts: a 1M-token prompt costs this client's encoder ~0.1 s,
+    # which is not the server's latency.
+    data = json.dumps(body)
     t0 = time.perf_counter()
-    stamps = []
-    with requests.post(url + "/generate", json=body, stream=True, timeout=timeout_s) as r:
+    stamps, last = [], {}
+    with requests.post(url + "/generate", data=data, headers={"Content-Type": "application/json"},
+                       stream=True, timeout=timeout_s) as r:
         if r.status_code != 200:
             return {"error": f"HTTP {r.status_code}: {r.text[:300]}"}
         for line in r.iter_lines():
@@ -247,17 +270,21 @@ def stream_one(url: str, ids: list[int], new_tokens: int, timeout_s: float = 720
                 stamps.append(time.perf_counter())
                 if first_token is not None:
                     first_token.set()
-                chunk = json.loads(line[6:])
-                if "error" in chunk:  # SGLang streams a rejection as a data chunk (HTTP 200)
-                    return {"error": chunk["error"]}
+                last = json.loads(line[6:])
+                if "error" in last:  # SGLang streams a rejection as a data chunk (HTTP 200)
+                    return {"error": last["error"]}
     if not stamps:
         return {"error": "no tokens streamed"}
     decode_s = stamps[-1] - stamps[0]
-    return {
+    out = {
         "ttft_s": round(stamps[0] - t0, 3),
         "decode_tok_per_s": round((len(stamps) - 1) / decode_s, 2) if len(stamps) > 1 else None,
         "streamed_chunks": len(stamps),
     }
+    if keep_output:  # SGLang streams the ids generated so far in every chunk (not increments)
+        out["output_ids"] = last.get("output_ids", [])
+        out["cached_tokens"] = last.get("meta_info", {}).get("cached_tokens")
+    return out
 
 
 def random_ids_dataset(input_len: int, range_ratio: float, output_len: int) -> list[str]:
@@ -270,6 +297,17 @@ def random_ids_dataset(input_len: int, range_ratio: float, output_len: int) -> l
 def custom_dataset(path: Path) -> list[str]:
     """bench_serving's flags for a JSONL request set (see write_soar_workload)."""
     return ["--dataset-name", "custom", "--dataset-path", str(path)]
+
+
+def shared_prefix_dataset(groups: int, per_group: int, system_tokens: int, question_tokens: int,
+                          output_tokens: int) -> list[str]:
+    """bench_serving's flags for its generated-shared-prefix set: groups x per_group requests,
+    each a group's system prompt and a question of its own, and the cache hit rate reported.
+    The set is random text (random ids decoded), so the server's token counts differ from these."""
+    return ["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", str(groups),
+            "--gsp-prompts-per-group", str(per_group), "--gsp-system-prompt-len",
+            str(system_tokens), "--gsp-question-len", str(question_tokens), "--gsp-output-len",
+            str(output_tokens), "--cache-report"]
 
 
 def bench_serving(url: str, tokenizer: Path, dataset: list[str], num_prompts: int,
@@ -293,11 +331,11 @@ def bench_serving(url: str, tokenizer: Path, dataset: list[str], num_prompts: in
             "request_throughput", "input_throughput", "output_throughput", "mean_ttft_ms",
             "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
             "mean_e2e_latency_ms",
-            "concurrency")
+            "concurrency", "cache_report")
     return {"command": cmd, **{k: summary[k] for k in keep if k in summary}}
 
 
-def random_ids(n: int, vocab: int, seed: int) -> list[int]:
+def random_ids(n: int, vocab: int, seed: int | str) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(5, vocab) for _ in range(n)]
 
@@ -343,11 +381,58 @@ def write_soar_workload(path: Path, seed: int = 0, max_input: int | None = None)
     return [{"input_tokens": n, "output_tokens": out} for n, out in rows]
 
 
-def run(args: argparse.Namespace) -> Path:
-    import torch
+# ---- servers ---------------------------------------------------------------------------------
+def server_flags(shape: ModelShape, backend: str, context: int, tokenizer: Path,
+                 extra: str) -> list[str]:
+    """The benchmark server's flags: OpenBMB's, the model's, the backend, a context length and
+    the tokenizer; extra (the user's --server-args) last, so that they win."""
+    return [*COMMON_FLAGS, *shape.server_flags, "--attention-backend", backend,
+            "--context-length", str(context), "--tokenizer-path", str(tokenizer), *extra.split()]
 
+
+@contextlib.contextmanager
+def served(model_dir: Path, log_path: Path, flags: list[str], info: dict,
+           keep_log: bool) -> Iterator[Server]:
+    """A ready server for the block, stopped after it; its startup time, KV pool size and the
+    memory lines of its log go into info, and the log's tail too if keep_log or if the server
+    did not start or the block raised."""
+    server = Server(model_dir, log_path, *flags,
+                    env={"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"})
+    started = time.perf_counter()
+    failed = True
+    try:
+        server.wait_ready()
+        info["startup_s"] = round(time.perf_counter() - started, 1)
+        info.update(server_state(server.url, "max_total_num_tokens"))
+        yield server
+        failed = False
+    finally:
+        server.stop()
+        log = server.tail(10**8)
+        info["server_log_memory"] = [
+            line[-300:] for line in log.splitlines()
+            if "max_total_num_tokens" in line or "MiniCPM-SALA memory" in line
+            or "KV Cache is allocated" in line or "Memory pool end" in line
+        ][:20]
+        if keep_log or failed:
+            info["server_log_tail"] = log[-4000:]
+
+
+def server_state(url: str, *keys: str) -> dict:
+    """These fields of /server_info (the server's arguments, then the scheduler's state), each
+    None where the server does not report it."""
+    try:
+        info = requests.get(url + "/server_info", timeout=30).json()
+    except (requests.RequestException, ValueError):
+        info = {}
+    states = [info, *(s for s in info.get("internal_states") or [] if isinstance(s, dict))]
+    return {key: next((s[key] for s in states if key in s), None) for key in keys}
+
+
+# ---- the random and SOAR-style workloads ------------------------------------------------------
+def run(args: argparse.Namespace) -> Path:
     shape = MODELS[args.model]
-    backend = args.backend or ("minicpm_flashinfer" if shape.name == "sala" else "fa3")
+    backend = args.backend or _default_backend(shape)
     soar = args.workload == "soar"
     cap = f"_max{args.soar_max_input // 1024}k" if soar and args.soar_max_input else ""
     tag = args.tag or f"{_workload_name(args)}_{shape.name}_{backend}{cap}"
@@ -367,13 +452,9 @@ def run(args: argparse.Namespace) -> Path:
         longest_input = max([*lengths, args.serving_input_len])
         longest_output = args.serving_output_len
     context = longest_input + max(args.decode_tokens, longest_output) + 64
-    flags = [*COMMON_FLAGS, *shape.server_flags, "--attention-backend", backend,
-             "--context-length", str(context), "--tokenizer-path", str(tok_dir),
-             *args.server_args.split()]
+    flags = server_flags(shape, backend, context, tok_dir, args.server_args)
     record = {
-        **header(_workload_name(args), tag),
-        "model": f"{shape.name}: {shape.config_path.name}, random weights (--load-format dummy)",
-        "attention_backend": backend,
+        **_model_record(_workload_name(args), tag, shape, backend),
         "server_flags": flags,
         "decode_tokens": args.decode_tokens,
         "cache_bytes_per_token": shape.cache_bytes_per_token(),
@@ -389,80 +470,255 @@ def run(args: argparse.Namespace) -> Path:
                               "requests": prompts,
                               "input_tokens": sum(r["input_tokens"] for r in requests_),
                               "output_tokens": sum(r["output_tokens"] for r in requests_)}
-    if torch.cuda.is_available():
-        record["gpu_total_mib"] = torch.cuda.get_device_properties(0).total_memory // 2**20
     save = lambda: write_result(record, tag, args.out)  # noqa: E731
     print(f"[bench] starting SGLang for {shape.name} ({backend}), context {context}", flush=True)
-    server = Server(model_dir, work / "server.log", *flags,
-                    env={"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"})
-    started = time.perf_counter()
     try:
-        server.wait_ready()
-        record["startup_s"] = round(time.perf_counter() - started, 1)
-        record["max_total_num_tokens"] = _pool_tokens(server.url)
-        vocab = TINY_VOCAB_SIZE  # the tokenizer both servers get: every id is valid for both
-        # Warm-up: two full prefill chunks and a few decode steps, so that kernel JIT and
-        # autotuning are not charged to the first measured point.
-        stream_one(server.url, random_ids(16384, vocab, 0), 16)
-        for n in lengths:
-            print(f"[bench] {shape.name}: {n} input tokens, {args.decode_tokens} output",
-                  flush=True)
-            with GpuMemoryPeak() as mem:
-                row = {"input_tokens": n, **stream_one(server.url, random_ids(n, vocab, n),
-                                                      args.decode_tokens)}
-            row["gpu_mem_peak_mib"] = mem.peak_mib
-            row["context_cache_gib"] = round(
-                ((n + args.decode_tokens) * shape.cache_bytes_per_token()
-                 + shape.state_bytes_per_request()) / 2**30, 3)
-            if "ttft_s" in row:
-                row["prefill_tflop"] = round(shape.prefill_flops(n) / 1e12, 1)
-                if args.peaks:
-                    row["mfu"] = round(shape.prefill_flops(n) / row["ttft_s"]
-                                       / (args.peaks["bf16_tflops"] * 1e12), 4)
-            print("[bench] " + json.dumps(row), flush=True)
-            record["batch1"].append(row)
-            save()
-            if "error" in row and not server.alive():
-                break
-        for conc in concurrency:
-            if not server.alive():
-                break
-            print(f"[bench] bench_serving, concurrency {conc or 'unlimited'}", flush=True)
-            res = bench_serving(server.url, tok_dir, dataset, prompts, conc, work)
-            print("[bench] " + json.dumps({k: v for k, v in res.items() if k != "command"}),
-                  flush=True)
-            record["bench_serving"].append({"max_concurrency": conc, **res})
-            if soar:  # the score: each wall time, and their sum once all three ran
-                walls = {str(r["max_concurrency"] or "unlimited"): r.get("duration")
-                         for r in record["bench_serving"]}
-                record["soar_wall_s"] = walls
-                if len(walls) == len(SOAR_CONCURRENCY) and None not in walls.values():
-                    record["soar_total_s"] = round(sum(walls.values()), 2)
-            save()
+        with served(model_dir, work / "server.log", flags, record, args.keep_log) as server:
+            vocab = TINY_VOCAB_SIZE  # the tokenizer both servers get: every id is valid for both
+            # Warm-up: two full prefill chunks and a few decode steps, so that kernel JIT and
+            # autotuning are not charged to the first measured point.
+            stream_one(server.url, random_ids(WARMUP_TOKENS, vocab, 0), 16)
+            for n in lengths:
+                print(f"[bench] {shape.name}: {n} input tokens, {args.decode_tokens} output",
+                      flush=True)
+                with GpuMemoryPeak() as mem:
+                    row = {"input_tokens": n, **stream_one(server.url, random_ids(n, vocab, n),
+                                                          args.decode_tokens)}
+                row["gpu_mem_peak_mib"] = mem.peak_mib
+                row["context_cache_gib"] = round(
+                    ((n + args.decode_tokens) * shape.cache_bytes_per_token()
+                     + shape.state_bytes_per_request()) / 2**30, 3)
+                if "ttft_s" in row:
+                    row["prefill_tflop"] = round(shape.prefill_flops(n) / 1e12, 1)
+                    if args.peaks:
+                        row["mfu"] = round(shape.prefill_flops(n) / row["ttft_s"]
+                                           / (args.peaks["bf16_tflops"] * 1e12), 4)
+                _log(row)
+                record["batch1"].append(row)
+                save()
+                if "error" in row and not server.alive():
+                    break
+            for conc in concurrency:
+                if not server.alive():
+                    break
+                print(f"[bench] bench_serving, concurrency {conc or 'unlimited'}", flush=True)
+                res = bench_serving(server.url, tok_dir, dataset, prompts, conc, work)
+                _log({k: v for k, v in res.items() if k != "command"})
+                record["bench_serving"].append({"max_concurrency": conc, **res})
+                if soar:  # the score: each wall time, and their sum once all three ran
+                    walls = {str(r["max_concurrency"] or "unlimited"): r.get("duration")
+                             for r in record["bench_serving"]}
+                    record["soar_wall_s"] = walls
+                    if len(walls) == len(SOAR_CONCURRENCY) and None not in walls.values():
+                        record["soar_total_s"] = round(sum(walls.values()), 2)
+                save()
     finally:
-        server.stop()
-        log = server.tail(10**8)
-        record["server_log_memory"] = [
-            line[-300:] for line in log.splitlines()
-            if "max_total_num_tokens" in line or "MiniCPM-SALA memory" in line
-            or "KV Cache is allocated" in line or "Memory pool end" in line
-        ][:20]
-        if not record["batch1"] or args.keep_log:
-            record["server_log_tail"] = log[-4000:]
         path = save()
         shutil.rmtree(work, ignore_errors=True)
     print(f"[bench] wrote {path}", flush=True)
     return path
 
 
-def _pool_tokens(url: str) -> int | None:
-    """The KV pool's size in tokens, as the server reports it (None if it does not)."""
+def _default_backend(shape: ModelShape) -> str:
+    return "minicpm_flashinfer" if shape.name == "sala" else "fa3"
+
+
+def _model_record(benchmark: str, tag: str, shape: ModelShape, backend: str) -> dict:
+    """A result record's first fields: the header, the model served and its backend."""
+    import torch
+
+    record = {
+        **header(benchmark, tag),
+        "model": f"{shape.name}: {shape.config_path.name}, random weights (--load-format dummy)",
+        "attention_backend": backend,
+    }
+    if torch.cuda.is_available():
+        record["gpu_total_mib"] = torch.cuda.get_device_properties(0).total_memory // 2**20
+    return record
+
+
+def _log(row: dict) -> None:
+    print("[bench] " + json.dumps(row), flush=True)
+
+
+# ---- the prefix-cache workload ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Conversation:
+    """A synthetic conversation about one document: the document and one question per turn,
+    random ids, each drawn from its own seed "<seed>/<document length>/<part>", so that
+    conversations of other lengths or seeds share no prefix with this one beyond a chance token
+    or two (a prefix hit takes whole KV pages: 64 tokens for MiniCPM-SALA)."""
+
+    document: list[int]
+    questions: list[list[int]]
+
+    @classmethod
+    def make(cls, tokens: int, turns: int, question_tokens: int, vocab: int,
+             seed: int | str) -> Conversation:
+        return cls(random_ids(tokens, vocab, f"{seed}/{tokens}/document"),
+                   [random_ids(question_tokens, vocab, f"{seed}/{tokens}/question{turn}")
+                    for turn in range(1, turns + 1)])
+
+    def prompt(self, answers: list[list[int]], turn: int) -> list[int]:
+        """Turn `turn`'s prompt (from 1): the document, each earlier turn's question and its
+        answer (answers[k - 1]: the ids the server generated at turn k), this turn's question.
+        So turn k + 1's prompt is turn k's, then turn k's answer, then a new question."""
+        ids = list(self.document)
+        for question, answer in zip(self.questions[:turn - 1], answers[:turn - 1], strict=True):
+            ids += question + answer
+        return ids + self.questions[turn - 1]
+
+
+def converse(url: str, conversation: Conversation, answer_tokens: int) -> tuple[list[dict],
+                                                                                list[list[int]]]:
+    """The conversation on the server at url, turn by turn, each prompt built with the answers
+    it gave: one row per turn (prompt tokens, TTFT, decode rate, cached tokens) and the answers.
+    Stops after a failed turn, or after a turn past the first that took nothing from the cache
+    (the later ones would repeat turn 1's cold prefill: minutes at 1M tokens, telling nothing)."""
+    rows, answers = [], []
+    for turn in range(1, len(conversation.questions) + 1):
+        prompt = conversation.prompt(answers, turn)
+        result, answer = _turn(url, prompt, answer_tokens)
+        if "error" not in result and len(answer) != answer_tokens:
+            result["error"] = f"{len(answer)} answer tokens, asked for {answer_tokens}"
+        rows.append({"turn": turn, "prompt_tokens": len(prompt), **result})
+        _log({"document_tokens": len(conversation.document), **rows[-1]})
+        if "error" in result or (turn > 1 and not result.get("cached_tokens")):
+            break
+        answers.append(answer)
+    return rows, answers
+
+
+def replay(url: str, conversation: Conversation, answers: list[list[int]],
+           turns: list[int]) -> list[dict]:
+    """Turns of a conversation held before (answers: the ids generated then) sent again to the
+    server at url with one new token each: the same prompts, for their TTFT alone. Turn k needs
+    the answers of turns 1 to k - 1; a turn past those is left out."""
+    rows = []
+    for turn in (t for t in turns if t <= len(answers) + 1):
+        prompt = conversation.prompt(answers, turn)
+        result, _ = _turn(url, prompt, 1)
+        rows.append({"turn": turn, "prompt_tokens": len(prompt), **result})
+        _log({"document_tokens": len(conversation.document), **rows[-1]})
+    return rows
+
+
+def _turn(url: str, prompt: list[int], new_tokens: int) -> tuple[dict, list[int]]:
+    """One turn's measurements (TTFT, decode rate, cached tokens, error) and its answer."""
+    result = stream_one(url, prompt, new_tokens, keep_output=True)
+    answer = result.pop("output_ids", [])
+    keep = ("ttft_s", "decode_tok_per_s", "cached_tokens", "error")
+    return {k: result[k] for k in keep if result.get(k) is not None}, answer
+
+
+def flush_cache(url: str) -> None:
+    """Empties the server's prefix cache (SGLang waits up to 60 s for running requests to end),
+    so that nothing measured next finds what an earlier conversation left there."""
+    requests.post(url + "/flush_cache", params={"timeout": 60}, timeout=120).raise_for_status()
+
+
+def run_multiturn(args: argparse.Namespace) -> Path:
+    """Serves the model with the prefix cache, then with --disable-radix-cache, and measures on
+    each: a conversation per document length (flushing the cache before each), then
+    bench_serving's generated-shared-prefix set at each --concurrency. The server with the cache
+    holds the whole conversations (answers generated); the one without replays the same prompts
+    of the turns in --no-cache-turns for TTFT. One record: a row per turn with both sides' TTFT
+    and their ratio, and the bench_serving summaries."""
+    shape = MODELS[args.model]
+    backend = args.backend or _default_backend(shape)
+    tag = args.tag or f"prefix_cache_{shape.name}"
+    lengths = args.lengths if args.lengths is not None else MULTITURN_LENGTHS
+    no_cache_turns = args.no_cache_turns or list(range(1, args.turns + 1))
+    groups, per_group, system_tokens = SHARED_PREFIX_SET
+    work = Path(tempfile.mkdtemp(prefix="sala-bench-"))
+    model_dir, tok_dir = prepare_model_dir(shape, work)
+    vocab = TINY_VOCAB_SIZE
+    conversations = {n: Conversation.make(n, args.turns, args.question_tokens, vocab, args.seed)
+                     for n in lengths}
+    warmup = Conversation.make(WARMUP_TOKENS, 2, args.question_tokens, vocab, "warm-up")
+    # The shared-prefix prompts are random ids decoded to text and tokenized again by the server,
+    # which the tiny tokenizer makes ~1.2x longer than asked: twice the length is room enough.
+    shared_prefix_longest = (2 * (system_tokens + args.question_tokens) + args.answer_tokens
+                             if args.concurrency else 0)
+    longest = max([WARMUP_TOKENS, *lengths]) + args.turns * (args.question_tokens
+                                                             + args.answer_tokens)
+    context = max(longest, shared_prefix_longest) + 64
+    dataset = shared_prefix_dataset(groups, per_group, system_tokens, args.question_tokens,
+                                    args.answer_tokens)
+    record = {
+        **_model_record("prefix_cache", tag, shape, backend),
+        "workload": {"name": "multiturn", "seed": args.seed, "document_tokens": lengths,
+                     "turns": args.turns, "question_tokens": args.question_tokens,
+                     "answer_tokens": args.answer_tokens, "no_cache_turns": no_cache_turns},
+        "servers": {},
+        "turns": [],
+        "bench_serving": [],
+    }
+    if args.concurrency:
+        record["workload"]["shared_prefix"] = {
+            "groups": groups, "prompts_per_group": per_group,
+            "system_prompt_tokens": system_tokens, "question_tokens": args.question_tokens,
+            "output_tokens": args.answer_tokens}
+    save = lambda: write_result(record, tag, args.out)  # noqa: E731
+    answers: dict[int, list[list[int]]] = {}
     try:
-        info = requests.get(url + "/server_info", timeout=30).json()
-    except (requests.RequestException, ValueError):
-        return None
-    states = [info, *(s for s in info.get("internal_states") or [] if isinstance(s, dict))]
-    return next((s["max_total_num_tokens"] for s in states if "max_total_num_tokens" in s), None)
+        for side, extra in CACHE_SIDES:
+            flags = [*server_flags(shape, backend, context, tok_dir, args.server_args), *extra]
+            info = record["servers"][side] = {"flags": flags}
+            print(f"[bench] starting SGLang for {shape.name} ({backend}, {side}), context "
+                  f"{context}", flush=True)
+            with served(model_dir, work / f"server_{side}.log", flags, info,
+                        args.keep_log) as server:
+                # What the server runs with, not what it was asked: the plugin may turn it off.
+                info.update(server_state(server.url, "disable_radix_cache"))
+                # Kernel JIT and autotuning before anything is measured, the cache's hit path
+                # included (turn 2 continues from what turn 1 left in the cache).
+                converse(server.url, warmup, args.answer_tokens)
+                for n in lengths:
+                    flush_cache(server.url)
+                    if side == "cache":
+                        rows, answers[n] = converse(server.url, conversations[n],
+                                                    args.answer_tokens)
+                        record["turns"] += [
+                            {"document_tokens": n, "turn": row["turn"],
+                             "prompt_tokens": row["prompt_tokens"], "cache": _measured(row)}
+                            for row in rows]
+                    else:
+                        for row in replay(server.url, conversations[n], answers[n],
+                                          no_cache_turns):
+                            _add_no_cache(record["turns"], n, row)
+                    save()
+                for conc in args.concurrency:
+                    flush_cache(server.url)
+                    print(f"[bench] bench_serving, shared prefixes, concurrency "
+                          f"{conc or 'unlimited'}", flush=True)
+                    res = bench_serving(server.url, tok_dir, dataset, groups * per_group, conc,
+                                        work)
+                    _log({k: v for k, v in res.items() if k != "command"})
+                    record["bench_serving"].append({"server": side, "max_concurrency": conc,
+                                                    **res})
+                    save()
+    finally:
+        path = save()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"[bench] wrote {path}", flush=True)
+    return path
+
+
+def _measured(row: dict) -> dict:
+    """A turn's measurements, without the turn and prompt length it was sent with."""
+    return {k: v for k, v in row.items() if k not in ("turn", "prompt_tokens")}
+
+
+def _add_no_cache(rows: list[dict], document_tokens: int, row: dict) -> None:
+    """Puts a replayed turn's measurements beside the same turn's with the cache, and the TTFT
+    ratio without / with the cache."""
+    target = next(r for r in rows
+                  if r["document_tokens"] == document_tokens and r["turn"] == row["turn"])
+    target["no_cache"] = _measured(row)
+    cache, no_cache = target["cache"].get("ttft_s"), target["no_cache"].get("ttft_s")
+    if cache and no_cache:
+        target["ttft_no_cache_over_cache"] = round(no_cache / cache, 2)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -471,17 +727,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None,
                    help="attention backend (default: minicpm_flashinfer for sala, fa3 for "
                         "qwen3-8b)")
-    p.add_argument("--workload", choices=("random", "soar"), default="random",
+    p.add_argument("--workload", choices=("random", "soar", "multiturn"), default="random",
                    help="random: batch-1 lengths, then bench_serving on random ids at "
                         "--concurrency; soar: the SOAR-style request set (SOAR_MIX) under "
-                        "bench_serving at concurrency 1, 8 and unlimited, each wall time recorded")
+                        "bench_serving at concurrency 1, 8 and unlimited, each wall time "
+                        "recorded; multiturn: the prefix cache, on and off (--disable-radix-"
+                        "cache): a conversation of --turns turns about each document length, "
+                        "TTFT per turn, then bench_serving's generated-shared-prefix set at "
+                        "--concurrency")
     p.add_argument("--soar-max-input", type=int, default=None,
                    help="soar: cut longer inputs to this many tokens (262144 to compare with the "
                         "dense model, which cannot hold 512K on an H100)")
-    p.add_argument("--seed", type=int, default=0, help="soar: the workload's text and order")
+    p.add_argument("--seed", type=int, default=0,
+                   help="soar: the workload's text and order; multiturn: the documents and "
+                        "questions")
     p.add_argument("--lengths", type=int, nargs="*", default=None,
-                   help="batch-1 input lengths (default: 32K-1M for random, none for soar; "
-                        "none: only the bench_serving runs)")
+                   help="batch-1 input lengths, multiturn: document lengths (default: 32K-1M "
+                        "for random, none for soar, 128K, 512K and 1M for multiturn; none: only "
+                        "the bench_serving runs)")
+    p.add_argument("--turns", type=int, default=4, help="multiturn: turns per conversation")
+    p.add_argument("--question-tokens", type=int, default=1024,
+                   help="multiturn: tokens of each turn's question (and of each shared-prefix "
+                        "request's)")
+    p.add_argument("--answer-tokens", type=int, default=256,
+                   help="multiturn: tokens generated per turn (and per shared-prefix request)")
+    p.add_argument("--no-cache-turns", type=int, nargs="+", default=None,
+                   help="multiturn: the turns sent again to the server without the cache "
+                        "(default: all); each is a cold prefill of the whole conversation")
     p.add_argument("--decode-tokens", type=int, default=1024)
     p.add_argument("--concurrency", type=int, nargs="*", default=[8, 0],
                    help="bench_serving runs: max concurrency each, 0 = unlimited (none: skip)")
@@ -493,7 +765,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-args", default="", help="extra flags for sglang.launch_server")
     p.add_argument("--tag", default=None,
                    help="what the result file is named by, before device and date "
-                        "(default long_context_<model>_<backend>)")
+                        "(default long_context_<model>_<backend>; multiturn: "
+                        "prefix_cache_<model>)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--no-peaks", dest="measure_peaks", action="store_false",
                    help="skip measuring the GPU's bf16 peak (MFU then not reported)")
@@ -545,6 +818,11 @@ def _workload_name(args: argparse.Namespace) -> str:
 def bench(args: argparse.Namespace) -> int:
     import torch
 
+    wrong = [t for t in args.no_cache_turns or [] if not 1 <= t <= args.turns]
+    if wrong:
+        print(f"sala-sglang bench: --no-cache-turns {' '.join(map(str, wrong))}: a conversation "
+              f"has turns 1 to {args.turns} (--turns)", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("sala-sglang bench: no CUDA GPU visible; the benchmark serves the real config on "
               "a GPU.",
@@ -561,8 +839,11 @@ def bench(args: argparse.Namespace) -> int:
     # A SIGTERM (e.g. from `timeout`) must still stop the server through run()'s finally:
     # left running, it holds the GPU memory the next run needs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    args.peaks = measure_bf16_peak() if args.measure_peaks else None
-    run(args)
+    if args.workload == "multiturn":  # TTFT ratios: no MFU, so no peak to measure
+        run_multiturn(args)
+    else:
+        args.peaks = measure_bf16_peak() if args.measure_peaks else None
+        run(args)
     return 0
 
 

@@ -147,7 +147,9 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
         description="Serves the released MiniCPM-SALA config (or the dense Qwen3-8B-shaped "
         "baseline) with random weights and measures TTFT, decode tokens/s and GPU memory at "
         "batch 1 for each length, then sglang.bench_serving at fixed and unlimited concurrency. "
-        "Writes JSON after every point.",
+        "--workload soar runs a SOAR-style request set instead; --workload multiturn the prefix "
+        "cache, on and off: TTFT per turn of long-document conversations, and bench_serving's "
+        "generated-shared-prefix set. Writes JSON after every point.",
     )
     add_arguments(p)
     p.set_defaults(func=_run_bench)

@@ -9,6 +9,8 @@
 #   bash scripts/gpu_checks.sh serving-segments # graph fp16, CUDA selection in 8-token CTAs that
 #                                               # merge 3-block segments (the tiny suite's widths
 #                                               # never need a second segment otherwise)
+#   bash scripts/gpu_checks.sh prefix-cache     # prefix-cache hits = reference = no-cache server,
+#                                               # graph, eager and dense_as_sparse side by side
 #   bash scripts/gpu_checks.sh soak             # 1000 requests, 10% aborted, pools free after
 #   bash scripts/gpu_checks.sh profile          # where a decode step's time goes (real config)
 # The long-context benchmark (real configs) in parts that each fit one call; results merge by
@@ -16,6 +18,10 @@
 #   sweep-sala-short (32K-256K, then bench_serving: 16 prompts of 32K-128K, concurrency 8 and
 #   unlimited)  sweep-sala-long (512K, 1M)  sweep-dense (32K-512K)  serving-dense (bench_serving)
 #   compare-sala, compare-dense (both models at 64K-256K, back to back on one machine)
+# The prefix cache (issue 16), each part one server with the cache and one with
+# --disable-radix-cache, one after the other on the same GPU, one result file:
+#   prefix-bench-a (4-turn conversations about 128K and 512K-token documents, then
+#   bench_serving's generated-shared-prefix set)  prefix-bench-b (the same conversation at 1M)
 set -uo pipefail
 out="${OUT:-gpu-logs}"
 mkdir -p "$out"
@@ -59,6 +65,13 @@ for part in "$@"; do
                           -m "cuda_graph and not dense_as_sparse" ;;
         serving-segments) SALA_SGLANG_KERNELS=cuda SALA_SGLANG_SELECT_TILE=8 SALA_SGLANG_SELECT_SEGMENT=3 \
                               run "$part" pytest_gpu "$SERVING" -m "fp16 and cuda_graph and not dense_as_sparse" ;;
+        prefix-cache)
+            pids=()
+            for m in "cuda_graph and not dense_as_sparse" "eager" "dense_as_sparse"; do
+                run "$part-${m%% *}" pytest_gpu tests/serving/test_gpu_prefix_cache.py -m "$m" \
+                    & pids+=($!)
+            done
+            for pid in "${pids[@]}"; do wait "$pid" || status=1; done ;;
         soak) run soak python benchmarks/soak.py --out "$out" ;;
         profile) run profile python benchmarks/profile_decode.py --out "$out" ;;
         # One server for both: SALA's startup (graph capture, Triton JIT) is 80-190 s.
@@ -78,9 +91,17 @@ for part in "$@"; do
                            --concurrency --tag long_context_compare_qwen3-8b ;;
         serving-dense) run "$part" long_context "${DENSE[@]}" --lengths --concurrency 8 0 \
                            --serving-prompts 16 --tag long_context_qwen3-8b_serving ;;
-        *) echo "unknown part: $part (ops, http, serving-graph, serving-other, soak, profile," \
+        # Two server starts (the first 159-183 s on a fresh machine) leave each part ~5 minutes
+        # of requests. The server without the cache gets turn 2 only, a cold prefill of the whole
+        # conversation (75 s at 1M): turn 1 is a cold prefill with the cache too, and turns 3-4
+        # only add ~1.3K tokens each to a prompt of 128K or more.
+        prefix-bench-a) run "$part" long_context --workload multiturn --lengths 131072 524288 \
+                            --no-cache-turns 2 --concurrency 0 --tag prefix_cache_sala_128k_512k ;;
+        prefix-bench-b) run "$part" long_context --workload multiturn --lengths 1048576 \
+                            --no-cache-turns 2 --concurrency --tag prefix_cache_sala_1m ;;
+        *) echo "unknown part: $part (ops, http, serving-graph, serving-other, prefix-cache, soak, profile," \
                 "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare-sala," \
-                "compare-dense, serving-cuda, serving-segments)"
+                "compare-dense, serving-cuda, serving-segments, prefix-bench-a, prefix-bench-b)"
            exit 2 ;;
     esac
 done

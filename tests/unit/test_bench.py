@@ -1,12 +1,17 @@
 """The long-context benchmark's arithmetic (FLOPs, bytes per token) against SPEC section 3, its
 table and plots from result files, the soak plan, the decode profile's summary, and
-`sala-sglang bench` without a GPU, and the SOAR-style workload."""
+`sala-sglang bench` without a GPU, the SOAR-style workload and the prefix-cache (multiturn)
+workload against a faked server."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,10 +19,15 @@ import torch
 
 from benchmarks import plot_long_context as plot
 from benchmarks import profile_decode, soak
+from sala_sglang import bench
 from sala_sglang.bench import (
     MODELS,
     SOAR_MIX,
+    WARMUP_TOKENS,
+    Conversation,
+    converse,
     prepare_model_dir,
+    replay,
     soar_requests,
     stream_one,
     write_result,
@@ -128,24 +138,33 @@ def test_soak_plan_covers_both_modes_and_aborts() -> None:
     assert soak.make_plans(1000, 65536, 0.1, seed=0) == plans
 
 
+class _Reply:
+    """An HTTP 200 answer that streams these lines (before_first runs before the first)."""
+
+    status_code = 200
+
+    def __init__(self, lines: list[bytes], before_first: Callable[[], None] = lambda: None):
+        self.lines, self.before_first = lines, before_first
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def iter_lines(self):
+        self.before_first()
+        yield from self.lines
+
+    def raise_for_status(self) -> None:
+        pass
+
+
 def _stream_replies(monkeypatch: pytest.MonkeyPatch, lines: list[bytes],
                     before_first: Callable[[], None] = lambda: None) -> None:
     """requests.post answers with HTTP 200 and streams these lines."""
-
-    class Streamed:
-        status_code = 200
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def iter_lines(self):
-            before_first()
-            yield from lines
-
-    monkeypatch.setattr("sala_sglang.bench.requests.post", lambda *a, **k: Streamed())
+    monkeypatch.setattr("sala_sglang.bench.requests.post",
+                        lambda *a, **k: _Reply(lines, before_first))
 
 
 def test_streamed_rejection_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -196,19 +215,19 @@ def test_bench_without_a_gpu_says_so(capsys: pytest.CaptureFixture) -> None:
 @pytest.mark.parametrize("argv", [
     ["--lengths", "1024", "--concurrency", "8", "--no-peaks"],  # random-ids bench_serving runs
     ["--workload", "soar", "--concurrency", "--no-peaks"],  # soar runs bench_serving regardless
-], ids=["random_with_concurrency", "soar_without_concurrency"])
+    ["--workload", "multiturn", "--concurrency", "0"],  # the generated-shared-prefix runs
+], ids=["random_with_concurrency", "soar_without_concurrency", "multiturn_with_concurrency"])
 def test_bench_serving_without_datasets_fails_before_starting_a_server(
     argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     import importlib.util
-
-    from sala_sglang import bench
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(bench.importlib.util, "find_spec",
                         lambda name, *a: None if name == "datasets" else real_find_spec(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bench, "run", lambda args: pytest.fail("server started"))
+    monkeypatch.setattr(bench, "run_multiturn", lambda args: pytest.fail("server started"))
     assert bench.main(argv) == 2
     assert "needs the `datasets` package" in capsys.readouterr().err
 
@@ -273,3 +292,219 @@ def test_bench_soar_mode_parses_and_needs_a_gpu(capsys: pytest.CaptureFixture) -
         "soar", 262144, 2, None)
     assert main(["bench", "--workload", "soar"]) == 2
     assert "no CUDA GPU visible" in capsys.readouterr().err
+
+
+# ---- the prefix-cache (multiturn) workload ----------------------------------------------------
+class _FakeServer:
+    """SGLang's /generate (streamed, every chunk holding the ids generated so far) and
+    /flush_cache; with a cache, cached_tokens is the longest prefix shared with a sequence
+    (prompt and answer) held since the last flush. Every /generate body is kept."""
+
+    def __init__(self, cache: bool) -> None:
+        self.cache = cache
+        self.bodies: list[dict] = []
+        self.held: list[list[int]] = []
+
+    def post(self, url: str, data: str | None = None, **kwargs) -> _Reply:
+        if url.endswith("/flush_cache"):
+            self.held.clear()
+            return _Reply([])
+        body = json.loads(data)
+        self.bodies.append(body)
+        ids, n = body["input_ids"], body["sampling_params"]["max_new_tokens"]
+        cached = max((len(os.path.commonprefix([ids, seq])) for seq in self.held), default=0)
+        cached = min(cached, len(ids) - 1) if self.cache else 0
+        answer = [5 + (len(ids) + i) % 100 for i in range(n)]
+        self.held.append(ids + answer)
+        chunks = [{"output_ids": answer[:i + 1], "meta_info": {"cached_tokens": cached}}
+                  for i in range(n)]
+        return _Reply([b"data: " + json.dumps(c).encode() for c in chunks] + [b"data: [DONE]"],
+                      before_first=lambda: time.sleep(0.002))  # a TTFT above the 1 ms rounding
+
+
+def _serve_fake(monkeypatch: pytest.MonkeyPatch, server: _FakeServer) -> None:
+    monkeypatch.setattr("sala_sglang.bench.requests.post", server.post)
+
+
+def test_each_turn_is_the_last_prompt_then_its_answer_then_a_new_question() -> None:
+    conversation = Conversation.make(1000, 4, 50, vocab=1280, seed=0)
+    answers = [[7] * 8, [8] * 8, [9] * 8]
+    first = conversation.prompt(answers, 1)
+    assert first == conversation.document + conversation.questions[0]
+    for turn in range(1, 4):
+        assert conversation.prompt(answers, turn + 1) == (
+            conversation.prompt(answers, turn) + answers[turn - 1] + conversation.questions[turn])
+        assert len(conversation.prompt(answers, turn)) == 1000 + turn * 50 + (turn - 1) * 8
+
+
+def test_conversations_of_other_lengths_or_seeds_share_no_kv_page() -> None:
+    """No two documents (nor the warm-up's) begin with the same 64 tokens, a KV page."""
+    documents = [Conversation.make(n, 2, 16, vocab=1280, seed=seed).document
+                 for n in (1024, 2048, 4096) for seed in (0, 1)]
+    documents.append(Conversation.make(WARMUP_TOKENS, 2, 16, vocab=1280, seed="warm-up").document)
+    for i, a in enumerate(documents):
+        for b in documents[i + 1:]:
+            assert len(os.path.commonprefix([a, b])) < 64
+    questions = Conversation.make(1024, 4, 64, vocab=1280, seed=0).questions
+    assert len({tuple(q) for q in questions}) == 4
+    assert Conversation.make(1024, 4, 64, vocab=1280, seed=0).questions == questions  # fixed
+
+
+def test_a_conversation_sends_each_turn_the_last_prompt_and_answer_with_a_new_question(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = _FakeServer(cache=True)
+    _serve_fake(monkeypatch, server)
+    conversation = Conversation.make(512, 3, 32, vocab=1280, seed=0)
+    rows, answers = converse("http://x", conversation, answer_tokens=8)
+    sent = [body["input_ids"] for body in server.bodies]
+    assert sent[0] == conversation.document + conversation.questions[0]
+    for turn in (1, 2):
+        assert sent[turn] == sent[turn - 1] + answers[turn - 1] + conversation.questions[turn]
+    assert [len(a) for a in answers] == [8, 8, 8]
+    assert [r["prompt_tokens"] for r in rows] == [544, 584, 624]
+    assert [r["cached_tokens"] for r in rows] == [0, 552, 592]  # the last prompt and answer
+    assert all(r["ttft_s"] >= 0 and r["decode_tok_per_s"] > 0 for r in rows)
+    # a prefix hit needs logprob_start_len -1 or none (0 caps the match at 0 tokens)
+    assert all(body.get("logprob_start_len", -1) != 0 for body in server.bodies)
+    assert all(body["sampling_params"]["ignore_eos"] for body in server.bodies)
+
+
+def test_a_conversation_stops_when_a_later_turn_finds_nothing_cached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _serve_fake(monkeypatch, _FakeServer(cache=False))
+    rows, answers = converse("http://x", Conversation.make(512, 4, 32, vocab=1280, seed=0), 8)
+    assert [r["turn"] for r in rows] == [1, 2] and len(answers) == 1
+
+
+def test_a_replay_sends_the_same_prompts_for_one_token_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    held, again = _FakeServer(cache=True), _FakeServer(cache=False)
+    conversation = Conversation.make(512, 4, 32, vocab=1280, seed=0)
+    _serve_fake(monkeypatch, held)
+    _, answers = converse("http://x", conversation, 8)
+    _serve_fake(monkeypatch, again)
+    rows = replay("http://y", conversation, answers, [2, 4])
+    assert [r["turn"] for r in rows] == [2, 4]
+    assert [b["input_ids"] for b in again.bodies] == [held.bodies[1]["input_ids"],
+                                                      held.bodies[3]["input_ids"]]
+    assert [b["sampling_params"]["max_new_tokens"] for b in again.bodies] == [1, 1]
+    assert [r["cached_tokens"] for r in rows] == [0, 0]
+    assert replay("http://y", conversation, answers[:1], [2, 3]) == rows[:1]  # turn 3: no answer 2
+
+
+def test_multiturn_record_pairs_each_turn_with_and_without_the_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """Both servers in one record: per-turn rows with each side's TTFT and cached tokens and the
+    no-cache / cache ratio, the flags each ran with, the bench_serving runs of each."""
+    servers: dict[str, _FakeServer] = {}
+    started: list[list[str]] = []
+
+    @contextlib.contextmanager
+    def served(model_dir, log_path, flags, info, keep_log) -> Iterator[argparse.Namespace]:
+        started.append(flags)
+        side = "no_cache" if "--disable-radix-cache" in flags else "cache"
+        servers[side] = _FakeServer(cache=side == "cache")
+        monkeypatch.setattr("sala_sglang.bench.requests.post", servers[side].post)
+        info["startup_s"] = 1.0
+        yield argparse.Namespace(url=f"http://{side}")
+
+    monkeypatch.setattr(bench, "served", served)
+    monkeypatch.setattr(bench, "server_state", lambda url, *keys: {
+        "disable_radix_cache": url.endswith("no_cache")})
+    monkeypatch.setattr(bench, "bench_serving", lambda url, tok, dataset, prompts, conc, work: {
+        "command": ["bench_serving", *dataset], "completed": prompts,
+        "cache_report": {"cache_hit_rate_pct": 75.0 if url.endswith("//cache") else 0.0}})
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--workload", "multiturn", "--lengths", "256", "512", "--turns", "3",
+                         "--question-tokens", "16", "--answer-tokens", "8", "--no-cache-turns",
+                         "2", "3", "--concurrency", "0", "--tag", "t", "--out", str(tmp_path)])
+    path = bench.run_multiturn(args)
+
+    record = json.loads(path.read_text())
+    assert path.name.startswith("t_") and record["benchmark"] == "prefix_cache"
+    assert record["workload"]["no_cache_turns"] == [2, 3]
+    assert record["workload"]["shared_prefix"]["prompts_per_group"] == bench.SHARED_PREFIX_SET[1]
+    cache, no_cache = (record["servers"][side] for side in ("cache", "no_cache"))
+    assert "--disable-radix-cache" not in cache["flags"]
+    assert no_cache["flags"] == [*cache["flags"], "--disable-radix-cache"]
+    assert (cache["disable_radix_cache"], no_cache["disable_radix_cache"]) == (False, True)
+    context = int(cache["flags"][cache["flags"].index("--context-length") + 1])
+    assert context >= WARMUP_TOKENS + 3 * (16 + 8)  # the longest conversation, answer included
+    rows = record["turns"]
+    assert [(r["document_tokens"], r["turn"]) for r in rows] == [
+        (n, turn) for n in (256, 512) for turn in (1, 2, 3)]
+    for row in rows:
+        assert row["prompt_tokens"] == row["document_tokens"] + row["turn"] * 16 + (
+            row["turn"] - 1) * 8
+        assert set(row["cache"]) == {"ttft_s", "decode_tok_per_s", "cached_tokens"}
+        assert (row["cache"]["cached_tokens"] > 0) == (row["turn"] > 1)
+        if row["turn"] == 1:  # not in --no-cache-turns
+            assert "no_cache" not in row and "ttft_no_cache_over_cache" not in row
+        else:
+            assert row["no_cache"]["cached_tokens"] == 0
+            assert "ttft_s" in row["no_cache"] and "ttft_no_cache_over_cache" in row
+    # the server without the cache got the very prompts of the turns it replays
+    generated = [b["input_ids"] for b in servers["cache"].bodies]
+    replayed = [b["input_ids"] for b in servers["no_cache"].bodies
+                if b["sampling_params"]["max_new_tokens"] == 1]
+    assert len(replayed) == 4 and all(ids in generated for ids in replayed)
+    bodies = servers["cache"].bodies + servers["no_cache"].bodies
+    assert all(body.get("logprob_start_len", -1) != 0 for body in bodies)
+    assert [(r["server"], r["max_concurrency"]) for r in record["bench_serving"]] == [
+        ("cache", 0), ("no_cache", 0)]
+    assert "generated-shared-prefix" in record["bench_serving"][0]["command"]
+    assert record["bench_serving"][0]["cache_report"]["cache_hit_rate_pct"] == 75.0
+
+
+def test_shared_prefix_set_parses_in_bench_serving_and_shares_each_groups_prompt(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """sglang.bench_serving's own parser takes the flags; its generator, with the tokenizer
+    `bench` gives it, makes groups x per_group requests, each starting with its group's prompt."""
+    serving = pytest.importorskip("sglang.benchmark.serving")
+    from sglang.benchmark.datasets.generated_shared_prefix import (
+        sample_generated_shared_prefix_requests,
+    )
+    from transformers import AutoTokenizer
+
+    seen = {}
+    monkeypatch.setattr(serving, "run_benchmark", lambda args: seen.update(vars(args)))
+    monkeypatch.setattr("sys.argv", ["bench_serving", *bench.shared_prefix_dataset(2, 3, 256,
+                                                                                    16, 8)])
+    serving.cli_main()
+    assert (seen["dataset_name"], seen["gsp_num_groups"], seen["gsp_prompts_per_group"],
+            seen["gsp_system_prompt_len"], seen["gsp_question_len"], seen["gsp_output_len"],
+            seen["cache_report"]) == ("generated-shared-prefix", 2, 3, 256, 16, 8, True)
+    monkeypatch.setenv("HOME", str(tmp_path))  # the generator caches its set under ~/.cache
+    _, tok_dir = prepare_model_dir(MODELS["sala"], tmp_path)
+    rows = sample_generated_shared_prefix_requests(2, 3, 256, 16, 8, 1.0,
+                                                   AutoTokenizer.from_pretrained(tok_dir), seed=1)
+    starts = {row.prompt.split("\n\n")[0] for row in rows}
+    assert len(rows) == 6 and len(starts) == 2 and {row.output_len for row in rows} == {8}
+
+
+def test_bench_multiturn_parses_its_arguments() -> None:
+    from sala_sglang.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--workload", "multiturn", "--lengths", "131072",
+                                      "1048576", "--turns", "3", "--question-tokens", "512",
+                                      "--answer-tokens", "128", "--no-cache-turns", "2", "3"])
+    assert (args.workload, args.lengths, args.turns, args.question_tokens, args.answer_tokens,
+            args.no_cache_turns) == ("multiturn", [131072, 1048576], 3, 512, 128, [2, 3])
+    defaults = build_parser().parse_args(["bench", "--workload", "multiturn"])
+    assert (defaults.lengths, defaults.turns, defaults.question_tokens, defaults.answer_tokens,
+            defaults.no_cache_turns) == (None, 4, 1024, 256, None)
+
+
+def test_a_no_cache_turn_past_the_conversation_is_refused_before_anything_starts(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    assert bench.main(["--workload", "multiturn", "--turns", "2", "--no-cache-turns", "2",
+                       "3"]) == 2
+    assert "--no-cache-turns 3: a conversation has turns 1 to 2 (--turns)" in (
+        capsys.readouterr().err)
