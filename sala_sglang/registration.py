@@ -16,7 +16,10 @@ from typing import Any
 from sala_sglang.config import MiniCPMSALAConfig
 from sala_sglang.hooks import (
     add_compressed_keys_to_cell_size,
+    cap_state_pool_for_one_full_request,
     check_state_slots_when_idle,
+    extra_buffer_for_minicpm_sala,
+    namespace_request_class,
     reject_out_of_vocab_ids,
 )
 from sala_sglang.server_args import (
@@ -122,14 +125,16 @@ def _register_linear_layers() -> None:
 
     if get_linear_attn_spec_by_arch(ARCHITECTURE) is not None:
         return
-    # SGLang then builds the hybrid pools (KV for sparse layers, state slots for linear ones) and
-    # wraps our sparse-layer backend with this linear one in its HybridLinearAttnBackend.
+    # SGLang then builds the hybrid pools (KV for sparse layers, state slots for linear ones),
+    # wraps our sparse-layer backend with this linear one in its HybridLinearAttnBackend and,
+    # unless --disable-radix-cache, caches prefixes in a UnifiedRadixCache that keeps recurrent-
+    # state snapshots beside the KV pages.
     register_linear_attn_model(
         LinearAttnModelSpec(
             config_class=MiniCPMSALAConfig,
             backend_class_name="sala_sglang.attention.lightning_backend.LightningBackend",
             arch_names=[ARCHITECTURE],
-            uses_mamba_radix_cache=False,  # the radix cache is turned off for this model
+            uses_mamba_radix_cache=True,
         )
     )
 
@@ -156,6 +161,24 @@ def _register_server_hooks() -> None:
     HookRegistry.register(
         "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
         add_compressed_keys_to_cell_size,
+        HookType.AFTER,
+    )
+    # The callers (ServerArgs' strategy validation and the resolution pass in the same module)
+    # look the function up in its module when they run, so patching the module attribute reaches
+    # them.
+    HookRegistry.register(
+        "sglang.srt.arg_groups.overrides.supports_mamba_cache_extra_buffer",
+        extra_buffer_for_minicpm_sala,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._handle_max_mamba_cache",
+        cap_state_pool_for_one_full_request,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler.Scheduler._maybe_namespace_elastic_radix_cache",
+        namespace_request_class,
         HookType.AFTER,
     )
     HookRegistry.register(

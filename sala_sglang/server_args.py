@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from typing import Any
@@ -25,8 +26,9 @@ BACKEND_NAMES = ("minicpm_flashinfer", "minicpm_flashattn")
 DENSE_AS_SPARSE_FLAG = "--dense-as-sparse"
 DENSE_AS_SPARSE_ATTR = "dense_as_sparse"
 
-# OpenBMB's serving flags for MiniCPM-SALA (SPEC section 3). The plugin itself turns the radix
-# cache off and pages the KV cache by the InfLLM-v2 block size, so those flags are not needed.
+# OpenBMB's serving flags for MiniCPM-SALA (SPEC section 3), less the two the plugin decides
+# itself: the page size (the InfLLM-v2 block size) and --disable-radix-cache (the prefix cache is
+# on by default here; --disable-radix-cache still turns it off).
 RECOMMENDED_SERVE_FLAGS = (
     "--attention-backend", "minicpm_flashinfer",
     "--chunked-prefill-size", "8192",
@@ -120,13 +122,7 @@ def adjust_server_args(args: Any) -> None:
             f"--attention-backend {BACKEND_NAMES[0]} (or its alias {BACKEND_NAMES[1]})"
         )
     if not args.disable_radix_cache:
-        # The recurrent state of the linear layers and the compressed keys of the sparse layers
-        # cannot be restored from a shared prefix, so a prefix hit would compute wrong tokens.
-        args.disable_radix_cache = True
-        logger.warning(
-            "MiniCPM-SALA: prefix (radix) caching is not supported; serving with "
-            "--disable-radix-cache"
-        )
+        _configure_prefix_cache(args)
 
 
 def _reject_unsupported(args: Any, config: dict) -> None:
@@ -141,6 +137,7 @@ def _reject_unsupported(args: Any, config: dict) -> None:
             f"--page-size {page_size}: MiniCPM-SALA pages its KV cache by sparse_config.block_size "
             f"= {block_size}; drop --page-size or set it to {block_size}"
         )
+    _reject_unsupported_caches_and_states(args)
     _reject_clashes_with_what_the_plugin_sets(args, block_size)
     if getattr(args, "speculative_algorithm", None):
         raise UnsupportedServerOption(
@@ -180,26 +177,155 @@ def _reject_unsupported(args: Any, config: dict) -> None:
         )
 
 
+# The compressed keys live in the sparse-layer backend beside their KV page, outside SGLang's
+# KV pool, so anything that copies, offloads or transfers the pool would leave them behind.
+_COMPRESSED_KEYS_LEFT_BEHIND = (
+    "but not the sparse layers' compressed keys, which live beside the KV pages in "
+    "MiniCPM-SALA's attention backend"
+)
+
+# Switches MiniCPM-SALA cannot serve with, prefix cache on or off: (flag, ServerArgs field, why).
+_UNSUPPORTED_SWITCHES = (
+    ("--enable-hierarchical-cache", "enable_hierarchical_cache",
+     f"the hierarchical cache copies KV pages and recurrent states to host memory "
+     f"{_COMPRESSED_KEYS_LEFT_BEHIND}"),
+    ("--enable-lmcache", "enable_lmcache",
+     "LMCache replaces SGLang's cache with one that keeps full-attention KV only, not "
+     "MiniCPM-SALA's recurrent states or compressed keys"),
+    ("--enable-flexkv", "enable_flexkv",
+     "FlexKV replaces SGLang's cache with one that keeps full-attention KV only, not "
+     "MiniCPM-SALA's recurrent states or compressed keys"),
+    ("--enable-int8-mamba-checkpoint", "enable_int8_mamba_checkpoint",
+     "MiniCPM-SALA keeps its recurrent state in float32, cached snapshots included, so that a "
+     "prefix hit continues from the state a fresh prefill computes"),
+    ("--enable-linear-replayssm", "enable_linear_replayssm",
+     "it is a decode kernel for SGLang's GDN/KDA layers; MiniCPM-SALA's lightning layers "
+     "decode with their own kernels"),
+    ("--enable-gdn-replayssm-spec", "enable_gdn_replayssm_spec",
+     "it is a speculative-decoding kernel for SGLang's GDN layers"),
+    ("--enable-unified-memory", "enable_unified_memory",
+     "it needs SGLang's Triton attention and linear-attention backends; MiniCPM-SALA's "
+     "backends index the static KV and state pools"),
+)
+
+# Switches that clash with the prefix cache only: allowed with --disable-radix-cache.
+_PREFIX_CACHE_CLASHES = (
+    # SGLang's merge of a prefill into the running decodes drops the batch's snapshot targets
+    # after the scheduler has recorded them, so the tree would later take in unwritten slots.
+    ("--enable-mixed-chunk", "enable_mixed_chunk",
+     "a batch that mixes prefill chunks with decodes drops the recurrent-state snapshots its "
+     "chunks were to write, and the prefix cache would keep states that were never written"),
+    ("--enable-streaming-session", "enable_streaming_session",
+     "streaming sessions are not tested with MiniCPM-SALA's recurrent-state prefix cache"),
+)
+
+_CPP_RADIX_TREE_ENV = "SGLANG_EXPERIMENTAL_CPP_RADIX_TREE"
+# SGLang's recurrent-state chunk (FLA_CHUNK_SIZE): prefill snapshots and the branch points of a
+# prefix hit fall on multiples of it from the matched prefix, so decode snapshots must too.
+STATE_CHUNK = 64
+
+
+def _reject_unsupported_caches_and_states(args: Any) -> None:
+    """Caches, state stores and transfers that would lose MiniCPM-SALA's compressed keys or
+    recurrent states, whether or not the prefix cache is on."""
+    for flag, name, why in _UNSUPPORTED_SWITCHES:
+        if getattr(args, name, False):
+            raise UnsupportedServerOption(f"{flag}: {why}; drop it")
+    storage = getattr(args, "hicache_storage_backend", None)
+    if storage is not None:
+        raise UnsupportedServerOption(
+            f"--hicache-storage-backend {storage}: it is the storage tier of the hierarchical "
+            f"cache, which keeps KV pages and recurrent states {_COMPRESSED_KEYS_LEFT_BEHIND}; "
+            "drop it"
+        )
+    backend = getattr(args, "radix_cache_backend", None)
+    if backend:
+        # A registered backend replaces SGLang's choice even under --disable-radix-cache.
+        raise UnsupportedServerOption(
+            f"--radix-cache-backend {backend}: MiniCPM-SALA needs SGLang's own cache choice "
+            "(UnifiedRadixCache with recurrent-state snapshots, or ChunkCache under "
+            "--disable-radix-cache); drop it"
+        )
+    mode = getattr(args, "disaggregation_mode", "null")
+    if mode not in (None, "null"):
+        raise UnsupportedServerOption(
+            f"--disaggregation-mode {mode}: PD disaggregation hands KV pages and recurrent states "
+            f"to the decode server {_COMPRESSED_KEYS_LEFT_BEHIND}; serve prefill and decode on "
+            "one server"
+        )
+
+
+def _configure_prefix_cache(args: Any) -> None:
+    """With the radix cache on: SGLang's UnifiedRadixCache keeping recurrent-state snapshots in
+    each request's extra track slots (`extra_buffer`); refuse what clashes with it."""
+    if not _gpu_visible():
+        # The snapshots are written by the GPU kernels and SGLang asserts a GPU for them; a
+        # ServerArgs built without one (CPU tests of the model code) gets the plain chunk cache.
+        args.disable_radix_cache = True
+        logger.warning("MiniCPM-SALA: no GPU visible; serving with --disable-radix-cache")
+        return
+    for flag, name, why in _PREFIX_CACHE_CLASHES:
+        if getattr(args, name, False):
+            raise UnsupportedServerOption(
+                f"{flag}: {why}; add --disable-radix-cache to use it (without prefix caching), "
+                "or drop it"
+            )
+    from sglang.srt.environ import envs
+
+    if envs.SGLANG_EXPERIMENTAL_CPP_RADIX_TREE.get():
+        # SGLang picks that tree before it checks for recurrent states.
+        raise UnsupportedServerOption(
+            f"{_CPP_RADIX_TREE_ENV}={os.environ[_CPP_RADIX_TREE_ENV]}: SGLang's C++ radix tree "
+            "keeps no recurrent states, so a prefix hit would start from an empty state; unset "
+            "it, or add --disable-radix-cache"
+        )
+    page_size = args.page_size
+    strategy = getattr(args, "mamba_radix_cache_strategy", "auto")
+    if strategy == "auto":
+        args.mamba_radix_cache_strategy = "extra_buffer"
+    elif strategy == "no_buffer":
+        raise UnsupportedServerOption(
+            f"--mamba-radix-cache-strategy no_buffer: it needs --page-size 1, and MiniCPM-SALA "
+            f"pages its KV cache by sparse_config.block_size = {page_size}; drop it (the plugin "
+            "uses extra_buffer) or add --disable-radix-cache"
+        )
+    elif strategy == "extra_buffer_lazy":
+        raise UnsupportedServerOption(
+            "--mamba-radix-cache-strategy extra_buffer_lazy: MiniCPM-SALA's prefix cache is "
+            "served with extra_buffer only (lazy mode holds one snapshot slot per request and "
+            "allocates the second at decode track points, which its kernels are not tested "
+            "with); drop it (the plugin uses extra_buffer) or add --disable-radix-cache"
+        )
+    interval = getattr(args, "mamba_track_interval", None)
+    grid = math.lcm(STATE_CHUNK, page_size)
+    if interval is not None and interval % grid:
+        raise UnsupportedServerOption(
+            f"--mamba-track-interval {interval}: MiniCPM-SALA snapshots recurrent states on a "
+            f"{grid}-token grid (SGLang's state chunk and the KV page), so it must be a multiple "
+            f"of {grid}; use {_nearest_multiples(interval, grid)}"
+        )
+
+
+def _gpu_visible() -> bool:
+    """Whether this process sees a CUDA (or ROCm) GPU."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _reject_clashes_with_what_the_plugin_sets(args: Any, page_size: int) -> None:
     """Options that must agree with what the plugin sets by itself: the page size (the block
-    size), the radix cache (off) and the attention backend (ours)."""
-    # SGLang asserts the chunk rule (with the same exceptions) only when the engine starts
-    # (ServerArgs.check_server_args): a bare AssertionError and a traceback. Its other page-size
-    # rules (--mamba-track-interval, the mamba chunk size) apply only with the radix cache, which
-    # is off; --max-prefill-tokens and --max-total-tokens it rounds down to whole pages itself.
+    size) and the attention backend (ours)."""
+    # SGLang asserts the chunk rule only when the engine starts (ServerArgs.check_server_args):
+    # a bare AssertionError and a traceback. The track-interval rule is checked with the prefix
+    # cache's options; --max-prefill-tokens and --max-total-tokens SGLang rounds down to whole
+    # pages itself.
     chunk = getattr(args, "chunked_prefill_size", None)
-    if chunk is not None and chunk > 0 and getattr(args, "disaggregation_mode", None) != "decode":
-        if chunk % page_size:
-            raise UnsupportedServerOption(
-                f"--chunked-prefill-size {chunk}: MiniCPM-SALA pages its KV cache in blocks of "
-                f"{page_size} tokens, so it must be a multiple of {page_size}; "
-                f"use {_nearest_multiples(chunk, page_size)}"
-            )
-    if getattr(args, "enable_hierarchical_cache", False):
-        # SGLang would name --disable-radix-cache, which the user never gave.
+    if chunk is not None and chunk > 0 and chunk % page_size:
         raise UnsupportedServerOption(
-            "--enable-hierarchical-cache: MiniCPM-SALA is served without a prefix (radix) cache, "
-            "which the hierarchical cache extends; drop it"
+            f"--chunked-prefill-size {chunk}: MiniCPM-SALA pages its KV cache in blocks of "
+            f"{page_size} tokens, so it must be a multiple of {page_size}; "
+            f"use {_nearest_multiples(chunk, page_size)}"
         )
     for flag, name in (("--prefill-attention-backend", "prefill_attention_backend"),
                        ("--decode-attention-backend", "decode_attention_backend")):

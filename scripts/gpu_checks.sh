@@ -52,7 +52,8 @@ for part in "$@"; do
         # The three modes serving-graph and serving-other leave out of one call, side by side on
         # one GPU (a fifth of its memory each; the tiny model needs little): one call, not two.
         serving-parallel)
-            export SALA_SGLANG_TEST_SERVER_FLAGS="--mem-fraction-static 0.2"
+            # a fifth of the GPU each, unless the caller shares it out further
+            export SALA_SGLANG_TEST_SERVER_FLAGS="${SALA_SGLANG_TEST_SERVER_FLAGS:---mem-fraction-static 0.2}"
             pids=()
             for m in "dense_as_sparse" "eager" "bf16"; do
                 run "$part-$m" pytest_gpu "$SERVING" -m "$m" & pids+=($!)

@@ -32,6 +32,7 @@ from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.runtime_context import get_parallel
 
+from sala_sglang.hooks import cached_state_slots
 from sala_sglang.ops._cuda import DeviceFacts
 from sala_sglang.ops.infllm_v2 import (
     SparsePlan,
@@ -220,25 +221,39 @@ class SparseLayerBackend(AttentionBackend):
 def _log_memory_split(runner, backend: SparseLayerBackend) -> None:
     config = runner.model_config.hf_config
     kv_pool = runner.token_to_kv_pool
-    mamba_pool = runner.req_to_token_pool.mamba_pool
+    req_pool = runner.req_to_token_pool
+    slots = req_pool.mamba_pool.size
     kv_heads = runner.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
     kv_bytes_per_token = (
         2 * len(config.sparse_layer_ids) * kv_heads * config.head_dim * kv_pool.dtype.itemsize
     )
     state_bytes = config.mamba2_cache_params.mamba_cache_per_req
+    running = runner.max_running_requests
+    if runner.server_args.disable_radix_cache:
+        cache = "no prefix cache (--disable-radix-cache)"
+    else:
+        # a running request holds its working slot and its snapshot (ping-pong) slots
+        per_request = 1 + req_pool.mamba_ping_pong_track_buffer_size
+        cache = (
+            f"{per_request} slots per running request, "
+            f"{cached_state_slots(slots, running, per_request)} cached prefix states fit"
+        )
     logger.info(
-        "MiniCPM-SALA memory: KV %d B/token for %d sparse layers, %d tokens (%.2f GiB); "
-        "compressed keys K1 %.2f GiB; recurrent state %.1f MiB/request for %d linear "
-        "layers, %d state slots (%.2f GiB); max concurrent requests %d; dense_len %d",
+        "MiniCPM-SALA memory: KV %d B/token for %d sparse layers, %d tokens (%.2f GiB, %.2fx the "
+        "context length %d); compressed keys K1 %.2f GiB; recurrent state %.1f MiB/slot for %d "
+        "linear layers, %d state slots (%.2f GiB); max running requests %d, %s; dense_len %d",
         kv_bytes_per_token,
         len(config.sparse_layer_ids),
         kv_pool.size,
         kv_bytes_per_token * kv_pool.size / 2**30,
+        kv_pool.size / backend.max_context_len,
+        backend.max_context_len,
         backend.compressed_key_bytes() / 2**30,
         state_bytes / 2**20,
         len(config.linear_layer_ids),
-        mamba_pool.size,
-        state_bytes * mamba_pool.size / 2**30,
-        min(runner.req_to_token_pool.size, mamba_pool.size),
+        slots,
+        state_bytes * slots / 2**30,
+        running,
+        cache,
         backend.dense_len,
     )

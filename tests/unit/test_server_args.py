@@ -19,6 +19,21 @@ from sala_sglang.server_args import (  # noqa: E402
     is_minicpm_sala,
 )
 
+# Caches, state stores and transfers that would lose the compressed keys or the recurrent states.
+UNSUPPORTED_WITH_OR_WITHOUT_THE_PREFIX_CACHE = [
+    (["--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
+    (["--hicache-storage-backend", "file"], "--hicache-storage-backend file"),
+    (["--radix-cache-backend", "mine"], "--radix-cache-backend mine"),
+    (["--enable-lmcache"], "--enable-lmcache"),
+    (["--enable-flexkv"], "--enable-flexkv"),
+    (["--enable-int8-mamba-checkpoint"], "--enable-int8-mamba-checkpoint"),
+    (["--enable-linear-replayssm"], "--enable-linear-replayssm"),
+    (["--enable-gdn-replayssm-spec"], "--enable-gdn-replayssm-spec"),
+    (["--enable-unified-memory"], "--enable-unified-memory"),
+    (["--disaggregation-mode", "prefill"], "--disaggregation-mode prefill"),
+    (["--disaggregation-mode", "decode"], "--disaggregation-mode decode"),
+]
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -43,7 +58,45 @@ def test_recognises_a_minicpm_sala_checkpoint(tiny_dir: Path, tmp_path: Path) ->
     assert not is_minicpm_sala(None)
 
 
-def test_radix_cache_is_turned_off_for_this_model(tiny_dir: Path) -> None:
+@pytest.fixture()
+def gpu_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ServerArgs as on a GPU machine: the prefix cache's extra_buffer strategy asserts CUDA."""
+    import sglang.srt.server_args as sglang_server_args
+
+    from sala_sglang import server_args as ours
+
+    monkeypatch.setattr(ours, "_gpu_visible", lambda: True)
+    monkeypatch.setattr(sglang_server_args, "is_cuda", lambda: True)
+
+
+def test_prefix_cache_is_on_with_state_snapshots_in_extra_slots(
+    tiny_dir: Path, gpu_visible: None
+) -> None:
+    args = server_args(tiny_dir)
+    assert args.disable_radix_cache is False
+    assert args.uses_mamba_radix_cache is True
+    assert args.mamba_radix_cache_strategy == "extra_buffer"
+    assert args.enable_mamba_extra_buffer()
+
+
+def test_an_explicit_extra_buffer_strategy_is_kept(tiny_dir: Path, gpu_visible: None) -> None:
+    args = server_args(tiny_dir, "--mamba-radix-cache-strategy", "extra_buffer")
+    assert args.mamba_radix_cache_strategy == "extra_buffer" and args.uses_mamba_radix_cache
+
+
+def test_disable_radix_cache_still_turns_it_off(tiny_dir: Path, gpu_visible: None) -> None:
+    args = server_args(tiny_dir, "--disable-radix-cache")
+    assert args.disable_radix_cache is True
+    assert args.uses_mamba_radix_cache is False
+    assert not args.enable_mamba_extra_buffer()
+
+
+def test_without_a_gpu_the_prefix_cache_is_off(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sala_sglang import server_args as ours
+
+    monkeypatch.setattr(ours, "_gpu_visible", lambda: False)
     assert server_args(tiny_dir).disable_radix_cache is True
 
 
@@ -69,14 +122,63 @@ def test_kv_pages_are_sparse_blocks(tiny_dir: Path) -> None:
         (["--enable-dp-attention", "--dp-size", "2", "--tp-size", "2"], "--enable-dp-attention"),
         (["--attention-backend", "triton"], "--attention-backend triton"),
         (["--chunked-prefill-size", "200"], "--chunked-prefill-size 200: .* use 192 or 208"),
-        (["--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
         (["--prefill-attention-backend", "triton"], "--prefill-attention-backend triton"),
         (["--decode-attention-backend", "triton"], "--decode-attention-backend triton"),
+        *UNSUPPORTED_WITH_OR_WITHOUT_THE_PREFIX_CACHE,
     ],
 )
-def test_unsupported_option_is_refused_by_name(tiny_dir: Path, flags: list, message: str) -> None:
+def test_unsupported_option_is_refused_by_name(
+    tiny_dir: Path, gpu_visible: None, flags: list, message: str
+) -> None:
     with pytest.raises(UnsupportedServerOption, match=message):
         server_args(tiny_dir, *flags)
+
+
+@pytest.mark.parametrize("flags, message", UNSUPPORTED_WITH_OR_WITHOUT_THE_PREFIX_CACHE)
+def test_unsupported_option_is_refused_without_the_prefix_cache_too(
+    tiny_dir: Path, gpu_visible: None, flags: list, message: str
+) -> None:
+    with pytest.raises(UnsupportedServerOption, match=f"{message}.*; drop it|{message}.*server$"):
+        server_args(tiny_dir, "--disable-radix-cache", *flags)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--enable-mixed-chunk"], "--enable-mixed-chunk: .*snapshots"),
+        (["--enable-streaming-session"], "--enable-streaming-session"),
+        (["--mamba-radix-cache-strategy", "no_buffer"],
+         "--mamba-radix-cache-strategy no_buffer: it needs --page-size 1"),
+        (["--mamba-radix-cache-strategy", "extra_buffer_lazy"],
+         "--mamba-radix-cache-strategy extra_buffer_lazy"),
+    ],
+)
+def test_prefix_cache_clash_is_refused_and_allowed_without_it(
+    tiny_dir: Path, gpu_visible: None, flags: list, message: str
+) -> None:
+    with pytest.raises(UnsupportedServerOption, match=f"{message}.*add --disable-radix-cache"):
+        server_args(tiny_dir, *flags)
+    assert server_args(tiny_dir, "--disable-radix-cache", *flags).disable_radix_cache is True
+
+
+def test_cpp_radix_tree_is_refused_with_the_prefix_cache(
+    tiny_dir: Path, gpu_visible: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SGLANG_EXPERIMENTAL_CPP_RADIX_TREE", "1")
+    with pytest.raises(UnsupportedServerOption,
+                       match="SGLANG_EXPERIMENTAL_CPP_RADIX_TREE=1: .*unset it, or add "
+                             "--disable-radix-cache"):
+        server_args(tiny_dir)
+    assert server_args(tiny_dir, "--disable-radix-cache").disable_radix_cache is True
+
+
+def test_the_track_interval_must_be_on_the_state_chunks(tiny_dir: Path, gpu_visible: None) -> None:
+    with pytest.raises(UnsupportedServerOption,
+                       match="--mamba-track-interval 100: .* multiple of 64; use 64 or 128$"):
+        server_args(tiny_dir, "--mamba-track-interval", "100")
+    assert server_args(tiny_dir, "--mamba-track-interval", "128").mamba_track_interval == 128
+    # Without the prefix cache nothing is snapshot, so the interval is not read.
+    assert server_args(tiny_dir, "--disable-radix-cache", "--mamba-track-interval", "100")
 
 
 @pytest.fixture()
@@ -117,10 +219,15 @@ def test_chunked_prefill_size_on_the_blocks_or_off_is_kept(
     assert args.chunked_prefill_size == size and args.page_size == 64
 
 
-def test_a_decode_only_server_does_not_chunk_prefills(block_64_checkpoint: Path) -> None:
-    # SGLang's own rule skips it there too: a disaggregated decode server runs no prefill.
-    args = adjusted(block_64_checkpoint, chunked_prefill_size=200, disaggregation_mode="decode")
-    assert args.chunked_prefill_size == 200
+def test_the_track_interval_rule_names_the_64_token_grid(
+    block_64_checkpoint: Path, gpu_visible: None
+) -> None:
+    with pytest.raises(UnsupportedServerOption) as refused:
+        adjusted(block_64_checkpoint, mamba_track_interval=200)
+    assert str(refused.value) == (
+        "--mamba-track-interval 200: MiniCPM-SALA snapshots recurrent states on a 64-token grid "
+        "(SGLang's state chunk and the KV page), so it must be a multiple of 64; use 192 or 256"
+    )
 
 
 def test_other_models_are_left_alone(tmp_path: Path) -> None:
