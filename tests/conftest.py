@@ -179,3 +179,24 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny random checkpoint (`sala_sglang.tiny`), written once per test module."""
+    from sala_sglang.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def references(tiny_dir) -> dict:
+    """The reference model of the tiny checkpoint, with and without --dense-as-sparse, in float64
+    on the GPU: the same math as on the CPU, 100x sooner for 1000-token prompts."""
+    from sala_sglang.reference.model import ReferenceModel
+
+    return {
+        flag: ReferenceModel.from_pretrained(tiny_dir, dtype=torch.float64, dense_as_sparse=flag)
+        .to("cuda")
+        for flag in (False, True)
+    }

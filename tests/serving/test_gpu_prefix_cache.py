@@ -54,26 +54,8 @@ def _start(tiny_dir: Path, logs: Path, name: str, flags: list[str]):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sala_sglang.tiny import make_tiny
-
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
 def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
-
-
-@pytest.fixture(scope="module")
-def references(tiny_dir: Path) -> dict:
-    from sala_sglang.reference.model import ReferenceModel
-
-    return {
-        flag: ReferenceModel.from_pretrained(tiny_dir, dtype=torch.float64, dense_as_sparse=flag)
-        .to("cuda")
-        for flag in (False, True)
-    }
 
 
 @pytest.fixture(scope="module",

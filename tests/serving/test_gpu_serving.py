@@ -43,25 +43,6 @@ SERVER_MODES = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sala_sglang.tiny import make_tiny
-
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def references(tiny_dir: Path) -> dict:
-    from sala_sglang.reference.model import ReferenceModel
-
-    # float64 on the GPU: the same math as on the CPU, 100x sooner for 1000-token prompts.
-    return {
-        flag: ReferenceModel.from_pretrained(tiny_dir, dtype=torch.float64, dense_as_sparse=flag)
-        .to("cuda")
-        for flag in (False, True)
-    }
-
-
 @pytest.fixture
 def reference(server, references: dict):
     return references[server.mode.endswith("dense_as_sparse")]
