@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sala_sglang.server_args import RECOMMENDED_SERVE_FLAGS
+from sala_sglang.tiny import GEOMETRIES
 
 
 def _run_make_tiny(args: argparse.Namespace) -> int:
@@ -19,7 +20,7 @@ def _run_make_tiny(args: argparse.Namespace) -> int:
     from sala_sglang.config import MiniCPMSALAConfig
     from sala_sglang.tiny import make_tiny
 
-    out = make_tiny(args.dir, seed=args.seed)
+    out = make_tiny(args.dir, seed=args.seed, geometry=args.geometry)
     config = MiniCPMSALAConfig.from_pretrained(out)
     weights = out / "model.safetensors"
     with safe_open(str(weights), framework="pt") as f:
@@ -43,6 +44,9 @@ def _add_make_tiny(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dir", help="output directory (created if missing; its files are overwritten)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    p.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tiny",
+                   help="sparse-attention geometry: scaled down (tiny, the default) or the "
+                   "released model's heads, head_dim and blocks (released)")
     p.set_defaults(func=_run_make_tiny)
 
 

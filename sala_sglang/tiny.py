@@ -92,6 +92,26 @@ TINY_CONFIG: dict[str, Any] = {
     "vocab_size": TINY_VOCAB_SIZE,
 }
 
+# The released model's sparse-attention geometry on the tiny model: GQA group 16 (32 query heads
+# over 2 kv heads), head_dim 128, 64-token blocks, compression kernel 32 / stride 16, so the serving
+# kernels run with the tile shapes they run with on the real model. Top-k, window and dense_len
+# are scaled down (6 selected blocks = 384 keys, dense_len 512) so that selection drops blocks
+# within a few thousand tokens.
+RELEASED_GEOMETRY: dict[str, Any] = {
+    "num_attention_heads": 32,
+    "head_dim": 128,
+    "sparse_config": {
+        **TINY_CONFIG["sparse_config"],
+        "kernel_size": 32,
+        "kernel_stride": 16,
+        "block_size": 64,
+        "window_size": 128,
+        "topk": 4,
+        "dense_len": 512,
+    },
+}
+GEOMETRIES: dict[str, dict[str, Any]] = {"tiny": {}, "released": RELEASED_GEOMETRY}
+
 GENERATION_CONFIG: dict[str, Any] = {
     "bos_token_id": BOS_ID,
     "eos_token_id": [EOS_ID, IM_END_ID],
@@ -228,13 +248,17 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def make_tiny(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the tiny random checkpoint (config, weights, tokenizer) into `out_dir`; return it."""
+def make_tiny(out_dir: str | Path, seed: int = 0, geometry: str = "tiny") -> Path:
+    """Write the tiny random checkpoint (config, weights, tokenizer) into `out_dir`; return it.
+    geometry: "tiny" (scaled-down attention) or "released" (RELEASED_GEOMETRY)."""
     from safetensors.torch import save
 
-    weights = random_weights(MiniCPMSALAConfig(**TINY_CONFIG), seed)
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"make_tiny: geometry {geometry!r}; expected one of {sorted(GEOMETRIES)}")
+    config = {**TINY_CONFIG, **GEOMETRIES[geometry]}
+    weights = random_weights(MiniCPMSALAConfig(**config), seed)
     files = {
-        "config.json": _json_bytes(TINY_CONFIG),
+        "config.json": _json_bytes(config),
         "generation_config.json": _json_bytes(GENERATION_CONFIG),
         "model.safetensors": save(weights, metadata={"format": "pt"}),
         "special_tokens_map.json": _json_bytes(SPECIAL_TOKENS_MAP),

@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.serving, pytest.mark.prefix_cache]
 

@@ -6,7 +6,9 @@ Prompts are shorter and longer than a small --chunked-prefill-size and up to ~4x
 model's dense_len (256; sparse selection drops blocks beyond 128 tokens), one decode crosses
 dense_len, 1 and 8 concurrent requests, CUDA graphs on and off (with mixed prefill+decode
 batches), with and without --dense-as-sparse; afterwards the pools are free (the server runs
-with SGLang's strict idle memory check, which stops it on a leak).
+with SGLang's strict idle memory check, which stops it on a leak). One more mode serves a tiny
+checkpoint with the released model's attention geometry (GQA group 16, head_dim 128, 64-token
+blocks; dense_len 512), so the kernels run with their real tile shapes.
 """
 
 from __future__ import annotations
@@ -40,11 +42,31 @@ SERVER_MODES = {
                          "--enable-mixed-chunk", "--disable-radix-cache"],
     "graph_fp16_dense_as_sparse": [*COMMON, "--dtype", "float16", "--dense-as-sparse"],
     "graph_bf16": [*COMMON, "--dtype", "bfloat16"],
+    # the tiny model with the released attention geometry (sala_sglang.tiny.RELEASED_GEOMETRY):
+    # the kernels' real tile shapes; dense_len 512, so the longer prompts are sparse
+    "graph_fp16_released_geometry": [*COMMON, "--dtype", "float16"],
 }
+RELEASED = "released_geometry"
+
+
+@pytest.fixture(scope="module")
+def released_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sala_sglang.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("released"), geometry="released")
+
+
+@pytest.fixture(scope="module")
+def released_reference(released_dir: Path):
+    from sala_sglang.reference.model import ReferenceModel
+
+    return ReferenceModel.from_pretrained(released_dir, dtype=torch.float64).to("cuda")
 
 
 @pytest.fixture
-def reference(server, references: dict):
+def reference(request, server, references: dict):
+    if server.mode.endswith(RELEASED):
+        return request.getfixturevalue("released_reference")
     return references[server.mode.endswith("dense_as_sparse")]
 
 
@@ -55,6 +77,8 @@ MODE_MARKS = {
     "graph_fp16_dense_as_sparse": [pytest.mark.fp16, pytest.mark.cuda_graph,
                                    pytest.mark.dense_as_sparse],
     "graph_bf16": [pytest.mark.bf16, pytest.mark.cuda_graph],
+    "graph_fp16_released_geometry": [pytest.mark.fp16, pytest.mark.cuda_graph,
+                                     pytest.mark.released_geometry],
 }
 
 
@@ -64,7 +88,9 @@ def server(request, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from sala_sglang.testing.server import Server
 
     log = tmp_path_factory.mktemp("logs") / f"server_{request.param}.log"
-    srv = Server(tiny_dir, log, *SERVER_MODES[request.param])
+    released = request.param.endswith(RELEASED)
+    model = request.getfixturevalue("released_dir") if released else tiny_dir
+    srv = Server(model, log, *SERVER_MODES[request.param])
     srv.mode = request.param
     try:
         srv.wait_ready()

@@ -275,3 +275,16 @@ def test_python_m_sala_sglang_make_tiny_with_seed(tmp_path, monkeypatch, capsys)
     assert exited.value.code == 0
     assert set(p.name for p in out.iterdir()) == CHECKPOINT_FILES
     assert "seed 3" in capsys.readouterr().out
+
+
+def test_the_released_geometry_checkpoint_has_the_real_attention_shapes(tmp_path) -> None:
+    from sala_sglang.config import MiniCPMSALAConfig
+
+    config = MiniCPMSALAConfig.from_pretrained(make_tiny(tmp_path, geometry="released"))
+    assert config.num_attention_heads // config.num_key_value_heads == 16
+    assert config.head_dim == 128
+    sparse = config.sparse
+    assert (sparse.block_size, sparse.kernel_size, sparse.kernel_stride) == (64, 32, 16)
+    assert sparse.max_sparse_keys < sparse.dense_len  # selection drops blocks past dense_len
+    with pytest.raises(ValueError, match="geometry 'huge'"):
+        make_tiny(tmp_path, geometry="huge")
