@@ -11,6 +11,7 @@
 #                                               # never need a second segment otherwise)
 #   bash scripts/gpu_checks.sh prefix-cache     # prefix-cache hits = reference = no-cache server,
 #                                               # graph, eager and dense_as_sparse side by side
+#   bash scripts/gpu_checks.sh retraction       # forced decode retraction: outputs = reference
 #   bash scripts/gpu_checks.sh soak             # 1000 requests, 10% aborted, pools free after
 #   bash scripts/gpu_checks.sh profile          # where a decode step's time goes (real config)
 # The long-context benchmark (real configs) in parts that each fit one call; results merge by
@@ -73,6 +74,7 @@ for part in "$@"; do
                     & pids+=($!)
             done
             for pid in "${pids[@]}"; do wait "$pid" || status=1; done ;;
+        retraction) run "$part" pytest_gpu tests/serving/test_gpu_retraction.py ;;
         soak) run soak python benchmarks/soak.py --out "$out" ;;
         profile) run profile python benchmarks/profile_decode.py --out "$out" ;;
         # One server for both: SALA's startup (graph capture, Triton JIT) is 80-190 s.
@@ -100,7 +102,7 @@ for part in "$@"; do
                             --no-cache-turns 2 --concurrency 0 --tag prefix_cache_sala_128k_512k ;;
         prefix-bench-b) run "$part" long_context --workload multiturn --lengths 1048576 \
                             --no-cache-turns 2 --concurrency --tag prefix_cache_sala_1m ;;
-        *) echo "unknown part: $part (ops, http, serving-graph, serving-other, prefix-cache, soak, profile," \
+        *) echo "unknown part: $part (ops, http, serving-graph, serving-other, prefix-cache, retraction, soak, profile," \
                 "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare-sala," \
                 "compare-dense, serving-cuda, serving-segments, prefix-bench-a, prefix-bench-b)"
            exit 2 ;;
