@@ -12,7 +12,11 @@
 #   bash scripts/gpu_checks.sh prefix-cache     # prefix-cache hits = reference = no-cache server,
 #                                               # graph, eager and dense_as_sparse side by side
 #   bash scripts/gpu_checks.sh retraction       # forced decode retraction: outputs = reference
+#   bash scripts/gpu_checks.sh aborts           # client drops while queued, between prefill
+#                                               # chunks, while decoding; /abort_request
 #   bash scripts/gpu_checks.sh soak             # 1000 requests, 10% aborted, pools free after
+#   bash scripts/gpu_checks.sh soak-real        # real config, random weights: 8K-1M prompts for
+#                                               # 4.5 minutes, 10% dropped, pools free after
 #   bash scripts/gpu_checks.sh profile          # where a decode step's time goes (real config)
 # The long-context benchmark (real configs) in parts that each fit one call; results merge by
 # model in benchmarks/plot_long_context.py, the newest point of a length winning:
@@ -75,7 +79,10 @@ for part in "$@"; do
             done
             for pid in "${pids[@]}"; do wait "$pid" || status=1; done ;;
         retraction) run "$part" pytest_gpu tests/serving/test_gpu_retraction.py ;;
+        aborts) run "$part" pytest_gpu tests/serving/test_gpu_aborts.py ;;
         soak) run soak python benchmarks/soak.py --out "$out" ;;
+        # Startup 160-185 s on a fresh machine, 270 s of requests, ~40 s of checks: ~8.5 min.
+        soak-real) run "$part" python benchmarks/soak.py --model sala --minutes 4.5 --out "$out" ;;
         profile) run profile python benchmarks/profile_decode.py --out "$out" ;;
         # One server for both: SALA's startup (graph capture, Triton JIT) is 80-190 s.
         sweep-sala-short) run "$part" long_context --model sala --lengths 32768 65536 131072 262144 \
@@ -102,7 +109,7 @@ for part in "$@"; do
                             --no-cache-turns 2 --concurrency 0 --tag prefix_cache_sala_128k_512k ;;
         prefix-bench-b) run "$part" long_context --workload multiturn --lengths 1048576 \
                             --no-cache-turns 2 --concurrency --tag prefix_cache_sala_1m ;;
-        *) echo "unknown part: $part (ops, http, serving-graph, serving-other, prefix-cache, retraction, soak, profile," \
+        *) echo "unknown part: $part (ops, http, serving-graph, serving-other, prefix-cache, retraction, aborts, soak, soak-real, profile," \
                 "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare-sala," \
                 "compare-dense, serving-cuda, serving-segments, prefix-bench-a, prefix-bench-b)"
            exit 2 ;;

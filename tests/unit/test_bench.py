@@ -1,7 +1,7 @@
 """The long-context benchmark's arithmetic (FLOPs, bytes per token) against SPEC section 3, its
-table and plots from result files, the soak plan, the decode profile's summary, and
-`sala-sglang bench` without a GPU, the SOAR-style workload and the prefix-cache (multiturn)
-workload against a faked server."""
+table and plots from result files, the decode profile's summary, and `sala-sglang bench` without
+a GPU, the SOAR-style workload and the prefix-cache (multiturn) workload against a faked server
+(the soak's tests: test_soak.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from benchmarks import plot_long_context as plot
-from benchmarks import profile_decode, soak
+from benchmarks import profile_decode
 from sala_sglang import bench
 from sala_sglang.bench import (
     MODELS,
@@ -125,17 +125,6 @@ def test_a_result_file_is_named_by_what_device_and_date(tmp_path: Path) -> None:
     assert write_result(record, "kernels_lightning_h100", tmp_path).name == (
         "kernels_lightning_h100_2026-11-23.json")
     assert json.loads((tmp_path / "long_context_sala_h100_2026-11-23.json").read_text()) == record
-
-
-def test_soak_plan_covers_both_modes_and_aborts() -> None:
-    plans = soak.make_plans(1000, 65536, 0.1, seed=0)
-    aborted = [p for p in plans if p.abort_after is not None]
-    assert 70 <= len(aborted) <= 130 and all(p.stream for p in aborted)
-    lengths = [p.prompt_len for p in plans]
-    assert min(lengths) >= 1 and max(lengths) <= 65536
-    assert sum(n <= 256 for n in lengths) > 200 and sum(n > 8192 for n in lengths) > 100
-    assert {p.api for p in plans} == {"native", "openai"}
-    assert soak.make_plans(1000, 65536, 0.1, seed=0) == plans
 
 
 class _Reply:
