@@ -433,3 +433,33 @@ def test_cuda_decode_op_registration_passes_opcheck() -> None:
                                                                     device="cuda"))
     torch.library.opcheck(torch.ops.sala_sglang.lightning_decode.default,
                           (q, k, v, state, slots, slopes, 0.125, *track))
+
+
+def test_a_prefix_hit_continues_from_the_snapshot(device: str, relative_error) -> None:
+    # Request A (70 tokens) snapshots its state after 64 into slot 2, as the prefix cache asks;
+    # SGLang copies that snapshot into B's working slot (1) on a hit, and B prefills only its own
+    # 30 tokens past the shared 64 from there: B's outputs and state must be the reference's for
+    # its whole sequence.
+    dtype = small_dtype(device)
+    heads, dim, chunk = SMALL_HEADS, SMALL_DIM, 16
+    slopes = torch.tensor(SMALL_SLOPES)
+    gen = torch.Generator().manual_seed(5)
+    shared, tail_a, tail_b = (torch.randn(n, 3, heads, dim, generator=gen) for n in (64, 6, 30))
+    state = torch.zeros(3, heads, dim, dim, device=device)
+    a = torch.cat([shared, tail_a]).to(device, dtype)
+    lightning_prefill(*a.unbind(1), state, torch.tensor([0], device=device, dtype=torch.int32),
+                      cumulative([70], device), torch.zeros(1, device=device, dtype=torch.int32),
+                      slopes.to(device), dim**-0.5, launch={"chunk": chunk},
+                      track_slots=torch.tensor([2], device=device),
+                      track_len=torch.tensor([64], device=device, dtype=torch.int32))
+    state[1] = state[2]  # SGLang's copy-on-write of the matched snapshot
+    b = tail_b.to(device, dtype)
+    out = lightning_prefill(*b.unbind(1), state, torch.tensor([1], device=device,
+                                                               dtype=torch.int32),
+                            cumulative([30], device), torch.ones(1, device=device,
+                                                                 dtype=torch.int32),
+                            slopes.to(device), dim**-0.5, launch={"chunk": chunk})
+    whole = torch.cat([shared, tail_b]).to(dtype).double()
+    ref_o, ref_s = lightning_recurrent(*whole.unbind(1), slopes.double(), dim**-0.5, None)
+    assert relative_error(out.cpu(), ref_o[64:]) < OUT_TOL[dtype]
+    assert relative_error(state[1].cpu(), ref_s) < OUT_TOL[dtype]
