@@ -187,3 +187,64 @@ def test_backend_reads_kernel_overrides_once_when_built(make_tiny_config, monkey
     monkeypatch.setenv("SALA_SGLANG_KERNELS", "cuda-please")
     with pytest.raises(ValueError, match="SALA_SGLANG_KERNELS='cuda-please'"):
         build_backend(make_tiny_config, monkeypatch, pool, rt)
+
+
+def test_a_prefix_hit_reads_the_shared_pages_and_writes_only_its_own(
+    make_tiny_config, monkeypatch, relative_error
+) -> None:
+    # As the prefix cache serves it: B's first 160 tokens (10 pages) are A's pages, B prefills
+    # only its own 170 tokens from there, in awkward chunks, while A decodes on; both must be the
+    # reference's over their whole sequences (B's compressed keys of the windows that cross into
+    # its own pages must not overwrite A's shared rows).
+    torch.manual_seed(1)
+    block, shared, new_tokens = 16, 160, 12
+    prompts = [300, 330]
+    total = [p + new_tokens for p in prompts]
+    pages = sum(math.ceil(n / block) for n in total) + 4
+    rt = torch.zeros(3, MAX_LEN, dtype=torch.int32)
+    perm = (torch.randperm(pages) + 1).tolist()
+    own = [[perm.pop() for _ in range(math.ceil(n / block))] for n in total]
+    own[1][: shared // block] = own[0][: shared // block]
+    for r, n in enumerate(total):
+        pos = torch.arange(n)
+        rt[r + 1, :n] = (torch.tensor(own[r])[pos // block] * block + pos % block).int()
+    pool = Pool(pages, block)
+    be = build_backend(make_tiny_config, monkeypatch, pool, rt)
+    cfg = be.sparse
+    layer = SimpleNamespace(layer_id=LAYER)
+    seqs = [{"q": torch.randn(n, HQ, D), "k": torch.randn(n, G, D), "v": torch.randn(n, G, D)}
+            for n in total]
+    for x in ("k", "v"):  # the shared prefix: the same tokens, so the same keys and values
+        seqs[1][x][:shared] = seqs[0][x][:shared]
+    outs = [torch.zeros(n, HQ, D) for n in total]
+    done = [0, shared]
+
+    def run(mode, items):
+        fb = forward_batch(mode, items, done, prompts, rt)
+        be.init_forward_metadata_in_graph(fb)
+        rows = [(r, done[r], n) for r, n in items]
+        q, k, v = (torch.cat([seqs[r][x][p : p + n] for r, p, n in rows]).flatten(1)
+                   for x in ("q", "k", "v"))
+        fn = be.forward_decode if mode == ForwardMode.DECODE else be.forward_extend
+        o = fn(q, k, v, layer, fb).view(-1, HQ, D)
+        s = 0
+        for r, p, n in rows:
+            outs[r][p : p + n] = o[s : s + n]
+            s += n
+            done[r] = p + n
+
+    while done[0] < prompts[0]:  # A, the donor
+        run(ForwardMode.EXTEND, [(0, min(64, prompts[0] - done[0]))])
+    run(ForwardMode.DECODE, [(0, 1)])
+    while done[1] < prompts[1]:  # B from the hit, beside A's decode steps
+        run(ForwardMode.EXTEND, [(1, min(37, prompts[1] - done[1]))])
+        run(ForwardMode.DECODE, [(0, 1)])
+    while done[1] < total[1]:
+        run(ForwardMode.DECODE, [(r, 1) for r in range(2) if done[r] < total[r]])
+    for r, n in enumerate(total):
+        s = seqs[r]
+        k1 = compress_keys(s["k"].double(), cfg.kernel_size, cfg.kernel_stride)
+        want = sparse_layer_attention(s["q"].double(), s["k"].double(), s["v"].double(), k1,
+                                      torch.arange(n), prompts[r], cfg, cfg.dense_len, D**-0.5)
+        start = shared if r == 1 else 0  # B computes nothing before its hit
+        assert relative_error(outs[r][start:done[r]], want[start:done[r]]) < 1e-5, f"request {r}"
