@@ -3,6 +3,7 @@ it (health, /generate with logprobs, load counters)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,23 @@ class Server:
         r.raise_for_status()
         return r.json()["loads"][0]
 
+    def assert_pools_free(self, settle_s: float = 3, timeout_s: float = 20) -> dict:
+        """After the requests: the server alive, no leak reported by the strict idle checks it
+        runs with, and the load counters back at no running or waiting request and no used KV
+        token (the snapshot is published periodically, so it is polled up to timeout_s).
+        Returns them."""
+        time.sleep(settle_s)  # idle: the strict pool checks run
+        assert self.alive(), self.tail()
+        assert "leak" not in self.tail(10**8).lower(), self.tail()
+        deadline = time.time() + timeout_s
+        while True:
+            row = self.load()
+            if (row["num_used_tokens"], row["num_running_reqs"], row["num_waiting_reqs"]) == (
+                    0, 0, 0):
+                return row
+            assert time.time() < deadline, row
+            time.sleep(1)
+
     def flush_cache(self) -> None:
         """Empty the prefix cache (SGLang refuses while requests are running)."""
         requests.post(self.url + "/flush_cache", timeout=60).raise_for_status()
@@ -111,3 +130,18 @@ class Server:
         r = requests.post(self.url + "/generate", json=body, timeout=600)
         r.raise_for_status()
         return r.json()
+
+
+@contextlib.contextmanager
+def started(model_dir: Path, log_path: Path, *flags: str, mode: str,
+            env: dict | None = None) -> Iterator[Server]:
+    """A ready `Server` labelled `mode` for the block; stopped after it, its log's tail printed
+    (pytest shows it with the failing test)."""
+    srv = Server(model_dir, log_path, *flags, env=env)
+    srv.mode = mode
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+        print(f"--- server log tail ({mode}) ---\n{srv.tail(3000)}")

@@ -58,20 +58,15 @@ NEW_TOKENS = 12
 
 @pytest.fixture(scope="module", params=sorted(SERVER_MODES))
 def server(request, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    from sala_sglang.testing.server import Server
+    from sala_sglang.testing.server import started
 
     logs = tmp_path_factory.mktemp("logs")
     config = logs / "logging.json"
     config.write_text(json.dumps(LOGGING))
-    srv = Server(tiny_dir, logs / f"server_aborts_{request.param}.log",
-                 *SERVER_MODES[request.param], env={"SGLANG_LOGGING_CONFIG_PATH": str(config)})
-    srv.mode = f"aborts_{request.param}"
-    try:
-        srv.wait_ready()
+    with started(tiny_dir, logs / f"server_aborts_{request.param}.log",
+                 *SERVER_MODES[request.param], mode=f"aborts_{request.param}",
+                 env={"SGLANG_LOGGING_CONFIG_PATH": str(config)}) as srv:
         yield srv
-    finally:
-        srv.stop()
-        print(f"--- server log tail ({request.param}) ---\n{srv.tail(3000)}")
 
 
 @pytest.fixture
@@ -155,10 +150,7 @@ def _serves_next_and_pools_free(server, reference) -> None:
 
     prompt = _prompt(NEXT_PROMPT, reference.config.vocab_size)
     check_served(reference, prompt, server.generate(prompt, NEW_TOKENS), mode=server.mode)
-    _wait_for_load(server, "idle", lambda row: (row["num_running_reqs"], row["num_waiting_reqs"],
-                                                row["num_used_tokens"]) == (0, 0, 0), timeout=20)
-    assert server.alive(), server.tail()
-    assert "leak" not in server.tail(10**8).lower(), server.tail()
+    server.assert_pools_free(settle_s=0)
 
 
 def test_disconnect_while_queued_aborts_the_queued_request(server, reference) -> None:

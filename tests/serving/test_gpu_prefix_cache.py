@@ -13,6 +13,7 @@ here sets that to where its prefix stops being shared (0 would disable the match
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,15 +44,6 @@ SMALL_POOL = [*COMMON, "--max-mamba-cache-size", "20", "--max-total-tokens", "40
               "--max-running-requests", "2"]
 
 
-def _start(tiny_dir: Path, logs: Path, name: str, flags: list[str]):
-    from sala_sglang.testing.server import Server
-
-    srv = Server(tiny_dir, logs / f"server_{name}.log", *flags)
-    srv.mode = name
-    srv.wait_ready()
-    return srv
-
-
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
@@ -60,32 +52,32 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module",
                 params=[pytest.param(m, marks=MODE_MARKS[m]) for m in sorted(SERVER_MODES)])
 def server(request, tiny_dir: Path, logs: Path):
-    srv = _start(tiny_dir, logs, request.param, SERVER_MODES[request.param])
-    try:
+    from sala_sglang.testing.server import started
+
+    with started(tiny_dir, logs / f"server_{request.param}.log", *SERVER_MODES[request.param],
+                 mode=request.param) as srv:
         yield srv
-    finally:
-        srv.stop()
-        print(f"--- server log tail ({request.param}) ---\n{srv.tail(3000)}")
 
 
 @pytest.fixture(scope="module")
 def baselines(tiny_dir: Path, logs: Path):
     """The same flags with --disable-radix-cache, started when first asked for, by
     --dense-as-sparse."""
-    started: dict[bool, object] = {}
+    from sala_sglang.testing.server import started
 
-    def get(dense_as_sparse: bool):
-        if dense_as_sparse not in started:
-            flags = [*COMMON, "--disable-radix-cache"]
-            flags += ["--dense-as-sparse"] if dense_as_sparse else []
-            started[dense_as_sparse] = _start(tiny_dir, logs, f"no_cache_{dense_as_sparse}", flags)
-        return started[dense_as_sparse]
+    servers: dict[bool, object] = {}
+    with contextlib.ExitStack() as stack:
 
-    try:
+        def get(dense_as_sparse: bool):
+            if dense_as_sparse not in servers:
+                flags = [*COMMON, "--disable-radix-cache"]
+                flags += ["--dense-as-sparse"] if dense_as_sparse else []
+                name = f"no_cache_{dense_as_sparse}"
+                servers[dense_as_sparse] = stack.enter_context(
+                    started(tiny_dir, logs / f"server_{name}.log", *flags, mode=name))
+            return servers[dense_as_sparse]
+
         yield get
-    finally:
-        for srv in started.values():
-            srv.stop()
 
 
 def _dense_as_sparse(server) -> bool:
@@ -244,17 +236,16 @@ def test_concurrent_requests_share_one_prefix(server, reference, baseline) -> No
 def test_pools_are_free_after_requests(server) -> None:
     # SGLang's strict idle check counts every state slot and KV page as free, cached or
     # protected, and stops the server on a leak.
-    time.sleep(3)
-    assert server.alive(), server.tail()
-    assert "leak" not in server.tail(10**7).lower(), server.tail()
+    server.assert_pools_free()
 
 
 @pytest.mark.cuda_graph
 def test_eviction_under_a_small_pool(tiny_dir: Path, logs: Path, references: dict,
                                      baselines) -> None:
+    from sala_sglang.testing.server import started
+
     reference, baseline = references[False], baselines(False)
-    srv = _start(tiny_dir, logs, "small_pool", SMALL_POOL)
-    try:
+    with started(tiny_dir, logs / "server_small_pool.log", *SMALL_POOL, mode="small_pool") as srv:
         rng = random.Random(8)
         prompts = [_prompt(rng, 600, reference.config.vocab_size) for _ in range(10)]
         for prompt in prompts:
@@ -266,8 +257,4 @@ def test_eviction_under_a_small_pool(tiny_dir: Path, logs: Path, references: dic
                     request=i)
         assert again[9]["meta_info"]["cached_tokens"] == _prefill_snapshot(600)
         assert again[0]["meta_info"]["cached_tokens"] < again[9]["meta_info"]["cached_tokens"]
-        time.sleep(3)
-        assert srv.alive() and "leak" not in srv.tail(10**7).lower(), srv.tail()
-    finally:
-        srv.stop()
-        print(f"--- server log tail (small_pool) ---\n{srv.tail(3000)}")
+        srv.assert_pools_free()

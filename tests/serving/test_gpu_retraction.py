@@ -10,7 +10,6 @@ cached snapshot) and without it.
 from __future__ import annotations
 
 import random
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,17 +25,12 @@ NEW_TOKENS = 40
 
 @pytest.fixture(scope="module", params=sorted(SERVER_MODES))
 def server(request, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    from sala_sglang.testing.server import Server
+    from sala_sglang.testing.server import started
 
     log = tmp_path_factory.mktemp("logs") / f"server_retract_{request.param}.log"
-    srv = Server(tiny_dir, log, *SERVER_MODES[request.param], env={"SGLANG_TEST_RETRACT": "1"})
-    srv.mode = f"retract_{request.param}"
-    try:
-        srv.wait_ready()
+    with started(tiny_dir, log, *SERVER_MODES[request.param], mode=f"retract_{request.param}",
+                 env={"SGLANG_TEST_RETRACT": "1"}) as srv:
         yield srv
-    finally:
-        srv.stop()
-        print(f"--- server log tail ({request.param}) ---\n{srv.tail(3000)}")
 
 
 def test_retracted_requests_match_the_reference(server, references: dict) -> None:
@@ -62,13 +56,4 @@ def test_retracted_requests_match_the_reference(server, references: dict) -> Non
 
 
 def test_pools_are_free_after_retractions(server) -> None:
-    time.sleep(3)  # idle: SGLang's strict pool checks run
-    assert server.alive(), server.tail()
-    assert "leak" not in server.tail(10**8).lower(), server.tail()
-    deadline = time.time() + 20  # the load snapshot is published periodically
-    while True:
-        row = server.load()
-        if (row["num_used_tokens"], row["num_running_reqs"]) == (0, 0) or time.time() > deadline:
-            break
-        time.sleep(1)
-    assert row["num_used_tokens"] == 0 and row["num_running_reqs"] == 0, row
+    server.assert_pools_free()

@@ -95,6 +95,36 @@ def forward_batch(mode, items, done, prompts, rt):
         positions=pos, out_cache_loc=loc)
 
 
+class Driver:
+    """Runs forwards of (request, new tokens) pairs through the backend's sparse layer LAYER and
+    keeps each request's outputs, the prefill widths and the plans."""
+
+    def __init__(self, be, seqs: list[dict], prompts: list[int], rt: torch.Tensor,
+                 done: list[int]) -> None:
+        self.be, self.seqs, self.prompts, self.rt, self.done = be, seqs, prompts, rt, done
+        self.outs = [torch.zeros(s["q"].shape[0], HQ, D) for s in seqs]
+        self.widths: list[int] = []
+        self.plans: list = []
+
+    def run(self, mode, items: list[tuple[int, int]]) -> None:
+        be, done = self.be, self.done
+        fb = forward_batch(mode, items, done, self.prompts, self.rt)
+        be.init_forward_metadata_in_graph(fb)
+        self.plans.append((mode, be.plan))
+        if mode != ForwardMode.DECODE:
+            self.widths.append(be.meta.width)
+        rows = [(r, done[r], n) for r, n in items]
+        q, k, v = (torch.cat([self.seqs[r][x][p : p + n] for r, p, n in rows]).flatten(1)
+                   for x in ("q", "k", "v"))
+        fn = be.forward_decode if mode == ForwardMode.DECODE else be.forward_extend
+        o = fn(q, k, v, SimpleNamespace(layer_id=LAYER), fb).view(-1, HQ, D)
+        s = 0
+        for r, p, n in rows:
+            self.outs[r][p : p + n] = o[s : s + n]
+            s += n
+            done[r] = p + n
+
+
 def test_backend_matches_reference_over_chunked_prefill_and_decode(
     make_tiny_config, monkeypatch, relative_error
 ) -> None:
@@ -119,29 +149,11 @@ def test_backend_matches_reference_over_chunked_prefill_and_decode(
 
     monkeypatch.setattr(select, "_select_piece", recorded)
 
-    layer = SimpleNamespace(layer_id=LAYER)
     seqs = [{"q": torch.randn(n, HQ, D), "k": torch.randn(n, G, D), "v": torch.randn(n, G, D)}
             for n in total]
-    outs = [torch.zeros(n, HQ, D) for n in total]
     done = [0] * len(prompts)
-    widths, plans = [], []
-
-    def run(mode, items):
-        fb = forward_batch(mode, items, done, prompts, rt)
-        be.init_forward_metadata_in_graph(fb)
-        plans.append((mode, be.plan))
-        if mode != ForwardMode.DECODE:
-            widths.append(be.meta.width)
-        rows = [(r, done[r], n) for r, n in items]
-        q, k, v = (torch.cat([seqs[r][x][p : p + n] for r, p, n in rows]).flatten(1)
-                   for x in ("q", "k", "v"))
-        fn = be.forward_decode if mode == ForwardMode.DECODE else be.forward_extend
-        o = fn(q, k, v, layer, fb).view(-1, HQ, D)
-        s = 0
-        for r, p, n in rows:
-            outs[r][p : p + n] = o[s : s + n]
-            s += n
-            done[r] = p + n
+    driver = Driver(be, seqs, prompts, rt, done)
+    run, outs, widths, plans = driver.run, driver.outs, driver.widths, driver.plans
 
     # chunked prefill, 64 tokens per batch shared across requests (awkward splits), then decode
     budget = 64
@@ -211,27 +223,13 @@ def test_a_prefix_hit_reads_the_shared_pages_and_writes_only_its_own(
     pool = Pool(pages, block)
     be = build_backend(make_tiny_config, monkeypatch, pool, rt)
     cfg = be.sparse
-    layer = SimpleNamespace(layer_id=LAYER)
     seqs = [{"q": torch.randn(n, HQ, D), "k": torch.randn(n, G, D), "v": torch.randn(n, G, D)}
             for n in total]
     for x in ("k", "v"):  # the shared prefix: the same tokens, so the same keys and values
         seqs[1][x][:shared] = seqs[0][x][:shared]
-    outs = [torch.zeros(n, HQ, D) for n in total]
     done = [0, shared]
-
-    def run(mode, items):
-        fb = forward_batch(mode, items, done, prompts, rt)
-        be.init_forward_metadata_in_graph(fb)
-        rows = [(r, done[r], n) for r, n in items]
-        q, k, v = (torch.cat([seqs[r][x][p : p + n] for r, p, n in rows]).flatten(1)
-                   for x in ("q", "k", "v"))
-        fn = be.forward_decode if mode == ForwardMode.DECODE else be.forward_extend
-        o = fn(q, k, v, layer, fb).view(-1, HQ, D)
-        s = 0
-        for r, p, n in rows:
-            outs[r][p : p + n] = o[s : s + n]
-            s += n
-            done[r] = p + n
+    driver = Driver(be, seqs, prompts, rt, done)
+    run, outs = driver.run, driver.outs
 
     while done[0] < prompts[0]:  # A, the donor
         run(ForwardMode.EXTEND, [(0, min(64, prompts[0] - done[0]))])
