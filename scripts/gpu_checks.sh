@@ -12,6 +12,7 @@
 #   bash scripts/gpu_checks.sh prefix-cache     # prefix-cache hits = reference = no-cache server,
 #                                               # graph, eager and dense_as_sparse side by side
 #   bash scripts/gpu_checks.sh retraction       # forced decode retraction: outputs = reference
+#   bash scripts/gpu_checks.sh side-by-side     # ops and every served module above, in parallel
 #   bash scripts/gpu_checks.sh aborts           # client drops while queued, between prefill
 #                                               # chunks, while decoding; /abort_request
 #   bash scripts/gpu_checks.sh soak             # 1000 requests, 10% aborted, pools free after
@@ -79,6 +80,16 @@ for part in "$@"; do
             done
             for pid in "${pids[@]}"; do wait "$pid" || status=1; done ;;
         retraction) run "$part" pytest_gpu tests/serving/test_gpu_retraction.py ;;
+        # The op suite and every served tiny-model module side by side on one GPU (each test
+        # server takes 6% of what is free when it starts): one call of about 6-8 minutes.
+        side-by-side)
+            export SALA_SGLANG_TEST_SERVER_FLAGS="${SALA_SGLANG_TEST_SERVER_FLAGS:---mem-fraction-static 0.06}"
+            pids=()
+            for p in ops prefix-cache serving-graph serving-parallel retraction aborts; do
+                bash "$0" "$p" >"$out/$p.out" 2>&1 & pids+=($!)
+            done
+            for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+            cat "$out"/{ops,prefix-cache,serving-graph,serving-parallel,retraction,aborts}.out ;;
         aborts) run "$part" pytest_gpu tests/serving/test_gpu_aborts.py ;;
         soak) run soak python benchmarks/soak.py --out "$out" ;;
         # Startup 160-185 s on a fresh machine, 270 s of requests, ~40 s of checks: ~8.5 min.
