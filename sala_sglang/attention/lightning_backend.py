@@ -57,6 +57,8 @@ class LightningBackend(MambaAttnBackendBase):
         self.has_initial_state: torch.Tensor | None = None
         # prefill snapshots: after this many tokens of the extend (-1: none), one per request
         self.track_len: torch.Tensor | None = None
+        # decode snapshots: (track slots, mask) of this forward; None with the prefix cache off
+        self.decode_track: tuple[torch.Tensor, torch.Tensor] | None = None
         # SGLang places prefill snapshots at multiples of this from the extend's start; the
         # kernel can store a state only between its chunks
         self.snapshot_step = model_runner.server_args.mamba_cache_chunk_size
@@ -99,12 +101,20 @@ class LightningBackend(MambaAttnBackendBase):
             mamba_cache_indices=slots,
             mamba_track_indices=fb.mamba_track_indices,
         )
+        self._decode_track(fb)
 
     def init_forward_metadata_out_graph(
         self, forward_batch: ForwardBatch, in_capture: bool = False
     ) -> None:
         super().init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
         self._plan(forward_batch)
+        self._decode_track(forward_batch)
+
+    def _decode_track(self, forward_batch: ForwardBatch) -> None:
+        # under CUDA graphs the destinations are the base class's static buffer and the mask is
+        # the graph's input slot
+        slots, mask = self.forward_metadata.mamba_track_indices, forward_batch.mamba_track_mask
+        self.decode_track = None if slots is None or mask is None else (slots, mask)
 
     def _plan(self, forward_batch: ForwardBatch) -> None:
         batch = forward_batch.batch_size
@@ -161,20 +171,17 @@ class LightningBackend(MambaAttnBackendBase):
         save_kv_cache: bool = True,
         **kwargs,
     ) -> torch.Tensor:
-        # under CUDA graphs the destinations are the base class's static buffer and the mask is
-        # the graph's input slot; both None when the prefix cache is off
-        meta = self.forward_metadata
-        track = forward_batch.mamba_track_mask is not None and meta.mamba_track_indices is not None
+        track_slots, track_mask = self.decode_track or (None, None)
         out = lightning_decode(
             self._heads(q),
             self._heads(k),
             self._heads(v),
             self._state(layer),
-            meta.mamba_cache_indices,
+            self.forward_metadata.mamba_cache_indices,
             self.slopes,
             self.scale,
             impl=self.plan.decode_impl,
-            track_slots=meta.mamba_track_indices if track else None,
-            track_mask=forward_batch.mamba_track_mask if track else None,
+            track_slots=track_slots,
+            track_mask=track_mask,
         )
         return out.view(-1, self.num_heads * self.head_dim)

@@ -104,3 +104,12 @@ def test_snapshot_step_must_be_whole_prefill_chunks(monkeypatch, make_tiny_confi
     with pytest.raises(ValueError, match="mamba_cache_chunk_size 96 is not a multiple of the "
                                          "lightning prefill chunk 64"):
         build(monkeypatch, make_tiny_config, snapshot_step=96)
+
+
+def test_decode_snapshots_go_where_the_scheduler_marks_them(monkeypatch, make_tiny_config) -> None:
+    backend = build(monkeypatch, make_tiny_config)
+    mask, slots = torch.tensor([False, True]), torch.tensor([8, 9])
+    backend.init_forward_metadata(batch(False, 2, mamba_track_mask=mask, mamba_track_indices=slots))
+    assert backend.decode_track == (slots, mask)
+    backend.init_forward_metadata(batch(False, 2))
+    assert backend.decode_track is None
