@@ -117,3 +117,63 @@ def lightning_chunked(
         k_decay = torch.exp(-s[:, None] * (n - 1 - i))[..., None]  # token j decays to the chunk end
         state = torch.exp(-s * n)[:, None, None] * state + (kc * k_decay).transpose(1, 2) @ vc
     return out.transpose(0, 1).to(q.dtype), state
+
+
+def lightning_verify_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    state_slots: torch.Tensor,
+    slopes: torch.Tensor,
+    scale: float,
+    draft_len: int,
+) -> torch.Tensor:
+    """Speculative verify (ops/lightning_verify.py): q,k,v [B*T, H, D], request b's T = draft_len
+    draft tokens in rows b*T..b*T+T-1, decoded in order from state[state_slots[b]] (slot -1: from
+    zero); state [slots, H, D, D] is only read. Returns o [B*T, H, D]."""
+    if draft_len <= 0 or q.shape[0] % draft_len:
+        raise ValueError(f"lightning_verify_reference: draft_len = {draft_len} does not divide "
+                         f"{q.shape[0]} rows")
+    out = torch.empty_like(q)
+    for b, slot in enumerate(state_slots.tolist()):
+        rows = slice(b * draft_len, (b + 1) * draft_len)
+        initial = state[slot] if slot >= 0 else None
+        out[rows] = lightning_recurrent(q[rows], k[rows], v[rows], slopes, scale, initial)[0]
+    return out
+
+
+def lightning_commit_reference(
+    state: torch.Tensor,
+    state_slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    accepted: torch.Tensor,
+    track_slots: torch.Tensor | None = None,
+    track_steps: torch.Tensor | None = None,
+) -> None:
+    """Commit accepted drafts (ops/lightning_commit.py), in place: state [layers, slots, H, D, D];
+    k, v [layers, B, T, H, D]. Request b (slot -1: skipped) applies its first accepted[b] steps
+    (at most T; 0: none) to state[:, state_slots[b]]; where track_slots[b] and track_steps[b]
+    are >= 0 and track_steps[b] < accepted[b], the state after step track_steps[b] also goes to
+    state[:, track_slots[b]]."""
+    if (track_slots is None) != (track_steps is None):
+        raise ValueError("lightning_commit_reference: pass track_slots and track_steps together, "
+                         "or neither")
+
+    def advanced(layer: int, b: int, slot: int, steps: int) -> torch.Tensor:
+        # the keys stand in for the queries: only the final state is kept
+        kb, vb = k[layer, b, :steps], v[layer, b, :steps]
+        return lightning_recurrent(kb, kb, vb, slopes, 1.0, state[layer, slot])[1]
+
+    for b, (slot, n) in enumerate(zip(state_slots.tolist(), accepted.tolist())):
+        if slot < 0 or n <= 0:
+            continue
+        track_slot, track_step = (-1, -1) if track_slots is None else (
+            int(track_slots[b]), int(track_steps[b]))
+        tracked = track_slot >= 0 and 0 <= track_step < n
+        for layer in range(k.shape[0]):
+            if tracked:  # from the state before this commit, so before the slot is written
+                state[layer, track_slot] = advanced(layer, b, slot, track_step + 1)
+            state[layer, slot] = advanced(layer, b, slot, n)
