@@ -49,7 +49,7 @@ class CommitCase:
             return []
         return [(b, slot, step) for b, (slot, step) in enumerate(zip(self.track_slots,
                                                                       self.track_steps))
-                if slot >= 0 and step >= 0 and self.slots[b] >= 0]
+                if slot >= 0 and 0 <= step < self.accepted[b] and self.slots[b] >= 0]
 
 
 def check_commit(case: CommitCase, op: str, device: str, relative_error, seed: int = 0) -> None:
@@ -118,10 +118,10 @@ def test_commit_applies_exactly_the_accepted_steps(case: CommitCase, op: str, de
     check_commit(case, op, device, relative_error)
 
 
-# Snapshots (slots 5-8) after a middle step, after the last accepted step, none (step -1, slot -1),
-# and a padding row's (must write nothing).
-TRACKED = CommitCase([3, 0, 4, 1, -1, 2], [5, 3, 2, 4, 5, 5], pool=9, draft_len=5,
-                     track_slots=[5, 6, 7, -1, 8, 8], track_steps=[2, 2, -1, 1, 1, 4])
+# Snapshots (slots 5-9) after a middle step, after the last accepted step (of 3, and of all T),
+# none (step -1, slot -1), a padding row's and one after a rejected step (both must write nothing).
+TRACKED = CommitCase([3, 0, 4, 1, -1, 2, 10], [5, 3, 2, 4, 5, 5, 2], pool=11, draft_len=5,
+                     track_slots=[5, 6, 7, -1, 8, 8, 9], track_steps=[2, 2, -1, 1, 1, 4, 2])
 
 
 @pytest.mark.parametrize("op", list(OPS))

@@ -121,10 +121,11 @@ def test_verify_padding_row_reads_no_state(op: str, device: str) -> None:
 
 def test_verify_names_the_bad_argument() -> None:
     q = torch.zeros(6, 1, 32)
-    state, slots, slopes = torch.zeros(2, 1, 32, 32), torch.zeros(2, dtype=torch.int32), torch.ones(1)
-    with pytest.raises(ValueError, match="draft_len = 4: expected a positive divisor of the 6 rows"):
+    state, slopes = torch.zeros(2, 1, 32, 32), torch.ones(1)
+    slots = torch.zeros(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="draft_len = 4: expected a positive divisor of the 6"):
         lightning_verify(q, q, q, state, slots, slopes, 0.1, draft_len=4)
-    with pytest.raises(ValueError, match=r"state_slots torch.int32 \(2,\): expected integers \[3\]"):
+    with pytest.raises(ValueError, match=r"state_slots torch.int32 \(2,\): expected integers \[3"):
         lightning_verify(q, q, q, state, slots, slopes, 0.1, draft_len=2)
     with pytest.raises(ValueError, match="lightning state must be float32"):
         lightning_verify(q, q, q, state.double(), slots, slopes, 0.1, draft_len=3)
