@@ -139,11 +139,7 @@ def _reject_unsupported(args: Any, config: dict) -> None:
         )
     _reject_unsupported_caches_and_states(args)
     _reject_clashes_with_what_the_plugin_sets(args, block_size)
-    if getattr(args, "speculative_algorithm", None):
-        raise UnsupportedServerOption(
-            f"--speculative-algorithm {args.speculative_algorithm}: MiniCPM-SALA has no draft "
-            "model and its recurrent state cannot roll back rejected tokens; drop it"
-        )
+    _configure_speculative(args)
     kv_dtype = str(getattr(args, "kv_cache_dtype", "auto"))
     if kv_dtype not in ("auto", "bfloat16", "bf16", "float16", "fp16"):
         raise UnsupportedServerOption(
@@ -174,6 +170,35 @@ def _reject_unsupported(args: Any, config: dict) -> None:
         raise UnsupportedServerOption(
             f"--tp-size {tp_size}: it must divide num_key_value_heads ({kv_heads}), so that the "
             "sparse layers' block selection sees all query heads of a kv head on one GPU"
+        )
+
+
+def _configure_speculative(args: Any) -> None:
+    """NGRAM drafts (no draft model exists), verified as chains: the lightning layers' state
+    follows one path of drafts, and the sparse layers attend by position."""
+    algorithm = getattr(args, "speculative_algorithm", None)
+    if not algorithm:
+        return
+    if str(algorithm).upper() != "NGRAM":
+        raise UnsupportedServerOption(
+            f"--speculative-algorithm {algorithm}: MiniCPM-SALA has no draft model; use "
+            "--speculative-algorithm NGRAM (drafts from n-grams of the prompt and the output)"
+        )
+    breadth = getattr(args, "speculative_ngram_max_bfs_breadth", 1)
+    if breadth != 1:
+        if breadth != type(args).speculative_ngram_max_bfs_breadth:  # given by the user
+            raise UnsupportedServerOption(
+                f"--speculative-ngram-max-bfs-breadth {breadth}: MiniCPM-SALA verifies chain "
+                "drafts (one path through the n-gram tree); set it to 1 or drop it"
+            )
+        args.speculative_ngram_max_bfs_breadth = 1
+    args.speculative_ngram_min_bfs_breadth = 1
+    depth = getattr(args, "speculative_num_draft_tokens", None)
+    if depth is not None and not 2 <= depth <= MAX_DRAFT_TOKENS:
+        raise UnsupportedServerOption(
+            f"--speculative-num-draft-tokens {depth}: MiniCPM-SALA verifies chains of 2 to "
+            f"{MAX_DRAFT_TOKENS} tokens (the last accepted token and up to "
+            f"{MAX_DRAFT_TOKENS - 1} drafts)"
         )
 
 
@@ -223,6 +248,9 @@ _CPP_RADIX_TREE_ENV = "SGLANG_EXPERIMENTAL_CPP_RADIX_TREE"
 # SGLang's recurrent-state chunk (FLA_CHUNK_SIZE): prefill snapshots and the branch points of a
 # prefix hit fall on multiples of it from the matched prefix, so decode snapshots must too.
 STATE_CHUNK = 64
+# Longest verified chain: the lightning verify keeps a chain's running state in registers and
+# unrolls its steps.
+MAX_DRAFT_TOKENS = 16
 
 
 def _reject_unsupported_caches_and_states(args: Any) -> None:

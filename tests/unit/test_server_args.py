@@ -115,7 +115,12 @@ def test_kv_pages_are_sparse_blocks(tiny_dir: Path) -> None:
     [
         (["--page-size", "1"], "--page-size 1"),
         (["--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
-        (["--speculative-algorithm", "EAGLE"], "--speculative-algorithm EAGLE"),
+        (["--speculative-algorithm", "EAGLE"],
+         "--speculative-algorithm EAGLE: MiniCPM-SALA has no draft model; use .*NGRAM"),
+        (["--speculative-algorithm", "NGRAM", "--speculative-ngram-max-bfs-breadth", "4"],
+         "--speculative-ngram-max-bfs-breadth 4: .* chain drafts"),
+        (["--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", "17"],
+         "--speculative-num-draft-tokens 17: .* chains of 2 to 16 tokens"),
         (["--tp-size", "3"], "--tp-size 3"),
         (["--tp-size", "4"], "--tp-size 4: it must divide num_key_value_heads"),
         (["--pp-size", "2"], "--pp-size 2"),
@@ -179,6 +184,17 @@ def test_the_track_interval_must_be_on_the_state_chunks(tiny_dir: Path, gpu_visi
     assert server_args(tiny_dir, "--mamba-track-interval", "128").mamba_track_interval == 128
     # Without the prefix cache nothing is snapshot, so the interval is not read.
     assert server_args(tiny_dir, "--disable-radix-cache", "--mamba-track-interval", "100")
+
+
+@pytest.mark.parametrize("cache", [[], ["--disable-radix-cache"]], ids=["cache", "no-cache"])
+def test_ngram_drafts_are_verified_as_chains(tiny_dir: Path, gpu_visible: None,
+                                             cache: list) -> None:
+    args = server_args(tiny_dir, *cache, "--speculative-algorithm", "NGRAM",
+                       "--speculative-num-draft-tokens", "6")
+    assert args.speculative_algorithm == "NGRAM"
+    assert args.speculative_ngram_max_bfs_breadth == args.speculative_eagle_topk == 1
+    assert args.speculative_num_draft_tokens == 6
+    assert args.disable_radix_cache is bool(cache)
 
 
 @pytest.fixture()
