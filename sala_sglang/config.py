@@ -8,6 +8,7 @@ InfLLM-v2 block geometry, and the properties SGLang's hybrid memory reads
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -391,14 +392,17 @@ class MiniCPMSALAConfig(_BaseConfig):
         h, dk, dv = self.linear_state_shape(tp_size)
         return len(self.linear_layer_ids) * h * dk * dv * itemsize
 
+    def verify_replay_bytes(self, requests: int, draft_tokens: int, itemsize: int,
+                            tp_size: int = 1) -> int:
+        """The lightning layers' keys and values of `requests` verified chains of
+        `draft_tokens`, kept from the verify to the commit (speculative decoding)."""
+        h, dk, dv = self.linear_state_shape(tp_size)
+        return len(self.linear_layer_ids) * requests * draft_tokens * h * (dk + dv) * itemsize
+
     @property
     def mamba2_cache_params(self):
         """SGLang's description of the linear layers' per-request state (no conv state)."""
-        from sglang.srt.configs.mamba_utils import (
-            Mamba2CacheParams,
-            Mamba2StateShape,
-            mamba2_state_dtype,
-        )
+        from sglang.srt.configs.mamba_utils import Mamba2StateShape, mamba2_state_dtype
 
         d = self.lightning_head_dim
         shape = Mamba2StateShape.create(
@@ -410,9 +414,23 @@ class MiniCPMSALAConfig(_BaseConfig):
             state_size=d,
             conv_kernel=1,
         )
-        return Mamba2CacheParams(
+        return lightning_cache_params_class()(
             shape=shape, layers=self.linear_layer_ids, dtype=mamba2_state_dtype(self)
         )
+
+
+@functools.cache
+def lightning_cache_params_class() -> type:
+    """SGLang's `Mamba2CacheParams`, marked as MiniCPM-SALA's lightning state: its speculative
+    verify replays the accepted keys and values instead of keeping a state per draft token, so
+    the pools built for it need none (see `hooks.keep_no_state_per_draft_token`)."""
+    from sglang.srt.configs.mamba_utils import Mamba2CacheParams
+
+    @dataclass(kw_only=True, frozen=True)
+    class LightningCacheParams(Mamba2CacheParams):
+        pass
+
+    return LightningCacheParams
 
 
 def _attention_tp_size() -> int:

@@ -10,6 +10,9 @@
   prompt shorter than dense_len is computed densely and a longer one sparsely, so the same tokens
   give different KV and states in the two classes: dense-class requests get their own namespace
   in the radix tree.
+- Speculative decoding (NGRAM): drafts are verified as chains; the lightning verify keeps the
+  chains' keys and values (not SGLang's state per draft token, skipped in the pools and their
+  sizing) and the commit replays the accepted ones, through SGLang's post-verify hook.
 - Idle state check: SGLang's idle invariant checker covers the KV pool and the request slots, and
   the recurrent-state slots only when a prefix cache manages them; under --disable-radix-cache
   this adds the state slots (under `SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE=1` a leak stops
@@ -73,14 +76,27 @@ def cap_state_pool_for_one_full_request(original: Any, configurator: Any,
                                         total_rest_memory: float, *args: Any,
                                         **kwargs: Any) -> float:
     """Around `KVCacheConfigurator._handle_max_mamba_cache` (GiB in, GiB left for the KV pool
-    out): unless the user sized the state pool, cap it so one full-context request fits."""
+    out): unless the user sized the state pool, cap it so one full-context request fits. With
+    speculative decoding, the verify's keys and values come out of the pools' share, and SGLang's
+    reserve for a state per draft token is skipped (the verify keeps none)."""
     server_args = configurator.server_args
+    config = configurator.model_config.hf_config
+    if not isinstance(config, MiniCPMSALAConfig):
+        return original(configurator, total_rest_memory, *args, **kwargs)
     # SGLang's own precedent for "not given": the value equals the ServerArgs class default.
     user_sized = (server_args.max_mamba_cache_size is not None
                   or server_args.mamba_full_memory_ratio
                   != type(server_args).mamba_full_memory_ratio)
-    kv_rest = original(configurator, total_rest_memory, *args, **kwargs)
-    if user_sized or not isinstance(configurator.model_config.hf_config, MiniCPMSALAConfig):
+    spec = configurator.spec_algorithm
+    if not spec.is_none():
+        total_rest_memory -= verify_replay_gib(configurator)
+        # SGLang would reserve a state per draft token; the verify keeps none
+        configurator.spec_algorithm = type(spec).NONE
+    try:
+        kv_rest = original(configurator, total_rest_memory, *args, **kwargs)
+    finally:
+        configurator.spec_algorithm = spec
+    if user_sized:
         return kv_rest
     from sglang.srt.model_executor.pool_configurator import create_memory_pool_configurator
 
@@ -106,6 +122,54 @@ def cap_state_pool_for_one_full_request(original: Any, configurator: Any,
         "%d-token request", cap, slots, context_len,
     )
     return kv_rest + (slots - cap) * slot_bytes / GIB
+
+
+def verify_replay_gib(configurator: Any) -> float:
+    """GiB the lightning backend keeps for speculative verify (the chains' keys and values of
+    every running request), taken from the pools' share."""
+    server_args = configurator.server_args
+    replay = configurator.model_config.hf_config.verify_replay_bytes(
+        server_args.max_running_requests, server_args.speculative_num_draft_tokens,
+        configurator.model_dtype.itemsize, configurator.ps.attn_tp_size,
+    )
+    logger.info("MiniCPM-SALA: %.2f GiB for the speculative verify's keys and values "
+                "(%d requests x %d draft tokens)", replay / GIB,
+                server_args.max_running_requests, server_args.speculative_num_draft_tokens)
+    return replay / GIB
+
+
+def keep_no_state_per_draft_token(original: Any, pool: Any, *args: Any, **kwargs: Any) -> None:
+    """Around `HybridReqToTokenPool.__init__`: for MiniCPM-SALA's lightning state, no
+    per-draft-token state copies (48 MiB per request and draft token on the released model);
+    its verify keeps the chains' keys and values and the commit replays the accepted ones."""
+    from sala_sglang.config import lightning_cache_params_class
+
+    if isinstance(kwargs.get("cache_params"), lightning_cache_params_class()):
+        kwargs["speculative_num_draft_tokens"] = None
+    return original(pool, *args, **kwargs)
+
+
+def commit_verified_drafts(original: Any, backend: Any, *args: Any, **kwargs: Any) -> None:
+    """Around `HybridLinearAttnBackend.update_mamba_state_after_mtp_verify`: MiniCPM-SALA's
+    lightning backend commits the accepted drafts by replaying them."""
+    commit = getattr(backend.linear_attn_backend, "commit_verified_drafts", None)
+    if commit is None:
+        return original(backend, *args, **kwargs)
+    return commit(*args, **kwargs)
+
+
+def verify_chain_drafts(result: Any, worker: Any, *args: Any, **kwargs: Any) -> Any:
+    """After `NGRAMWorker._prepare_draft_tokens`: each request's drafts verified as one chain
+    (token j sees tokens 0..j), whatever tree the n-gram corpus built; the corpus pads a short
+    match with tokens hung off the root, which would fork the lightning state."""
+    if not isinstance(worker.model_runner.model_config.hf_config, MiniCPMSALAConfig):
+        return result
+    import numpy as np
+
+    drafts, mask = result
+    n = worker.draft_token_num
+    chain = np.tril(np.ones((n, n), dtype=mask.dtype))
+    return drafts, np.broadcast_to(chain, (mask.size // (n * n), n, n)).reshape(mask.shape)
 
 
 def extra_buffer_for_minicpm_sala(original: Any, view: Any, model_arch: str) -> bool:

@@ -18,9 +18,12 @@ from sala_sglang.hooks import (
     add_compressed_keys_to_cell_size,
     cap_state_pool_for_one_full_request,
     check_state_slots_when_idle,
+    commit_verified_drafts,
     extra_buffer_for_minicpm_sala,
+    keep_no_state_per_draft_token,
     namespace_request_class,
     reject_out_of_vocab_ids,
+    verify_chain_drafts,
 )
 from sala_sglang.server_args import (
     ARCHITECTURE,
@@ -175,6 +178,22 @@ def _register_server_hooks() -> None:
         "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._handle_max_mamba_cache",
         cap_state_pool_for_one_full_request,
         HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.mem_cache.memory_pool.HybridReqToTokenPool.__init__",
+        keep_no_state_per_draft_token,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.layers.attention.hybrid_linear_attn_backend.HybridLinearAttnBackend."
+        "update_mamba_state_after_mtp_verify",
+        commit_verified_drafts,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.speculative.ngram_worker.NGRAMWorker._prepare_draft_tokens",
+        verify_chain_drafts,
+        HookType.AFTER,
     )
     HookRegistry.register(
         "sglang.srt.managers.scheduler.Scheduler._maybe_namespace_elastic_radix_cache",

@@ -28,7 +28,9 @@ from sglang.srt.runtime_context import get_parallel
 
 from sala_sglang.ops._cuda import DeviceFacts
 from sala_sglang.ops.lightning import lightning_decode, lightning_prefill
+from sala_sglang.ops.lightning_commit import lightning_commit
 from sala_sglang.ops.lightning_plan import PREFILL_LAUNCH, LightningPlan, plan_lightning
+from sala_sglang.ops.lightning_verify import lightning_verify
 from sala_sglang.ops.overrides import KernelOverrides
 from sala_sglang.reference.lightning import lightning_slopes
 
@@ -38,9 +40,10 @@ class LightningBackend(MambaAttnBackendBase):
 
     def __init__(self, model_runner) -> None:
         super().__init__(model_runner)
-        if self.topk > 1 or model_runner.server_args.speculative_algorithm:
+        if self.topk > 1:
             raise NotImplementedError(
-                "MiniCPM-SALA does not support speculative decoding; drop --speculative-*"
+                f"MiniCPM-SALA verifies chain drafts; speculative top-k {self.topk} > 1 is not "
+                "supported"
             )
         config = model_runner.model_config.hf_config
         tp_size, tp_rank = get_parallel().attn_tp_size, get_parallel().attn_tp_rank
@@ -70,6 +73,24 @@ class LightningBackend(MambaAttnBackendBase):
         self.device_facts = DeviceFacts.of(self.device)
         self.prefer_impl = KernelOverrides.from_env().impl
         self.plan: LightningPlan | None = None
+        self._init_verify(model_runner)
+
+    def _init_verify(self, model_runner) -> None:
+        """Speculative verify: each layer's keys and values of the verified chains, kept until
+        the commit replays the accepted ones (`commit_verified_drafts`)."""
+        server_args = model_runner.server_args
+        self.draft_len = (server_args.speculative_num_draft_tokens
+                          if server_args.speculative_algorithm else None)
+        self.verify_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.draft_len is None:
+            return
+        pool = self.req_to_token_pool
+        self.layer_index = pool.mamba_map
+        # as many chains as request slots: a verify batch never holds more
+        shape = (len(pool.mamba_map), pool.size * self.draft_len, self.num_heads, self.head_dim)
+        dtype = model_runner.model_config.dtype
+        self.verify_kv = (torch.empty(shape, dtype=dtype, device=self.device),
+                          torch.empty(shape, dtype=dtype, device=self.device))
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         """Eager forwards (and prefill under SGLang's breakable graphs, whose attention runs
@@ -82,7 +103,7 @@ class LightningBackend(MambaAttnBackendBase):
             slots = slots.clone()
             slots[real:] = -1  # padding rows touch no state
         query_start_loc = None
-        if fb.forward_mode.is_extend():
+        if fb.forward_mode.is_extend() and not fb.forward_mode.is_target_verify():
             query_start_loc = torch.zeros(fb.batch_size + 1, dtype=torch.int32, device=self.device)
             torch.cumsum(fb.extend_seq_lens, 0, out=query_start_loc[1:])
             self.has_initial_state = (fb.extend_prefix_lens > 0).to(torch.int32)
@@ -118,7 +139,8 @@ class LightningBackend(MambaAttnBackendBase):
 
     def _plan(self, forward_batch: ForwardBatch) -> None:
         batch = forward_batch.batch_size
-        extend = forward_batch.forward_mode.is_extend()
+        mode = forward_batch.forward_mode
+        extend = mode.is_extend() and not mode.is_target_verify()
         self.plan = plan_lightning(
             int(forward_batch.extend_num_tokens) if extend else batch,
             batch,
@@ -145,6 +167,8 @@ class LightningBackend(MambaAttnBackendBase):
         **kwargs,
     ) -> torch.Tensor:
         meta = self.forward_metadata
+        if forward_batch.forward_mode.is_target_verify():
+            return self._verify(q, k, v, layer)
         out = lightning_prefill(
             self._heads(q),
             self._heads(k),
@@ -185,3 +209,43 @@ class LightningBackend(MambaAttnBackendBase):
             track_mask=track_mask,
         )
         return out.view(-1, self.num_heads * self.head_dim)
+
+    def _verify(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                layer: RadixAttention) -> torch.Tensor:
+        """Outputs of every request's chain of drafts, the state pool left as it was; the keys
+        and values are kept for the commit."""
+        layer_keys, layer_values = (kv[self.layer_index[layer.layer_id]] for kv in self.verify_kv)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        layer_keys[: k.shape[0]].copy_(k)
+        layer_values[: v.shape[0]].copy_(v)
+        out = lightning_verify(
+            q, k, v, self._state(layer), self.forward_metadata.mamba_cache_indices, self.slopes,
+            self.scale, self.draft_len,
+        )
+        return out.view(-1, self.num_heads * self.head_dim)
+
+    def commit_verified_drafts(
+        self,
+        last_correct_step_indices: torch.Tensor,
+        mamba_track_indices: torch.Tensor | None,
+        mamba_steps_to_track: torch.Tensor | None,
+        model=None,
+    ) -> None:
+        """After the verify's sampling (SGLang's `update_mamba_state_after_mtp_verify`): advance
+        every layer's state by the accepted tokens of each chain (steps 0..last correct), and
+        write the state after `mamba_steps_to_track` into the track slot where it is >= 0."""
+        requests = last_correct_step_indices.shape[0]
+        layers, rows, heads, dim = self.verify_kv[0].shape
+        keys, values = (kv.view(layers, rows // self.draft_len, self.draft_len, heads, dim)[
+            :, :requests] for kv in self.verify_kv)
+        tracked = mamba_track_indices is not None and mamba_steps_to_track is not None
+        lightning_commit(
+            self.req_to_token_pool.mamba_pool.mamba_cache.temporal,
+            self.forward_metadata.mamba_cache_indices[:requests],
+            keys,
+            values,
+            self.slopes,
+            last_correct_step_indices + 1,
+            track_slots=mamba_track_indices[:requests] if tracked else None,
+            track_steps=mamba_steps_to_track if tracked else None,
+        )

@@ -20,29 +20,53 @@ from sala_sglang.ops._cuda import DeviceFacts  # noqa: E402
 GPU = DeviceFacts(name="cuda:0", multiprocessors=132, compiled=True)
 
 
-def build(monkeypatch: pytest.MonkeyPatch, make_tiny_config,
-          snapshot_step: int = 64) -> lightning_backend.LightningBackend:
-    """The backend over a stand-in model runner: SGLang's base sets only what the backend reads;
-    request pool row r owns state slot 10 + r."""
+class StatePool:
+    """SGLang's request pool as the backend reads it: request row r owns state slot 10 + r; the
+    lightning layers' states [layers, slots, heads, dim, dim] in one tensor."""
+
+    def __init__(self, config, slots: int = 32, requests: int = 4) -> None:
+        self.size = requests
+        self.mamba_map = {layer: i for i, layer in enumerate(config.linear_layer_ids)}
+        h, d, _ = config.linear_state_shape()
+        temporal = torch.randn(len(self.mamba_map), slots, h, d, d, dtype=torch.float64)
+        self.mamba_pool = SimpleNamespace(mamba_cache=SimpleNamespace(
+            temporal=temporal.float()))
+
+    def get_mamba_indices(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows + 10
+
+    def mamba2_layer_cache(self, layer_id: int) -> SimpleNamespace:
+        return SimpleNamespace(temporal=self.mamba_pool.mamba_cache.temporal[
+            self.mamba_map[layer_id]])
+
+
+def build(monkeypatch: pytest.MonkeyPatch, make_tiny_config, snapshot_step: int = 64,
+          draft_len: int | None = None) -> lightning_backend.LightningBackend:
+    """The backend over a stand-in model runner: SGLang's base sets only what the backend reads.
+    draft_len: serve with NGRAM chains of that many tokens."""
+    config = make_tiny_config()
 
     def base_init(self, runner) -> None:
         self.device, self.topk = runner.device, 0
-        self.req_to_token_pool = SimpleNamespace(get_mamba_indices=lambda rows: rows + 10)
+        self.req_to_token_pool = StatePool(config)
 
     monkeypatch.setattr(MambaAttnBackendBase, "__init__", base_init)
     monkeypatch.setattr(lightning_backend, "get_parallel",
                         lambda: SimpleNamespace(attn_tp_size=1, attn_tp_rank=0))
-    server_args = SimpleNamespace(speculative_algorithm=None, mamba_cache_chunk_size=snapshot_step)
+    server_args = SimpleNamespace(speculative_algorithm=draft_len and "NGRAM",
+                                  speculative_num_draft_tokens=draft_len,
+                                  mamba_cache_chunk_size=snapshot_step)
     runner = SimpleNamespace(device="cpu", server_args=server_args,
-                             model_config=SimpleNamespace(hf_config=make_tiny_config()))
+                             model_config=SimpleNamespace(hf_config=config, dtype=torch.float32))
     return lightning_backend.LightningBackend(runner)
 
 
-def batch(extend: bool, requests: int, tokens: int | None = None, **fields) -> SimpleNamespace:
+def batch(extend: bool, requests: int, tokens: int | None = None, verify: bool = False,
+          **fields) -> SimpleNamespace:
     defaults = {"_original_batch_size": None, "mamba_track_mask": None,
                 "mamba_track_indices": None, "req_pool_indices": torch.arange(requests)}
-    return SimpleNamespace(batch_size=requests, extend_num_tokens=tokens,
-                           forward_mode=SimpleNamespace(is_extend=lambda: extend),
+    mode = SimpleNamespace(is_extend=lambda: extend or verify, is_target_verify=lambda: verify)
+    return SimpleNamespace(batch_size=requests, extend_num_tokens=tokens, forward_mode=mode,
                            **{**defaults, **fields})
 
 
@@ -113,3 +137,44 @@ def test_decode_snapshots_go_where_the_scheduler_marks_them(monkeypatch, make_ti
     assert backend.decode_track == (slots, mask)
     backend.init_forward_metadata(batch(False, 2))
     assert backend.decode_track is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs Triton in the CPU interpreter")
+def test_verify_then_commit_is_decoding_the_accepted_drafts(monkeypatch,
+                                                            make_tiny_config) -> None:
+    """Two requests verify chains of 4 on every lightning layer: the pool is left as it was;
+    the commit (3 and 1 accepted tokens, a snapshot after the first token of the second) leaves
+    the states, and the verify the outputs, that decoding those tokens one by one gives."""
+    draft_len, requests = 4, 2
+    backend = build(monkeypatch, make_tiny_config, draft_len=draft_len)
+    layers = [SimpleNamespace(layer_id=i) for i in backend.layer_index]
+    width = backend.num_heads * backend.head_dim
+    torch.manual_seed(0)
+    qkv = {i: torch.randn(3, requests * draft_len, width) / 4 for i in backend.layer_index}
+    pool = backend.req_to_token_pool.mamba_pool.mamba_cache.temporal
+    before = pool.clone()
+
+    verify = batch(False, requests, verify=True)
+    backend.init_forward_metadata(verify)
+    outputs = {layer.layer_id: backend.forward_extend(*qkv[layer.layer_id], layer, verify)
+               for layer in layers}
+    assert torch.equal(pool, before)
+    accepted = torch.tensor([3, 1])
+    backend.commit_verified_drafts(accepted - 1, torch.tensor([20, 21]), torch.tensor([-1, 0]))
+    committed = pool.clone()
+
+    pool.copy_(before)
+    for step in range(draft_len):
+        live = accepted > step
+        decode = batch(False, requests, _original_batch_size=None)
+        backend.init_forward_metadata(decode)
+        backend.forward_metadata.mamba_cache_indices[~live] = -1  # finished: no state change
+        for layer in layers:
+            q, k, v = (x.view(requests, draft_len, width)[:, step] for x in qkv[layer.layer_id])
+            out = backend.forward_decode(q, k, v, layer, decode)
+            verified = outputs[layer.layer_id].view(requests, draft_len, width)[:, step]
+            torch.testing.assert_close(verified[live], out[live], atol=1e-5, rtol=1e-5)
+        if step == 0:
+            torch.testing.assert_close(committed[:, 21], pool[:, 11], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(committed[:, 10:12], pool[:, 10:12], atol=1e-5, rtol=1e-5)
+    assert torch.equal(committed[:, 20], before[:, 20])  # no snapshot asked for the first

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from sala_sglang.config import MiniCPMSALAConfig
 from sala_sglang.hooks import (
@@ -100,14 +101,17 @@ def size_state_pool(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(pool_configurator, "create_memory_pool_configurator",
                         lambda kvc: SimpleNamespace(_cell_size=CELL))
 
-    def size(rest_gib: float, hf_config=None, **fields):
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    def size(rest_gib: float, hf_config=None, spec: str = "NONE", **fields):
         config = MiniCPMSALAConfig()
         configurator = SimpleNamespace(
             server_args=FakeServerArgs(**fields),
             model_config=SimpleNamespace(hf_config=hf_config or config, context_len=1 << 20),
+            model_dtype=torch.bfloat16,
             mambaish_config=config,
-            spec_algorithm=SimpleNamespace(is_none=lambda: True),
-            ps=SimpleNamespace(attn_dp_size=1),
+            spec_algorithm=SpeculativeAlgorithm[spec],
+            ps=SimpleNamespace(attn_dp_size=1, attn_tp_size=1),
         )
         kv_gib = KVCacheConfigurator._handle_max_mamba_cache(configurator, rest_gib)
         return configurator.server_args, kv_gib
@@ -135,6 +139,20 @@ def test_state_pool_that_leaves_room_is_kept(size_state_pool) -> None:
 def test_a_state_pool_the_user_sized_is_kept(size_state_pool, fields: dict, slots: int) -> None:
     args, _ = size_state_pool(12.0, **fields)
     assert args.max_mamba_cache_size == slots
+
+
+def test_speculative_verify_takes_its_keys_and_values_and_no_state_per_draft(
+    size_state_pool,
+) -> None:
+    """NGRAM chains of 8 for 8 requests: 24 layers x 64 tokens x 32 heads x 256 x 2 B of keys
+    and values come out of the pools' share; SGLang's reserve of 8 states per request is not
+    taken (the fake configurator lacks what SGLang's reserve would read)."""
+    replay = 24 * 64 * 32 * 256 * 2 / GIB
+    args, kv_gib = size_state_pool(12.0, spec="NGRAM", max_running_requests=8,
+                                   speculative_num_draft_tokens=8)
+    plain, plain_kv = size_state_pool(12.0 - replay)
+    assert args.max_mamba_cache_size == plain.max_mamba_cache_size
+    assert kv_gib == pytest.approx(plain_kv)
 
 
 def test_other_models_state_pools_are_left_alone(size_state_pool) -> None:
@@ -244,3 +262,51 @@ def test_sglang_allows_extra_buffer_snapshots_for_minicpm_sala_only() -> None:
     assert overrides.supports_mamba_cache_extra_buffer(view, "MiniCPMSALAForCausalLM")
     assert not overrides.supports_mamba_cache_extra_buffer(view, "LlamaForCausalLM")
     assert not overrides.supports_mamba_cache_extra_buffer(view, "Qwen3NextForCausalLM")
+
+
+def test_lightning_pools_keep_no_state_per_draft_token() -> None:
+    pytest.importorskip("sglang")
+    from sala_sglang.hooks import keep_no_state_per_draft_token
+
+    seen = {}
+
+    def pool_init(pool, **kwargs):
+        seen.update(kwargs)
+
+    keep_no_state_per_draft_token(pool_init, None, cache_params=MiniCPMSALAConfig(
+        ).mamba2_cache_params, speculative_num_draft_tokens=8)
+    assert seen["speculative_num_draft_tokens"] is None
+    keep_no_state_per_draft_token(pool_init, None, cache_params=object(),
+                                  speculative_num_draft_tokens=8)
+    assert seen["speculative_num_draft_tokens"] == 8
+
+
+def test_post_verify_commit_goes_to_our_lightning_backend() -> None:
+    from sala_sglang.hooks import commit_verified_drafts
+
+    calls = []
+    ours = SimpleNamespace(linear_attn_backend=SimpleNamespace(
+        commit_verified_drafts=lambda *a, **k: calls.append(("ours", a))))
+    other = SimpleNamespace(linear_attn_backend=object())
+    commit_verified_drafts(lambda backend, *a, **k: calls.append(("sglang", a)), ours, 1, 2)
+    commit_verified_drafts(lambda backend, *a, **k: calls.append(("sglang", a)), other, 3)
+    assert calls == [("ours", (1, 2)), ("sglang", (3,))]
+
+
+def test_ngram_drafts_are_verified_as_one_chain_per_request() -> None:
+    """The corpus pads a 2-token match of a 4-token draft with tokens hung off the root (row 3
+    sees tokens 0 and 3 only); every row j of the chain sees tokens 0..j."""
+    import numpy as np
+
+    from sala_sglang.hooks import verify_chain_drafts
+
+    tree = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]], dtype=np.uint8)
+    drafts = np.arange(8)
+    worker = SimpleNamespace(draft_token_num=4, model_runner=SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=MiniCPMSALAConfig())))
+    out_drafts, mask = verify_chain_drafts((drafts, np.tile(tree.ravel(), 2)), worker)
+    assert out_drafts is drafts and mask.dtype == tree.dtype and mask.shape == (32,)
+    assert (mask.reshape(2, 4, 4) == np.tril(np.ones((4, 4), dtype=np.uint8))).all()
+    other = SimpleNamespace(draft_token_num=4, model_runner=SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=object())))
+    assert verify_chain_drafts((drafts, tree.ravel()), other)[1] is not None
