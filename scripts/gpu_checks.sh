@@ -15,6 +15,7 @@
 #   bash scripts/gpu_checks.sh side-by-side     # ops and every served module above, in parallel
 #   bash scripts/gpu_checks.sh aborts           # client drops while queued, between prefill
 #                                               # chunks, while decoding; /abort_request
+#   bash scripts/gpu_checks.sh speculative      # NGRAM chains served = reference = plain decode
 #   bash scripts/gpu_checks.sh soak             # 1000 requests, 10% aborted, pools free after
 #   bash scripts/gpu_checks.sh soak-real        # real config, random weights: 8K-1M prompts for
 #                                               # 4.5 minutes, 10% dropped, pools free after
@@ -91,6 +92,19 @@ for part in "$@"; do
             for pid in "${pids[@]}"; do wait "$pid" || status=1; done
             cat "$out"/{ops,prefix-cache,serving-graph,serving-parallel,retraction,aborts}.out ;;
         aborts) run "$part" pytest_gpu tests/serving/test_gpu_aborts.py ;;
+        # NGRAM chains (graph, eager, graph without the prefix cache) side by side, and the
+        # verify/commit op tests
+        speculative)
+            export SALA_SGLANG_TEST_SERVER_FLAGS="${SALA_SGLANG_TEST_SERVER_FLAGS:---mem-fraction-static 0.1}"
+            pids=()
+            for m in "cuda_graph and prefix_cache" "eager" "cuda_graph and not prefix_cache"; do
+                name="$part-$(echo "$m" | tr -d ' ' | tr -c 'a-z_\n' '-')"
+                run "$name" pytest_gpu tests/serving/test_gpu_speculative.py -m "$m" & pids+=($!)
+            done
+            run "$part-ops" pytest_gpu tests/ops/test_lightning_verify.py \
+                tests/ops/test_lightning_commit.py & pids+=($!)
+            for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+            unset SALA_SGLANG_TEST_SERVER_FLAGS ;;
         soak) run soak python benchmarks/soak.py --out "$out" ;;
         # Startup 160-185 s on a fresh machine, 270 s of requests, ~40 s of checks: ~8.5 min.
         soak-real) run "$part" python benchmarks/soak.py --model sala --minutes 4.5 --out "$out" ;;
