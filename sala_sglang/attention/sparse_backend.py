@@ -9,8 +9,9 @@ written by the request extending it), and they are allocated, freed and reused t
 KV cache (see `sala_sglang.ops.infllm_v2.compress`).
 
 Per forward, `init_forward_metadata_in_graph` builds per-token metadata once (request slot,
-position, mode) with device ops only, so decode runs under CUDA graphs with no host sync, and the
-ops' plan (`infllm_v2.plan.make_plan`) from host sizes only; every sparse layer reuses both.
+position, mode) with device ops only, so decode and speculative verify (a chain of draft tokens
+per request) run under CUDA graphs with no host sync, and the ops' plan
+(`infllm_v2.plan.make_plan`) from host sizes only; every sparse layer reuses both.
 Kernel overrides from the environment are read once, when the backend is built.
 
 Mode switch (SPEC, DECIDED): a token at position p of a request whose prompt has P tokens is
@@ -114,37 +115,65 @@ class SparseLayerBackend(AttentionBackend):
 
     def init_forward_metadata_in_graph(self, forward_batch: ForwardBatch) -> None:
         mode = forward_batch.forward_mode
-        if mode.is_decode_or_idle():
-            self.meta = self._decode_metadata(forward_batch)
-            tokens = forward_batch.seq_lens.shape[0]
+        if mode.is_target_verify():  # before is_extend, which TARGET_VERIFY also answers
+            self.meta = self._verify_metadata(forward_batch)
+        elif mode.is_decode_or_idle():
+            self.meta = self._chain_metadata(forward_batch.req_pool_indices,
+                                             forward_batch.seq_lens - 1, 1)
         elif mode.is_extend():
             self.meta = self._extend_metadata(forward_batch)
-            tokens = int(forward_batch.extend_num_tokens)
         else:
             raise NotImplementedError(f"MiniCPM-SALA: forward mode {mode} is not supported")
         sp = self.sparse
+        # Decode and verify run a few tokens per request over long caches (and under CUDA
+        # graphs): split K, as decode always has.
         self.plan = make_plan(
-            sp, tokens=tokens, groups=self.kv_heads, head_dim=self.head_dim,
-            width=self.meta.width, decode=mode.is_decode_or_idle(), device=self.device_facts,
-            overrides=self.overrides, n_sel=sp.num_selected_blocks if self.meta.select else 1,
+            sp, tokens=self.meta.token_req.shape[0], groups=self.kv_heads,
+            head_dim=self.head_dim, width=self.meta.width,
+            decode=mode.is_decode_or_idle() or mode.is_target_verify(),
+            device=self.device_facts, overrides=self.overrides,
+            n_sel=sp.num_selected_blocks if self.meta.select else 1,
         )
 
     def _is_sparse(self, prompt_or_len: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         longest = torch.maximum(prompt_or_len, pos + 1)
         return ((longest >= self.dense_len) & (pos >= self.sparse.max_sparse_keys)).to(torch.int32)
 
-    def _decode_metadata(self, fb: ForwardBatch) -> TokenMetadata:
-        seq_lens = fb.seq_lens.to(torch.int32)
-        pos = seq_lens - 1
-        req = fb.req_pool_indices.to(torch.int32)
+    def _verify_metadata(self, fb: ForwardBatch) -> TokenMetadata:
+        """TARGET_VERIFY: each request's last sampled token and its drafts, a chain after its
+        seq_lens committed keys (the draft mask is lower-triangular, so token j sees the cache and
+        tokens 0..j of its chain: causal by position, as the ops are). A rejected draft leaves
+        KV and compressed keys only at positions the next forward writes again."""
+        chain = fb.spec_info.draft_token_num
+        # CUDA-graph padding rows have seq_len = the fill value and the req slot of some
+        # request: a chain long enough to complete a window there would write that request's
+        # compressed keys from keys that are not its own.
+        if chain + self.get_cuda_graph_seq_len_fill_value() >= self.sparse.kernel_size:
+            raise ValueError(
+                f"speculative_num_draft_tokens {chain}: MiniCPM-SALA's sparse layers accept at "
+                f"most {self.sparse.kernel_size - self.get_cuda_graph_seq_len_fill_value() - 1} "
+                f"(below sparse_config.kernel_size = {self.sparse.kernel_size})"
+            )
+        # positions (SGLang's: seq_len + depth) are stale in padding rows; seq_lens are not
+        return self._chain_metadata(fb.req_pool_indices, fb.seq_lens, chain)
+
+    def _chain_metadata(self, req_pool_indices: torch.Tensor, old_lens: torch.Tensor,
+                        chain: int) -> TokenMetadata:
+        """`chain` new tokens per request at positions old_lens .. old_lens + chain - 1
+        (request-major): decode is the chain of one. Device ops only, static shapes."""
+        req = req_pool_indices.to(torch.int32)
+        old_lens = old_lens.to(torch.int32)
+        steps = torch.arange(chain, dtype=torch.int32, device=old_lens.device)
+        pos = (old_lens[:, None] + steps).flatten()
         return TokenMetadata(
-            token_req=req,
+            token_req=req[:, None].expand(-1, chain).flatten(),
             token_pos=pos,
-            token_sparse=self._is_sparse(seq_lens, pos),
+            # a token past the prompt sees its own position + 1 keys (max(P, p + 1) = p + 1)
+            token_sparse=self._is_sparse(pos + 1, pos),
             req_slots=req,
-            old_lens=pos,
-            new_lens=seq_lens,
-            max_new_tokens=1,
+            old_lens=old_lens,
+            new_lens=old_lens + chain,
+            max_new_tokens=chain,
             select=True,  # static shapes under CUDA graphs
             width=self.max_blocks,
         )
