@@ -1,9 +1,10 @@
 """The sparse-layer backend's per-forward logic on a simulated paged KV cache, CPU only.
 
 Several requests are prefilled in shared 64-token batches split at awkward places, then decoded
-together past the tiny geometry's dense_len; the backend (metadata, the ops' plan, KV writes,
-compressed keys, mode switch, selection, attention; Triton kernels in the CPU interpreter) must
-give, token by token, the reference's sparse-layer attention over each whole sequence.
+(or verified in speculative chains) together past the tiny geometry's dense_len; the backend
+(metadata, the ops' plan, KV writes, compressed keys, mode switch, selection, attention; Triton
+kernels in the CPU interpreter) must give, token by token, the reference's sparse-layer attention
+over each whole sequence.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from conftest import TINY_SPARSE_CONFIG  # noqa: E402
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 
 from sala_sglang.attention import sparse_backend  # noqa: E402
+from sala_sglang.config import SparseConfig  # noqa: E402
+from sala_sglang.ops.infllm_v2 import compress_new_windows, select  # noqa: E402
 from sala_sglang.ops.infllm_v2 import plan as sparse_plan  # noqa: E402
-from sala_sglang.ops.infllm_v2 import select  # noqa: E402
 from sala_sglang.ops.overrides import KernelOverrides  # noqa: E402
 from sala_sglang.reference.sparse import compress_keys, sparse_layer_attention  # noqa: E402
 
@@ -95,6 +97,25 @@ def forward_batch(mode, items, done, prompts, rt):
         positions=pos, out_cache_loc=loc)
 
 
+def verify_batch(requests: list[int], done: list[int], rt: torch.Tensor, chain: int,
+                 pad: int) -> SimpleNamespace:
+    """SGLang's TARGET_VERIFY ForwardBatch: each request's chain of `chain` tokens (its last sampled
+    one and the drafts) after its done[r] committed ones, then `pad` CUDA-graph padding rows
+    (seq_len = the fill value 1, a live request's slot, KV slot 0, positions an earlier replay
+    left). The extend fields are None, as SGLang may leave them in this mode."""
+    start = [done[r] for r in requests]
+    stale = torch.arange(start[0], start[0] + chain)
+    return SimpleNamespace(
+        forward_mode=ForwardMode.TARGET_VERIFY, spec_info=SimpleNamespace(draft_token_num=chain),
+        req_pool_indices=torch.tensor([r + 1 for r in requests] + [requests[0] + 1] * pad),
+        seq_lens=torch.tensor(start + [1] * pad), orig_seq_lens=None,
+        positions=torch.cat([torch.arange(p, p + chain) for p in start] + [stale] * pad),
+        out_cache_loc=torch.cat([rt[r + 1, p : p + chain] for r, p in zip(requests, start)]
+                                + [torch.zeros(chain, dtype=torch.int32)] * pad),
+        extend_seq_lens=None, extend_prefix_lens=None, extend_num_tokens=None,
+        extend_seq_lens_cpu=None, extend_prefix_lens_cpu=None)
+
+
 class Driver:
     """Runs forwards of (request, new tokens) pairs through the backend's sparse layer LAYER and
     keeps each request's outputs, the prefill widths and the plans."""
@@ -123,6 +144,41 @@ class Driver:
             self.outs[r][p : p + n] = o[s : s + n]
             s += n
             done[r] = p + n
+
+    def verify(self, chains: dict[int, dict[str, torch.Tensor]],
+               pad: int = 0) -> list[torch.Tensor]:
+        """One TARGET_VERIFY forward of each request's chain (its next tokens' q, k, v) and `pad`
+        padding rows of random tokens; returns the chains' outputs and commits nothing."""
+        first = next(iter(chains.values()))
+        chain = first["q"].shape[0]
+        fb = verify_batch(list(chains), self.done, self.rt, chain, pad)
+        self.be.init_forward_metadata_in_graph(fb)
+        self.plans.append((fb.forward_mode, self.be.plan))
+        q, k, v = (torch.cat([c[x] for c in chains.values()]
+                             + [torch.randn(pad * chain, *first[x].shape[1:])]).flatten(1)
+                   for x in ("q", "k", "v"))
+        o = self.be.forward_extend(q, k, v, SimpleNamespace(layer_id=LAYER), fb).view(-1, HQ, D)
+        return list(o[: len(chains) * chain].split(chain))
+
+    def cache_prompts(self) -> None:
+        """The cache a prefill of every prompt leaves, its KV and compressed keys (written by the
+        backend's op), without the prompts' attention (the interpreter's slowest part; the first
+        test checks a prefill through the backend)."""
+        be, rt, prompts = self.be, self.rt, self.prompts
+        for r, (seq, p) in enumerate(zip(self.seqs, prompts)):
+            be.token_to_kv_pool.set_kv_buffer(None, rt[r + 1, :p], seq["k"][:p], seq["v"][:p])
+        cfg, lens = be.sparse, torch.tensor(prompts, dtype=torch.int32)
+        compress_new_windows(be.token_to_kv_pool.k, be.k1[LAYER], rt,
+                             torch.arange(1, len(prompts) + 1, dtype=torch.int32),
+                             torch.zeros_like(lens), lens, cfg,
+                             max_new_windows=max(prompts) // cfg.kernel_stride + 2)
+        self.done[:] = prompts
+
+def reference(seq: dict[str, torch.Tensor], n: int, prompt: int, cfg: SparseConfig) -> torch.Tensor:
+    """The reference's sparse-layer attention (float64) over a sequence's first n tokens."""
+    q, k, v = (seq[x][:n].double() for x in ("q", "k", "v"))
+    k1 = compress_keys(k, cfg.kernel_size, cfg.kernel_stride)
+    return sparse_layer_attention(q, k, v, k1, torch.arange(n), prompt, cfg, cfg.dense_len, D**-0.5)
 
 
 def test_backend_matches_reference_over_chunked_prefill_and_decode(
@@ -169,10 +225,7 @@ def test_backend_matches_reference_over_chunked_prefill_and_decode(
         run(ForwardMode.DECODE, [(r, 1) for r in range(len(prompts))])
 
     for r, n in enumerate(total):
-        s = seqs[r]
-        k1 = compress_keys(s["k"].double(), cfg.kernel_size, cfg.kernel_stride)
-        want = sparse_layer_attention(s["q"].double(), s["k"].double(), s["v"].double(), k1,
-                                      torch.arange(n), prompts[r], cfg, cfg.dense_len, D**-0.5)
+        want = reference(seqs[r], n, prompts[r], cfg)
         assert relative_error(outs[r], want) < 1e-5, f"request {r}"
     # Sizes that change from chunk to chunk would compile the selection kernels again: the
     # prefill width is a multiple of 16 blocks and selection pieces start on 16-token boundaries.
@@ -246,3 +299,71 @@ def test_a_prefix_hit_reads_the_shared_pages_and_writes_only_its_own(
                                       torch.arange(n), prompts[r], cfg, cfg.dense_len, D**-0.5)
         start = shared if r == 1 else 0  # B computes nothing before its hit
         assert relative_error(outs[r][start:done[r]], want[start:done[r]]) < 1e-5, f"request {r}"
+
+
+def random_sequences(lengths: list[int]) -> list[dict[str, torch.Tensor]]:
+    return [{"q": torch.randn(n, HQ, D), "k": torch.randn(n, G, D), "v": torch.randn(n, G, D)}
+            for n in lengths]
+
+
+@pytest.mark.parametrize("chain", [2, 4])
+def test_verify_commits_the_accepted_prefix_and_rejected_drafts_leave_no_trace(
+    chain, make_tiny_config, monkeypatch, relative_error
+) -> None:
+    # Speculative verify forwards (with a CUDA-graph padding row) whose chains cross 16-token
+    # pages and dense_len: each accepts a random prefix of its chain; the next verify starts at
+    # the new seq_len with the true tokens where drafts were rejected. Rejected drafts wrote KV
+    # and compressed-key windows: every accepted token must still be the reference's over the
+    # committed sequence, and the compressed-key cache must hold the committed windows only.
+    torch.manual_seed(chain)
+    prompts = [250, 300, 60]
+    total = [p + 10 for p in prompts]
+    pool, rt = paged_requests([n + chain for n in total], 16)
+    be = build_backend(make_tiny_config, monkeypatch, pool, rt)
+    cfg = be.sparse
+    seqs = random_sequences([n + chain for n in total])
+    done = [0] * len(prompts)
+    driver = Driver(be, seqs, prompts, rt, done)
+    driver.cache_prompts()
+    while any(done[r] < total[r] for r in range(len(prompts))):
+        chains, accepted = {}, {}
+        for r in (r for r in range(len(prompts)) if done[r] < total[r]):
+            accepted[r] = int(torch.randint(1, chain + 1, ()))
+            chains[r] = {x: seqs[r][x][done[r] : done[r] + chain].clone() for x in seqs[r]}
+            for x in chains[r]:  # the drafts SGLang will reject: not the true tokens
+                chains[r][x][accepted[r] :] = 2 * torch.randn_like(chains[r][x][accepted[r] :])
+        for r, out in zip(chains, driver.verify(chains, pad=1)):
+            driver.outs[r][done[r] : done[r] + accepted[r]] = out[: accepted[r]]
+            done[r] += accepted[r]
+
+    bs = cfg.block_size
+    for r, (p, n) in enumerate(zip(prompts, done)):
+        want = reference(seqs[r], n, p, cfg)
+        assert relative_error(driver.outs[r][p:n], want[p:]) < 1e-5, f"request {r}"
+        homes = [cfg.k1_home(c) for c in range(cfg.num_k1(n))]
+        cached = torch.stack([be.k1[LAYER][rt[r + 1, b * bs] // bs, row] for b, row in homes])
+        want_k1 = compress_keys(seqs[r]["k"][:n].double(), cfg.kernel_size, cfg.kernel_stride)
+        assert relative_error(cached, want_k1) < 1e-5, f"request {r}"
+
+
+@pytest.mark.parametrize("chain", [2, 4])
+def test_verify_gives_each_token_what_decoding_it_alone_gives(
+    chain, make_tiny_config, monkeypatch, relative_error
+) -> None:
+    # One chain per request: across dense_len (request 0; and for chain 4 into a new page), across
+    # a page boundary with selection (request 1) and in dense mode (request 2). Then, as if every
+    # draft were rejected, the same tokens decode one at a time from the same seq_len.
+    torch.manual_seed(10 + chain)
+    prompts = [254, 321 - chain, 65 - chain]
+    pool, rt = paged_requests([p + chain for p in prompts], 16)
+    be = build_backend(make_tiny_config, monkeypatch, pool, rt)
+    seqs = random_sequences([p + chain for p in prompts])
+    done = [0] * len(prompts)
+    driver = Driver(be, seqs, prompts, rt, done)
+    driver.cache_prompts()
+    verified = driver.verify({r: {x: s[x][p:] for x in s} for r, (s, p) in
+                              enumerate(zip(seqs, prompts))})
+    for _ in range(chain):
+        driver.run(ForwardMode.DECODE, [(r, 1) for r in range(len(prompts))])
+    for r, p in enumerate(prompts):
+        assert relative_error(verified[r], driver.outs[r][p:]) < 1e-6, f"request {r}"
