@@ -145,14 +145,15 @@ class SparseLayerBackend(AttentionBackend):
         tokens 0..j of its chain: causal by position, as the ops are). A rejected draft leaves
         KV and compressed keys only at positions the next forward writes again."""
         chain = fb.spec_info.draft_token_num
-        # CUDA-graph padding rows have seq_len = the fill value and the req slot of some
-        # request: a chain long enough to complete a window there would write that request's
-        # compressed keys from keys that are not its own.
-        if chain + self.get_cuda_graph_seq_len_fill_value() >= self.sparse.kernel_size:
+        # A CUDA-graph padding row keeps a stale req slot (maybe freed, its pages reused) with
+        # seq_len = the fill value: a chain reaching kernel_size keys there would write window 0
+        # into the page that slot's row still names.
+        fill, window = self.get_cuda_graph_seq_len_fill_value(), self.sparse.kernel_size
+        if fill + chain >= window:
             raise ValueError(
-                f"speculative_num_draft_tokens {chain}: MiniCPM-SALA's sparse layers accept at "
-                f"most {self.sparse.kernel_size - self.get_cuda_graph_seq_len_fill_value() - 1} "
-                f"(below sparse_config.kernel_size = {self.sparse.kernel_size})"
+                f"speculative_num_draft_tokens {chain}: MiniCPM-SALA's sparse layers verify "
+                f"chains of at most {window - fill - 1} tokens (sparse_config.kernel_size "
+                f"{window} less a padding row's {fill} + 1 keys)"
             )
         # positions (SGLang's: seq_len + depth) are stale in padding rows; seq_lens are not
         return self._chain_metadata(fb.req_pool_indices, fb.seq_lens, chain)

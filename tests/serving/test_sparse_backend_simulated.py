@@ -367,3 +367,13 @@ def test_verify_gives_each_token_what_decoding_it_alone_gives(
         driver.run(ForwardMode.DECODE, [(r, 1) for r in range(len(prompts))])
     for r, p in enumerate(prompts):
         assert relative_error(verified[r], driver.outs[r][p:]) < 1e-6, f"request {r}"
+
+
+def test_verify_refuses_a_chain_that_would_complete_a_window_in_a_padding_row(
+    make_tiny_config, monkeypatch
+) -> None:
+    pool, rt = paged_requests([100], 16)
+    be = build_backend(make_tiny_config, monkeypatch, pool, rt)
+    chain = be.sparse.kernel_size - 1  # keys 1 .. kernel_size of a padding row: window 0
+    with pytest.raises(ValueError, match=f"speculative_num_draft_tokens {chain}: .* at most"):
+        be.init_forward_metadata_in_graph(verify_batch([0], [50], rt, chain, pad=1))
