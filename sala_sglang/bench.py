@@ -9,6 +9,9 @@ under bench_serving at concurrency 1, 8 and unlimited, each wall time recorded.
 `--workload multiturn` measures the prefix cache: multi-turn conversations about long documents
 and bench_serving's generated-shared-prefix set, on a server with the cache and then on one with
 `--disable-radix-cache` (see run_multiturn).
+`--workload speculative` measures NGRAM speculative decoding: batch-1 decode without speculation,
+then at each --draft-tokens, on a prompt that repeats its own spans and on sampled output that no
+draft matches (see run_speculative).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import requests
 
 from sala_sglang.config import RELEASED_CONFIG_PATH, MiniCPMSALAConfig
 from sala_sglang.hooks import compressed_key_bytes_per_token
-from sala_sglang.server_args import RECOMMENDED_SERVE_FLAGS
+from sala_sglang.server_args import MAX_DRAFT_TOKENS, RECOMMENDED_SERVE_FLAGS
 from sala_sglang.testing.server import Server
 from sala_sglang.tiny import CORPUS_PATH, TINY_VOCAB_SIZE, TOKENIZER_CONFIG, TOKENIZER_PATH
 
@@ -67,6 +70,30 @@ SHARED_PREFIX_SET = (2, 4, 65536)
 WARMUP_TOKENS = 16384
 # The multiturn workload's two servers, in this order: name, the flags added to the common ones.
 CACHE_SIDES = (("cache", ()), ("no_cache", ("--disable-radix-cache",)))
+# The speculative workload's document lengths.
+SPECULATIVE_LENGTHS = [32768, 131072]
+# The repeating prompt's last REPEAT_TOKENS: one REPEAT_SPAN-token span, REPEAT_TIMES times.
+REPEAT_SPAN, REPEAT_TIMES = 64, 64
+REPEAT_TOKENS = REPEAT_SPAN * REPEAT_TIMES
+# What SGLang's tokenizer manager puts in a request's meta_info under speculative decoding.
+SPEC_META_KEYS = ("spec_verify_ct", "spec_accept_length", "spec_accept_rate")
+# never_matching's sampling: the whole vocabulary at temperature 1.
+SAMPLED = {"temperature": 1.0, "top_k": -1, "top_p": 1.0}
+# The speculative workload's two requests per document length, as its record describes them.
+SPECULATIVE_WORKLOADS = {
+    "repeating": f"greedy; the prompt: random ids for all but its last {REPEAT_TOKENS} "
+                 f"tokens, then one {REPEAT_SPAN}-token random span "
+                 f"{REPEAT_TIMES} times (random_ids seeds '<seed>/<length>/repeating/head' and "
+                 f"'.../span'). With random weights the greedy output follows those n-grams only "
+                 f"as far as it happens to: the acceptance is measured, not set",
+    "never_matching": f"the prompt: random ids (seed '<seed>/<length>/never_matching'); sampled "
+                      f"at temperature 1.0, top_k and top_p off ({SAMPLED}), unseeded (SGLang "
+                      f"reads sampling_seed only under --enable-deterministic-inference, which "
+                      f"changes the kernels timed, and "
+                      f"NGRAM's verify draws its own coins). A random model's near-uniform "
+                      f"distribution almost never samples a draft, so a verify keeps one token "
+                      f"and the per-token time is one verify step's",
+}
 
 
 # ---- result records --------------------------------------------------------------------------
@@ -245,22 +272,27 @@ class GpuMemoryPeak:
 
 
 def stream_one(url: str, ids: list[int], new_tokens: int, timeout_s: float = 7200,
-               first_token: threading.Event | None = None, keep_output: bool = False) -> dict:
-    """One greedy streamed request: TTFT from send to first chunk, decode rate over the rest.
-    first_token, if given, is set when the first chunk arrives (the request is then decoding).
-    keep_output: also the generated ids ("output_ids") and how many prompt tokens the server took
-    from its prefix cache ("cached_tokens"), from the last chunk."""
+               first_token: threading.Event | None = None, keep_output: bool = False,
+               sampling: dict | None = None, speculative: bool = False) -> dict:
+    """One streamed request, greedy unless sampling overrides its sampling params: TTFT from send
+    to first chunk, decode rate over the rest. first_token, if given, is set when the first chunk
+    arrives (the request is then decoding). keep_output: also the generated ids ("output_ids")
+    and how many prompt tokens the server took from its prefix cache ("cached_tokens"), from the
+    last chunk. speculative: the decode rate counts tokens (the chunks' completion_tokens), not
+    chunks, and the last chunk's SPEC_META_KEYS come too (None from a server without
+    speculation)."""
     # No logprob_start_len: with input logprobs asked from position 0 SGLang matches no prefix.
     body = {
         "input_ids": ids,
-        "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True},
+        "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True,
+                            **(sampling or {})},
         "stream": True,
     }
     # Encoded before the clock starts: a 1M-token prompt costs this client's encoder ~0.1 s,
     # which is not the server's latency.
     data = json.dumps(body)
     t0 = time.perf_counter()
-    stamps, last = [], {}
+    stamps, first, last = [], {}, {}
     with requests.post(url + "/generate", data=data, headers={"Content-Type": "application/json"},
                        stream=True, timeout=timeout_s) as r:
         if r.status_code != 200:
@@ -273,17 +305,24 @@ def stream_one(url: str, ids: list[int], new_tokens: int, timeout_s: float = 720
                 last = json.loads(line[6:])
                 if "error" in last:  # SGLang streams a rejection as a data chunk (HTTP 200)
                     return {"error": last["error"]}
+                first = first or last
     if not stamps:
         return {"error": "no tokens streamed"}
     decode_s = stamps[-1] - stamps[0]
+    meta = last.get("meta_info", {})
+    decoded = len(stamps) - 1
+    if speculative:  # a verify step streams all the tokens it accepted as one chunk
+        decoded = meta["completion_tokens"] - first["meta_info"]["completion_tokens"]
     out = {
         "ttft_s": round(stamps[0] - t0, 3),
-        "decode_tok_per_s": round((len(stamps) - 1) / decode_s, 2) if len(stamps) > 1 else None,
+        "decode_tok_per_s": round(decoded / decode_s, 2) if len(stamps) > 1 else None,
         "streamed_chunks": len(stamps),
     }
     if keep_output:  # SGLang streams the ids generated so far in every chunk (not increments)
         out["output_ids"] = last.get("output_ids", [])
-        out["cached_tokens"] = last.get("meta_info", {}).get("cached_tokens")
+        out["cached_tokens"] = meta.get("cached_tokens")
+    if speculative:
+        out.update({key: meta.get(key) for key in SPEC_META_KEYS})
     return out
 
 
@@ -721,30 +760,135 @@ def _add_no_cache(rows: list[dict], document_tokens: int, row: dict) -> None:
         target["ttft_no_cache_over_cache"] = round(no_cache / cache, 2)
 
 
+# ---- the speculative-decoding workload -------------------------------------------------------
+def repeating_prompt(n: int, vocab: int, seed: int | str) -> list[int]:
+    """n ids: random ones, then one REPEAT_SPAN-token random span REPEAT_TIMES times, so that
+    the prompt's own n-grams draft a continuation of the pattern."""
+    if n < REPEAT_TOKENS:
+        raise ValueError(f"repeating prompt of {n} tokens: it ends with {REPEAT_TOKENS} "
+                         f"repeating tokens, so it needs at least {REPEAT_TOKENS}")
+    return (random_ids(n - REPEAT_TOKENS, vocab, f"{seed}/head")
+            + random_ids(REPEAT_SPAN, vocab, f"{seed}/span") * REPEAT_TIMES)
+
+
+def speculative_request(url: str, workload: str, n: int, new_tokens: int,
+                        seed: int | str) -> dict:
+    """One batch-1 request of a SPECULATIVE_WORKLOADS entry with an n-token prompt: TTFT, decode
+    rate in tokens, the speculation fields the server reports, or the error."""
+    if workload == "repeating":
+        ids, sampling = repeating_prompt(n, TINY_VOCAB_SIZE, f"{seed}/{n}/repeating"), None
+    else:
+        ids, sampling = random_ids(n, TINY_VOCAB_SIZE, f"{seed}/{n}/never_matching"), SAMPLED
+    result = stream_one(url, ids, new_tokens, sampling=sampling, speculative=True)
+    keep = ("ttft_s", "decode_tok_per_s", *SPEC_META_KEYS, "error")
+    return {k: result[k] for k in keep if result.get(k) is not None}
+
+
+def run_speculative(args: argparse.Namespace) -> Path:
+    """Serves the model without speculation ("plain"), then with NGRAM at each --draft-tokens
+    ("ngram_<T>"), the other flags the same, and measures on each, after a warm-up request of
+    both workloads: per document length, one batch-1 request of --decode-tokens tokens of each
+    SPECULATIVE_WORKLOADS entry. "repeating": greedy on a prompt of random ids whose last
+    REPEAT_TOKENS are one REPEAT_SPAN-token random span repeated REPEAT_TIMES times (see
+    repeating_prompt); "never_matching": random ids, sampled at temperature 1 over the whole
+    vocabulary, which almost never picks a draft. One record: a row per request, each NGRAM row
+    compared with the plain server's (see compare_with_plain)."""
+    shape = MODELS[args.model]
+    backend = args.backend or _default_backend(shape)
+    tag = args.tag or f"speculative_{shape.name}"
+    lengths = args.lengths if args.lengths is not None else SPECULATIVE_LENGTHS
+    work = Path(tempfile.mkdtemp(prefix="sala-bench-"))
+    model_dir, tok_dir = prepare_model_dir(shape, work)
+    context = max([WARMUP_TOKENS, *lengths]) + args.decode_tokens + 64
+    common = server_flags(shape, backend, context, tok_dir, args.server_args)
+    servers = [("plain", None, common)] + [
+        (f"ngram_{t}", t, [*common, "--speculative-algorithm", "NGRAM",
+                           "--speculative-num-draft-tokens", str(t)])
+        for t in args.draft_tokens]
+    record = {
+        **_model_record("speculative", tag, shape, backend),
+        "workload": {"name": "speculative", "seed": args.seed, "document_tokens": lengths,
+                     "decode_tokens": args.decode_tokens, "draft_tokens": args.draft_tokens,
+                     **SPECULATIVE_WORKLOADS},
+        "servers": {},
+        "rows": [],
+    }
+    save = lambda: write_result(record, tag, args.out)  # noqa: E731
+    try:
+        for name, draft_tokens, flags in servers:
+            info = record["servers"][name] = {"flags": flags}
+            print(f"[bench] starting SGLang for {shape.name} ({backend}, {name}), context "
+                  f"{context}", flush=True)
+            with served(model_dir, work / f"server_{name}.log", flags, info,
+                        args.keep_log) as server:
+                info.update(server_state(server.url, "speculative_algorithm",
+                                         "speculative_num_draft_tokens"))
+                # Kernel JIT, autotuning and the verify path's first use (greedy and sampled)
+                # before anything is measured.
+                for workload in SPECULATIVE_WORKLOADS:
+                    speculative_request(server.url, workload, WARMUP_TOKENS, 32, "warm-up")
+                for n in lengths:
+                    for workload in SPECULATIVE_WORKLOADS:
+                        row = {"server": name, "draft_tokens": draft_tokens,
+                               "document_tokens": n, "workload": workload,
+                               **speculative_request(server.url, workload, n,
+                                                     args.decode_tokens, args.seed)}
+                        compare_with_plain(record["rows"], row)
+                        _log(row)
+                        record["rows"].append(row)
+                        save()
+    finally:
+        path = save()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"[bench] wrote {path}", flush=True)
+    return path
+
+
+def compare_with_plain(rows: list[dict], row: dict) -> None:
+    """Adds to an NGRAM row, where the plain server's row for the same document length and
+    workload is among rows and both have a decode rate: speedup_over_plain (its decode rate over
+    the plain one's) and, for never_matching, verify_over_decode_step (one verify step's time
+    over one plain decode step's: plain rate x accept length / NGRAM rate)."""
+    plain = next((r for r in rows if r["server"] == "plain"
+                  and r["document_tokens"] == row["document_tokens"]
+                  and r["workload"] == row["workload"]), {})
+    base, rate = plain.get("decode_tok_per_s"), row.get("decode_tok_per_s")
+    if row["draft_tokens"] is None or not (base and rate):
+        return
+    row["speedup_over_plain"] = round(rate / base, 3)
+    accept = row.get("spec_accept_length")
+    if row["workload"] == "never_matching" and accept:
+        row["verify_over_decode_step"] = round(base * accept / rate, 3)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=sorted(MODELS), default="sala",
                    help="sala: MiniCPM-SALA's released config; qwen3-8b: the dense baseline")
     p.add_argument("--backend", default=None,
                    help="attention backend (default: minicpm_flashinfer for sala, fa3 for "
                         "qwen3-8b)")
-    p.add_argument("--workload", choices=("random", "soar", "multiturn"), default="random",
+    p.add_argument("--workload", choices=("random", "soar", "multiturn", "speculative"),
+                   default="random",
                    help="random: batch-1 lengths, then bench_serving on random ids at "
                         "--concurrency; soar: the SOAR-style request set (SOAR_MIX) under "
                         "bench_serving at concurrency 1, 8 and unlimited, each wall time "
                         "recorded; multiturn: the prefix cache, on and off (--disable-radix-"
                         "cache): a conversation of --turns turns about each document length, "
                         "TTFT per turn, then bench_serving's generated-shared-prefix set at "
-                        "--concurrency")
+                        "--concurrency; speculative: batch-1 decode without speculation, then "
+                        "with NGRAM at each --draft-tokens, on a prompt repeating its own spans "
+                        "(greedy) and on random ids sampled at temperature 1 (no draft matches), "
+                        "per document length")
     p.add_argument("--soar-max-input", type=int, default=None,
                    help="soar: cut longer inputs to this many tokens (262144 to compare with the "
                         "dense model, which cannot hold 512K on an H100)")
     p.add_argument("--seed", type=int, default=0,
                    help="soar: the workload's text and order; multiturn: the documents and "
-                        "questions")
+                        "questions; speculative: the prompts")
     p.add_argument("--lengths", type=int, nargs="*", default=None,
                    help="batch-1 input lengths, multiturn: document lengths (default: 32K-1M "
-                        "for random, none for soar, 128K, 512K and 1M for multiturn; none: only "
-                        "the bench_serving runs)")
+                        "for random, none for soar, 128K, 512K and 1M for multiturn, 32K and "
+                        "128K for speculative; none: only the bench_serving runs)")
     p.add_argument("--turns", type=int, default=4, help="multiturn: turns per conversation")
     p.add_argument("--question-tokens", type=int, default=1024,
                    help="multiturn: tokens of each turn's question (and of each shared-prefix "
@@ -754,9 +898,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache-turns", type=int, nargs="+", default=None,
                    help="multiturn: the turns sent again to the server without the cache "
                         "(default: all); each is a cold prefill of the whole conversation")
-    p.add_argument("--decode-tokens", type=int, default=1024)
+    p.add_argument("--decode-tokens", type=int, default=1024,
+                   help="tokens generated per batch-1 request (random, speculative)")
+    p.add_argument("--draft-tokens", type=int, nargs="+", default=[4, 8],
+                   help="speculative: one NGRAM server per value, its "
+                        "--speculative-num-draft-tokens: a chain of the last accepted token and "
+                        f"value - 1 drafts, 2 to {MAX_DRAFT_TOKENS}")
     p.add_argument("--concurrency", type=int, nargs="*", default=[8, 0],
-                   help="bench_serving runs: max concurrency each, 0 = unlimited (none: skip)")
+                   help="bench_serving runs: max concurrency each, 0 = unlimited (none: skip; "
+                        "speculative runs none)")
     p.add_argument("--serving-input-len", type=int, default=131072)
     p.add_argument("--serving-range", type=float, default=0.25,
                    help="bench_serving inputs are uniform in [len * range, len]")
@@ -766,7 +916,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag", default=None,
                    help="what the result file is named by, before device and date "
                         "(default long_context_<model>_<backend>; multiturn: "
-                        "prefix_cache_<model>)")
+                        "prefix_cache_<model>; speculative: speculative_<model>)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--no-peaks", dest="measure_peaks", action="store_false",
                    help="skip measuring the GPU's bf16 peak (MFU then not reported)")
@@ -823,13 +973,25 @@ def bench(args: argparse.Namespace) -> int:
         print(f"sala-sglang bench: --no-cache-turns {' '.join(map(str, wrong))}: a conversation "
               f"has turns 1 to {args.turns} (--turns)", file=sys.stderr)
         return 2
+    wrong = [t for t in args.draft_tokens if not 2 <= t <= MAX_DRAFT_TOKENS]
+    if wrong:
+        print(f"sala-sglang bench: --draft-tokens {' '.join(map(str, wrong))}: a chain verifies "
+              f"2 to {MAX_DRAFT_TOKENS} tokens (the last accepted token and 1 to "
+              f"{MAX_DRAFT_TOKENS - 1} drafts)", file=sys.stderr)
+        return 2
+    short = [n for n in args.lengths or [] if n < REPEAT_TOKENS]
+    if args.workload == "speculative" and short:
+        print(f"sala-sglang bench: --lengths {' '.join(map(str, short))}: the speculative "
+              f"workload's repeating prompt ends with {REPEAT_TOKENS} repeating tokens; give "
+              f"lengths of at least {REPEAT_TOKENS}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("sala-sglang bench: no CUDA GPU visible; the benchmark serves the real config on "
               "a GPU.",
               file=sys.stderr)
         return 2
-    if ((args.concurrency or args.workload == "soar")
-            and importlib.util.find_spec("datasets") is None):
+    serving = args.workload == "soar" or (args.concurrency and args.workload != "speculative")
+    if serving and importlib.util.find_spec("datasets") is None:
         # sglang.bench_serving imports it at startup; found missing only after the server's
         # minutes of startup and the batch-1 points otherwise.
         print("sala-sglang bench: sglang.bench_serving needs the `datasets` package: "
@@ -841,6 +1003,8 @@ def bench(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if args.workload == "multiturn":  # TTFT ratios: no MFU, so no peak to measure
         run_multiturn(args)
+    elif args.workload == "speculative":  # decode rates alone
+        run_speculative(args)
     else:
         args.peaks = measure_bf16_peak() if args.measure_peaks else None
         run(args)

@@ -1,18 +1,20 @@
 """The long-context benchmark's arithmetic (FLOPs, bytes per token) against SPEC section 3, its
 table and plots from result files, the decode profile's summary, and `sala-sglang bench` without
-a GPU, the SOAR-style workload and the prefix-cache (multiturn) workload against a faked server
-(the soak's tests: test_soak.py)."""
+a GPU, the SOAR-style workload, and the prefix-cache (multiturn) and speculative-decoding
+workloads against a faked server (the soak's tests: test_soak.py)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ from sala_sglang.bench import (
     Conversation,
     converse,
     prepare_model_dir,
+    repeating_prompt,
     replay,
     soar_requests,
     stream_one,
@@ -497,3 +500,182 @@ def test_a_no_cache_turn_past_the_conversation_is_refused_before_anything_starts
                        "3"]) == 2
     assert "--no-cache-turns 3: a conversation has turns 1 to 2 (--turns)" in (
         capsys.readouterr().err)
+
+
+# ---- the speculative-decoding workload --------------------------------------------------------
+def _clock(monkeypatch: pytest.MonkeyPatch, step_s: float) -> None:
+    """bench's time.perf_counter advances step_s per call: stream_one calls it once at send and
+    once per chunk, so every chunk arrives step_s after the one before."""
+    monkeypatch.setattr(bench, "time", SimpleNamespace(
+        perf_counter=itertools.count(0.0, step_s).__next__))
+
+
+def test_a_speculative_stream_counts_tokens_not_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A verify step streams the tokens it accepted as one chunk: 6 tokens after the first in 2
+    chunks, 1 s apart, decode at 3 tokens/s, not 1 chunk/s."""
+    spec = {"spec_verify_ct": 2, "spec_accept_length": 3.5, "spec_accept_rate": 0.83}
+    chunks = [{"meta_info": {"completion_tokens": 1}}, {"meta_info": {"completion_tokens": 4}},
+              {"meta_info": {"completion_tokens": 7, **spec}}]
+    _stream_replies(monkeypatch, [b"data: " + json.dumps(c).encode() for c in chunks])
+    _clock(monkeypatch, 1.0)
+    assert stream_one("http://x", [1, 2, 3], 7, speculative=True) == {
+        "ttft_s": 1.0, "decode_tok_per_s": 3.0, "streamed_chunks": 3, **spec}
+    _clock(monkeypatch, 1.0)
+    assert stream_one("http://x", [1, 2, 3], 7) == {  # the other workloads: chunks, as before
+        "ttft_s": 1.0, "decode_tok_per_s": 1.0, "streamed_chunks": 3}
+
+
+def test_the_repeating_prompt_ends_with_one_span_repeated() -> None:
+    ids = repeating_prompt(10000, vocab=1280, seed=0)
+    span = ids[-bench.REPEAT_SPAN:]
+    assert len(ids) == 10000 and bench.REPEAT_TOKENS == 4096
+    assert ids[-4096:] == span * 64
+    assert ids[-4096 - 64:-4096] != span  # the random head does not begin the pattern
+    assert len(set(span)) > 32 and all(5 <= i < 1280 for i in ids)
+    assert repeating_prompt(10000, 1280, 0) == ids and repeating_prompt(10000, 1280, 1) != ids
+    with pytest.raises(ValueError, match="needs at least 4096"):
+        repeating_prompt(4095, 1280, 0)
+
+
+def _row(server: str, n: int, workload: str, rate: float, accept: float | None = None) -> dict:
+    draft = None if server == "plain" else int(server.split("_")[1])
+    row = {"server": server, "draft_tokens": draft, "document_tokens": n, "workload": workload,
+           "decode_tok_per_s": rate}
+    return row if accept is None else {**row, "spec_accept_length": accept}
+
+
+def test_ngram_rows_are_compared_with_the_plain_row_of_the_same_length_and_workload() -> None:
+    rows = [_row("plain", 32768, "repeating", 100.0), _row("plain", 32768, "never_matching", 90.0),
+            _row("plain", 131072, "repeating", 50.0)]
+    repeating = _row("ngram_4", 32768, "repeating", 250.0, accept=3.0)
+    bench.compare_with_plain(rows, repeating)
+    assert repeating["speedup_over_plain"] == 2.5 and "verify_over_decode_step" not in repeating
+    # a verify keeping 1.2 tokens at 60 tokens/s: 50 verifies/s against 90 plain steps/s
+    never = _row("ngram_4", 32768, "never_matching", 60.0, accept=1.2)
+    bench.compare_with_plain(rows, never)
+    assert never["speedup_over_plain"] == pytest.approx(0.667)
+    assert never["verify_over_decode_step"] == 1.8
+    for row in (_row("ngram_8", 131072, "never_matching", 40.0, accept=1.0),  # no plain row
+                _row("ngram_8", 131072, "repeating", None),  # no rate (an error)
+                _row("plain", 32768, "repeating", 100.0)):
+        bench.compare_with_plain(rows, row)
+        assert "speedup_over_plain" not in row and "verify_over_decode_step" not in row
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--draft-tokens", "4", "17"], "--draft-tokens 17: a chain verifies 2 to 16 tokens"),
+    (["--draft-tokens", "1", "2"], "--draft-tokens 1: a chain verifies 2 to 16 tokens"),
+    (["--workload", "speculative", "--lengths", "2048", "32768"],
+     "--lengths 2048: the speculative workload's repeating prompt ends with 4096 repeating"),
+], ids=["draft_tokens_above_16", "draft_tokens_below_2", "length_below_the_repeating_tail"])
+def test_speculative_arguments_out_of_range_are_refused_before_anything_starts(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture,
+) -> None:
+    assert bench.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_runs_the_speculative_workload_without_bench_serving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """run_speculative, no bf16 peak, and no `datasets` needed with --concurrency's default."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "datasets" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.signal, "signal", lambda *a: None)
+    ran: list[argparse.Namespace] = []
+    monkeypatch.setattr(bench, "run_speculative", ran.append)
+    for other in ("run", "run_multiturn", "measure_bf16_peak"):
+        monkeypatch.setattr(bench, other, lambda *a: pytest.fail(f"{other} called"))
+    assert bench.main(["--workload", "speculative", "--draft-tokens", "2", "9"]) == 0
+    assert [(a.draft_tokens, a.lengths, a.decode_tokens) for a in ran] == [([2, 9], None, 1024)]
+
+
+class _FakeSpeculativeServer:
+    """SGLang's streamed /generate, with NGRAM at draft_tokens (None: no speculation): a greedy
+    request accepts every draft (a chunk of draft_tokens tokens per verify), a sampled one none
+    (one token per verify); the first chunk holds the prefill's token. Every body is kept."""
+
+    def __init__(self, draft_tokens: int | None) -> None:
+        self.draft_tokens = draft_tokens
+        self.bodies: list[dict] = []
+
+    def post(self, url: str, data: str | None = None, **kwargs) -> _Reply:
+        body = json.loads(data)
+        self.bodies.append(body)
+        params = body["sampling_params"]
+        n = params["max_new_tokens"]
+        step = self.draft_tokens if self.draft_tokens and params["temperature"] == 0 else 1
+        counts = [*range(1, n, step), n]  # completion tokens after each chunk
+        chunks = [{"meta_info": {"completion_tokens": c}} for c in counts]
+        if self.draft_tokens:
+            verifies = len(counts) - 1
+            chunks[-1]["meta_info"].update(spec_verify_ct=verifies,
+                                           spec_accept_length=n / verifies)
+        return _Reply([b"data: " + json.dumps(c).encode() for c in chunks] + [b"data: [DONE]"])
+
+
+def test_speculative_record_has_a_row_per_server_length_and_workload(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """The plain server, then one NGRAM server per --draft-tokens with the same flags and the
+    speculative ones; on each, two warm-up requests, then per length a greedy request on the
+    repeating prompt and a sampled one on random ids; NGRAM rows compared with plain ones."""
+    servers: dict[str, tuple[list[str], _FakeSpeculativeServer]] = {}
+
+    @contextlib.contextmanager
+    def served(model_dir, log_path, flags, info, keep_log) -> Iterator[argparse.Namespace]:
+        spec = "--speculative-num-draft-tokens" in flags
+        draft = int(flags[flags.index("--speculative-num-draft-tokens") + 1]) if spec else None
+        servers[log_path.stem] = (flags, _FakeSpeculativeServer(draft))
+        monkeypatch.setattr("sala_sglang.bench.requests.post", servers[log_path.stem][1].post)
+        yield argparse.Namespace(url="http://x")
+
+    monkeypatch.setattr(bench, "served", served)
+    monkeypatch.setattr(bench, "server_state", lambda url, *keys: dict.fromkeys(keys))
+    _clock(monkeypatch, 0.01)  # 100 chunks/s
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--workload", "speculative", "--lengths", "4096", "8192",
+                         "--decode-tokens", "40", "--draft-tokens", "4", "--tag", "t",
+                         "--out", str(tmp_path)])
+    path = bench.run_speculative(args)
+
+    record = json.loads(path.read_text())
+    assert path.name.startswith("t_") and record["benchmark"] == "speculative"
+    assert set(record["workload"]) >= {"repeating", "never_matching", "draft_tokens"}
+    assert list(record["servers"]) == ["plain", "ngram_4"] == [s[len("server_"):]
+                                                               for s in servers]
+    (plain_flags, plain), (ngram_flags, ngram) = servers.values()
+    assert ngram_flags == [*plain_flags, "--speculative-algorithm", "NGRAM",
+                           "--speculative-num-draft-tokens", "4"]
+    assert int(plain_flags[plain_flags.index("--context-length") + 1]) >= WARMUP_TOKENS + 40
+    # two warm-ups (both workloads), then the measured requests, the same on both servers
+    assert [b["sampling_params"]["max_new_tokens"] for b in plain.bodies] == [32, 32] + [40] * 4
+    assert [b["input_ids"] for b in plain.bodies] == [b["input_ids"] for b in ngram.bodies]
+    for body in plain.bodies[2:]:
+        ids, params = body["input_ids"], body["sampling_params"]
+        if params["temperature"] == 0:
+            assert ids[-4096:] == ids[-64:] * 64
+        else:
+            assert (params["top_k"], params["top_p"]) == (-1, 1.0) and params["temperature"] == 1
+    rows = record["rows"]
+    assert [(r["server"], r["draft_tokens"], r["document_tokens"], r["workload"])
+            for r in rows] == [
+        (server, draft, n, workload) for server, draft in (("plain", None), ("ngram_4", 4))
+        for n in (4096, 8192) for workload in ("repeating", "never_matching")]
+    for row in rows:
+        if row["server"] == "plain":
+            assert row["decode_tok_per_s"] == pytest.approx(100, rel=1e-2)
+            assert "spec_verify_ct" not in row and "speedup_over_plain" not in row
+        elif row["workload"] == "repeating":  # 39 tokens in 10 verifies of 4
+            assert (row["spec_verify_ct"], row["spec_accept_length"]) == (10, 4.0)
+            assert row["speedup_over_plain"] == pytest.approx(3.9, rel=1e-2)
+            assert "verify_over_decode_step" not in row
+        else:  # one token per verify, each as long as a plain step
+            assert row["spec_verify_ct"] == 39
+            assert row["speedup_over_plain"] == pytest.approx(1.0, rel=1e-2)
+            assert row["verify_over_decode_step"] == pytest.approx(40 / 39, rel=1e-2)
