@@ -29,6 +29,10 @@
 # --disable-radix-cache, one after the other on the same GPU, one result file:
 #   prefix-bench-a (4-turn conversations about 128K and 512K-token documents, then
 #   bench_serving's generated-shared-prefix set)  prefix-bench-b (the same conversation at 1M)
+# NGRAM speculative decoding, a server without speculation and one per draft depth, one after the
+# other on the same GPU, one result file:
+#   spec-bench (32K and 128K documents: a prompt repeating one span, greedy, and sampled random
+#   ids that no draft matches; --draft-tokens 4 and 8)
 set -uo pipefail
 out="${OUT:-gpu-logs}"
 mkdir -p "$out"
@@ -134,9 +138,15 @@ for part in "$@"; do
                             --no-cache-turns 2 --concurrency 0 --tag prefix_cache_sala_128k_512k ;;
         prefix-bench-b) run "$part" long_context --workload multiturn --lengths 1048576 \
                             --no-cache-turns 2 --concurrency --tag prefix_cache_sala_1m ;;
+        # Three server starts (the first 160-185 s on a fresh machine, later ones nearer 110 s)
+        # leave ~3 minutes for 2 warm-ups and 4 measured requests per server: 512 tokens each
+        # (~5 s of decode) rather than 1024.
+        spec-bench) run "$part" long_context --workload speculative --lengths 32768 131072 \
+                        --draft-tokens 4 8 --decode-tokens 512 --concurrency \
+                        --tag speculative_sala_32k_128k ;;
         *) echo "unknown part: $part (ops, http, serving-graph, serving-other, prefix-cache, retraction, aborts, soak, soak-real, profile," \
                 "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare-sala," \
-                "compare-dense, serving-cuda, serving-segments, prefix-bench-a, prefix-bench-b)"
+                "compare-dense, serving-cuda, serving-segments, prefix-bench-a, prefix-bench-b, spec-bench)"
            exit 2 ;;
     esac
 done
