@@ -133,8 +133,10 @@ class LightningBackend(MambaAttnBackendBase):
 
     def _decode_track(self, forward_batch: ForwardBatch) -> None:
         # under CUDA graphs the destinations are the base class's static buffer and the mask is
-        # the graph's input slot
-        slots, mask = self.forward_metadata.mamba_track_indices, forward_batch.mamba_track_mask
+        # the graph's input slot, both read by the kernels as captured; a replay's batch view
+        # carries no mask (nothing runs in Python then)
+        slots = self.forward_metadata.mamba_track_indices
+        mask = getattr(forward_batch, "mamba_track_mask", None)
         self.decode_track = None if slots is None or mask is None else (slots, mask)
 
     def _plan(self, forward_batch: ForwardBatch) -> None:

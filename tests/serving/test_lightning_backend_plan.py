@@ -139,6 +139,21 @@ def test_decode_snapshots_go_where_the_scheduler_marks_them(monkeypatch, make_ti
     assert backend.decode_track is None
 
 
+def test_a_graph_replay_view_without_a_track_mask_is_planned(monkeypatch,
+                                                             make_tiny_config) -> None:
+    """SGLang's decode graph runner hands the backend a view of the batch (a SimpleNamespace)
+    that has no mamba_track_mask: the captured kernels read the mask slot they captured."""
+    backend = build(monkeypatch, make_tiny_config)
+    monkeypatch.setattr(MambaAttnBackendBase, "init_forward_metadata_out_graph",
+                        lambda self, fb, in_capture=False: setattr(
+                            self, "forward_metadata",
+                            SimpleNamespace(mamba_track_indices=torch.tensor([8, 9]))))
+    view = batch(False, 2)
+    del view.mamba_track_mask
+    backend.init_forward_metadata_out_graph(view)
+    assert backend.decode_track is None and backend.plan.decode_impl == "triton"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs Triton in the CPU interpreter")
 def test_verify_then_commit_is_decoding_the_accepted_drafts(monkeypatch,
                                                             make_tiny_config) -> None:
