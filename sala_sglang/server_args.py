@@ -139,7 +139,7 @@ def _reject_unsupported(args: Any, config: dict) -> None:
         )
     _reject_unsupported_caches_and_states(args)
     _reject_clashes_with_what_the_plugin_sets(args, block_size)
-    _configure_speculative(args)
+    _configure_speculative(args, config)
     kv_dtype = str(getattr(args, "kv_cache_dtype", "auto"))
     if kv_dtype not in ("auto", "bfloat16", "bf16", "float16", "fp16"):
         raise UnsupportedServerOption(
@@ -173,7 +173,7 @@ def _reject_unsupported(args: Any, config: dict) -> None:
         )
 
 
-def _configure_speculative(args: Any) -> None:
+def _configure_speculative(args: Any, config: dict) -> None:
     """NGRAM drafts (no draft model exists), verified as chains: the lightning layers' state
     follows one path of drafts, and the sparse layers attend by position."""
     algorithm = getattr(args, "speculative_algorithm", None)
@@ -193,12 +193,15 @@ def _configure_speculative(args: Any) -> None:
             )
         args.speculative_ngram_max_bfs_breadth = 1
     args.speculative_ngram_min_bfs_breadth = 1
+    # A CUDA-graph padding row verifies a chain after one key; it must not complete a
+    # compressed-key window (kernel_size keys), which it would write into a page it does not own.
+    window = config.get("sparse_config", {}).get("kernel_size", 32)
+    longest = min(MAX_DRAFT_TOKENS, window - 2)
     depth = getattr(args, "speculative_num_draft_tokens", None)
-    if depth is not None and not 2 <= depth <= MAX_DRAFT_TOKENS:
+    if depth is not None and not 2 <= depth <= longest:
         raise UnsupportedServerOption(
             f"--speculative-num-draft-tokens {depth}: MiniCPM-SALA verifies chains of 2 to "
-            f"{MAX_DRAFT_TOKENS} tokens (the last accepted token and up to "
-            f"{MAX_DRAFT_TOKENS - 1} drafts)"
+            f"{longest} tokens (the last accepted token and up to {longest - 1} drafts)"
         )
 
 
