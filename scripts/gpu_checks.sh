@@ -46,6 +46,11 @@ run() {  # name, command...
     [ "$rc" -eq 0 ] || { echo "=== $name FAILED (rc $rc), log: $out/$name.log"; status=1; }
     return "$rc"
 }
+# Tiny-model test servers sharing one GPU: SGLang sizes pools from --mem-fraction-static of the
+# whole GPU less what the other processes hold at that moment (0.06 left nothing once a few
+# servers ran: "Computed max_mamba_cache_size=-3084"), so each takes a large fraction and caps
+# its pools; a test's own pool flags still win (testing/server.py).
+SHARED_GPU="--mem-fraction-static 0.9 --max-total-tokens 262144 --max-mamba-cache-size 96"
 pytest_gpu() { python -m pytest -q -s -p no:cacheprovider "$@"; }
 SERVING=tests/serving/test_gpu_serving.py
 long_context() { python benchmarks/long_context.py --out "$out" "$@"; }
@@ -64,7 +69,7 @@ for part in "$@"; do
         # one GPU (a fifth of its memory each; the tiny model needs little): one call, not two.
         serving-parallel)
             # a fifth of the GPU each, unless the caller shares it out further
-            export SALA_SGLANG_TEST_SERVER_FLAGS="${SALA_SGLANG_TEST_SERVER_FLAGS:---mem-fraction-static 0.2}"
+            export SALA_SGLANG_TEST_SERVER_FLAGS="${SALA_SGLANG_TEST_SERVER_FLAGS:-$SHARED_GPU}"
             pids=()
             for m in "dense_as_sparse" "eager" "bf16"; do
                 run "$part-$m" pytest_gpu "$SERVING" -m "$m" & pids+=($!)
@@ -85,10 +90,10 @@ for part in "$@"; do
             done
             for pid in "${pids[@]}"; do wait "$pid" || status=1; done ;;
         retraction) run "$part" pytest_gpu tests/serving/test_gpu_retraction.py ;;
-        # The op suite and every served tiny-model module side by side on one GPU (each test
-        # server takes 6% of what is free when it starts): one call of about 6-8 minutes.
+        # The op suite and every served tiny-model module side by side on one GPU (SHARED_GPU):
+        # one call of about 6-8 minutes.
         side-by-side)
-            export SALA_SGLANG_TEST_SERVER_FLAGS="${SALA_SGLANG_TEST_SERVER_FLAGS:---mem-fraction-static 0.06}"
+            export SALA_SGLANG_TEST_SERVER_FLAGS="${SALA_SGLANG_TEST_SERVER_FLAGS:-$SHARED_GPU}"
             pids=()
             for p in ops prefix-cache serving-graph serving-parallel retraction aborts; do
                 bash "$0" "$p" >"$out/$p.out" 2>&1 & pids+=($!)
@@ -99,7 +104,7 @@ for part in "$@"; do
         # NGRAM chains (graph, eager, graph without the prefix cache) side by side, and the
         # verify/commit op tests
         speculative)
-            export SALA_SGLANG_TEST_SERVER_FLAGS="${SALA_SGLANG_TEST_SERVER_FLAGS:---mem-fraction-static 0.1}"
+            export SALA_SGLANG_TEST_SERVER_FLAGS="${SALA_SGLANG_TEST_SERVER_FLAGS:-$SHARED_GPU}"
             pids=()
             for m in "cuda_graph and prefix_cache" "eager" "cuda_graph and not prefix_cache"; do
                 name="$part-$(echo "$m" | tr -d ' ' | tr -c 'a-z_\n' '-')"

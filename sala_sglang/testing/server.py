@@ -18,8 +18,11 @@ from typing import Any
 import requests
 
 STARTUP_TIMEOUT_S = 900
-# Flags appended to every test server's command line, e.g. "--mem-fraction-static 0.25" so that
-# parts of the GPU suite can share one GPU (scripts/gpu_checks.sh serving-parallel).
+# Flags added to every test server's command line before the test's own (which win), so that
+# parts of the GPU suite can share one GPU (scripts/gpu_checks.sh serving-parallel, side-by-side).
+# SGLang sizes the pools from --mem-fraction-static of the whole GPU less what every other process
+# holds when the server starts, so servers sharing a GPU take a large fraction and cap their
+# pools instead (--max-total-tokens, --max-mamba-cache-size).
 EXTRA_FLAGS_ENV = "SALA_SGLANG_TEST_SERVER_FLAGS"
 
 
@@ -46,8 +49,8 @@ class Server:
             "--sampling-backend", "pytorch",
             "--grammar-backend", "none",
             "--mem-fraction-static", "0.5",
-            *flags,
             *shlex.split(os.environ.get(EXTRA_FLAGS_ENV, "")),
+            *flags,  # last: a test's own flags win
         ]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(

@@ -28,7 +28,7 @@ STEP = 64  # SGLang's mamba_cache_chunk_size: prefill snapshots at multiples of 
 INTERVAL = 256  # --mamba-track-interval's default: decode snapshots
 NEW_TOKENS = 12
 COMMON = ["--chunked-prefill-size", str(CHUNK), "--max-running-requests", "8",
-          "--dtype", "float16", "--mem-fraction-static", "0.12"]
+          "--dtype", "float16"]
 SERVER_MODES = {
     "graph": COMMON,
     "eager": [*COMMON, "--disable-cuda-graph"],

@@ -24,8 +24,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.serving, pytest.mark.speculative]
 
 DRAFT = 4  # --speculative-num-draft-tokens: the last token and 3 drafts
 NEW_TOKENS = 48
-COMMON = ["--chunked-prefill-size", "256", "--max-running-requests", "4", "--dtype", "float16",
-          "--mem-fraction-static", "0.12"]
+COMMON = ["--chunked-prefill-size", "256", "--max-running-requests", "4", "--dtype", "float16"]
 SPEC = ["--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", str(DRAFT)]
 SERVER_MODES = {
     "graph": [*COMMON, *SPEC],
