@@ -10,6 +10,7 @@ that package calls `register_with_sglang()`, and SGLang finds the model class it
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Any
 
@@ -190,11 +191,13 @@ def _register_server_hooks() -> None:
         commit_verified_drafts,
         HookType.AROUND,
     )
-    HookRegistry.register(
-        "sglang.srt.speculative.ngram_worker.NGRAMWorker._prepare_draft_tokens",
-        verify_chain_drafts,
-        HookType.AFTER,
-    )
+    if _importable("sglang.srt.speculative.ngram_worker"):
+        # it loads sgl_kernel's CUDA ops: on a machine without CUDA there is no NGRAM worker
+        HookRegistry.register(
+            "sglang.srt.speculative.ngram_worker.NGRAMWorker._prepare_draft_tokens",
+            verify_chain_drafts,
+            HookType.AFTER,
+        )
     HookRegistry.register(
         "sglang.srt.managers.scheduler.Scheduler._maybe_namespace_elastic_radix_cache",
         namespace_request_class,
@@ -218,3 +221,11 @@ def _register_server_hooks() -> None:
 
 def _before_post_init(server_args: Any, *args: Any, **kwargs: Any) -> None:
     adjust_server_args(server_args)
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
