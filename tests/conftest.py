@@ -200,3 +200,14 @@ def references(tiny_dir) -> dict:
         .to("cuda")
         for flag in (False, True)
     }
+
+
+@pytest.fixture(scope="module")
+def server_logs(tmp_path_factory: pytest.TempPathFactory):
+    """Where a test module's servers write their logs."""
+    return tmp_path_factory.mktemp("logs")
+
+
+def server_mode_params(modes: dict, marks: dict) -> list:
+    """A module-scoped server fixture's params: each server mode with its markers."""
+    return [pytest.param(m, marks=marks[m]) for m in sorted(modes)]

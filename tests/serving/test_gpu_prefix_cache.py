@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import server_mode_params
 
 pytestmark = [pytest.mark.gpu, pytest.mark.serving, pytest.mark.prefix_cache]
 
@@ -44,23 +45,17 @@ SMALL_POOL = [*COMMON, "--max-mamba-cache-size", "20", "--max-total-tokens", "40
               "--max-running-requests", "2"]
 
 
-@pytest.fixture(scope="module")
-def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("logs")
-
-
-@pytest.fixture(scope="module",
-                params=[pytest.param(m, marks=MODE_MARKS[m]) for m in sorted(SERVER_MODES)])
-def server(request, tiny_dir: Path, logs: Path):
+@pytest.fixture(scope="module", params=server_mode_params(SERVER_MODES, MODE_MARKS))
+def server(request, tiny_dir: Path, server_logs: Path):
     from sala_sglang.testing.server import started
 
-    with started(tiny_dir, logs / f"server_{request.param}.log", *SERVER_MODES[request.param],
-                 mode=request.param) as srv:
+    log = server_logs / f"server_{request.param}.log"
+    with started(tiny_dir, log, *SERVER_MODES[request.param], mode=request.param) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
-def baselines(tiny_dir: Path, logs: Path):
+def baselines(tiny_dir: Path, server_logs: Path):
     """The same flags with --disable-radix-cache, started when first asked for, by
     --dense-as-sparse."""
     from sala_sglang.testing.server import started
@@ -74,7 +69,7 @@ def baselines(tiny_dir: Path, logs: Path):
                 flags += ["--dense-as-sparse"] if dense_as_sparse else []
                 name = f"no_cache_{dense_as_sparse}"
                 servers[dense_as_sparse] = stack.enter_context(
-                    started(tiny_dir, logs / f"server_{name}.log", *flags, mode=name))
+                    started(tiny_dir, server_logs / f"server_{name}.log", *flags, mode=name))
             return servers[dense_as_sparse]
 
         yield get
@@ -240,12 +235,13 @@ def test_pools_are_free_after_requests(server) -> None:
 
 
 @pytest.mark.cuda_graph
-def test_eviction_under_a_small_pool(tiny_dir: Path, logs: Path, references: dict,
+def test_eviction_under_a_small_pool(tiny_dir: Path, server_logs: Path, references: dict,
                                      baselines) -> None:
     from sala_sglang.testing.server import started
 
     reference, baseline = references[False], baselines(False)
-    with started(tiny_dir, logs / "server_small_pool.log", *SMALL_POOL, mode="small_pool") as srv:
+    log = server_logs / "server_small_pool.log"
+    with started(tiny_dir, log, *SMALL_POOL, mode="small_pool") as srv:
         rng = random.Random(8)
         prompts = [_prompt(rng, 600, reference.config.vocab_size) for _ in range(10)]
         for prompt in prompts:

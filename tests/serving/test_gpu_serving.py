@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import server_mode_params
 
 pytestmark = [pytest.mark.gpu, pytest.mark.serving]
 
@@ -82,7 +83,7 @@ MODE_MARKS = {
 
 
 @pytest.fixture(scope="module",
-                params=[pytest.param(m, marks=MODE_MARKS[m]) for m in sorted(SERVER_MODES)])
+                params=server_mode_params(SERVER_MODES, MODE_MARKS))
 def server(request, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from sala_sglang.testing.server import started
 

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import server_mode_params
 
 pytestmark = [pytest.mark.gpu, pytest.mark.serving, pytest.mark.speculative]
 
@@ -40,27 +41,21 @@ MODE_MARKS = {
 PROMPT_LENGTHS = [100, 300, 700]
 
 
-@pytest.fixture(scope="module")
-def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("logs")
-
-
-@pytest.fixture(scope="module",
-                params=[pytest.param(m, marks=MODE_MARKS[m]) for m in sorted(SERVER_MODES)])
-def server(request, tiny_dir: Path, logs: Path):
+@pytest.fixture(scope="module", params=server_mode_params(SERVER_MODES, MODE_MARKS))
+def server(request, tiny_dir: Path, server_logs: Path):
     from sala_sglang.testing.server import started
 
-    with started(tiny_dir, logs / f"server_{request.param}.log", *SERVER_MODES[request.param],
-                 mode=request.param) as srv:
+    log = server_logs / f"server_{request.param}.log"
+    with started(tiny_dir, log, *SERVER_MODES[request.param], mode=request.param) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
-def plain(tiny_dir: Path, logs: Path):
+def plain(tiny_dir: Path, server_logs: Path):
     """The same server without speculation."""
     from sala_sglang.testing.server import started
 
-    with started(tiny_dir, logs / "server_plain.log", *COMMON, mode="plain") as srv:
+    with started(tiny_dir, server_logs / "server_plain.log", *COMMON, mode="plain") as srv:
         yield srv
 
 
