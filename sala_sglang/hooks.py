@@ -168,8 +168,8 @@ def verify_chain_drafts(result: Any, worker: Any, *args: Any, **kwargs: Any) -> 
 
     drafts, mask = result
     n = worker.draft_token_num
-    chain = np.tril(np.ones((n, n), dtype=mask.dtype))
-    return drafts, np.broadcast_to(chain, (mask.size // (n * n), n, n)).reshape(mask.shape)
+    chain = np.tril(np.ones((n, n), dtype=mask.dtype)).ravel()
+    return drafts, np.tile(chain, mask.size // chain.size).reshape(mask.shape)
 
 
 def extra_buffer_for_minicpm_sala(original: Any, view: Any, model_arch: str) -> bool:

@@ -306,6 +306,7 @@ def test_ngram_drafts_are_verified_as_one_chain_per_request() -> None:
         model_config=SimpleNamespace(hf_config=MiniCPMSALAConfig())))
     out_drafts, mask = verify_chain_drafts((drafts, np.tile(tree.ravel(), 2)), worker)
     assert out_drafts is drafts and mask.dtype == tree.dtype and mask.shape == (32,)
+    assert mask.flags.writeable  # SGLang copies it into a tensor with torch.from_numpy
     assert (mask.reshape(2, 4, 4) == np.tril(np.ones((4, 4), dtype=np.uint8))).all()
     other = SimpleNamespace(draft_token_num=4, model_runner=SimpleNamespace(
         model_config=SimpleNamespace(hf_config=object())))
