@@ -36,35 +36,58 @@ from sala_sglang.tiny import TINY_VOCAB_SIZE
 TRACE_WAIT_S = 300
 
 
+def gpu_events(events: list[dict], categories: tuple[str, ...] = ("kernel",)) -> list[dict]:
+    """A Chrome trace's complete ("ph": "X") GPU events of these categories: kernels by default,
+    "gpu_memcpy" and "gpu_memset" too where asked; times in us."""
+    return [e for e in events if e.get("cat") in categories and e.get("ph") == "X"]
+
+
+def durations_by_name(events: list[dict]) -> dict[str, list[float]]:
+    """Each event name's durations (us), the names ordered by total time, largest first."""
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        by_name[e["name"]].append(float(e["dur"]))
+    return dict(sorted(by_name.items(), key=lambda kv: -sum(kv[1])))
+
+
+def span_us(events: list[dict]) -> float:
+    """From the first event's start to the last one's end (us)."""
+    return max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
+
+
 def kernel_summary(events: list[dict], top: int = 30) -> dict:
     """Per-step figures from a Chrome trace's GPU kernel events ("cat": "kernel", times in us);
     a step is one CUDA-graph launch (the profiler may take a step more than it was asked to)."""
-    kernels = [e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"]
+    kernels = gpu_events(events)
     steps = sum(1 for e in events
                 if e.get("name") == "cudaGraphLaunch" and e.get("ph") == "X")
     if not kernels or not steps:
         return {"error": f"the trace holds {len(kernels)} GPU kernels and {steps} graph launches"}
-    by_name: dict[str, list[float]] = defaultdict(list)
-    for e in kernels:
-        by_name[e["name"]].append(float(e["dur"]))
+    by_name = durations_by_name(kernels)
     busy_us = sum(sum(d) for d in by_name.values())
-    span_us = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
-    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+    span = span_us(kernels)
     return {
         "steps": steps,
         "kernels_per_step": round(len(kernels) / steps, 1),
         "gpu_busy_ms_per_step": round(busy_us / steps / 1e3, 3),
-        "span_ms_per_step": round(span_us / steps / 1e3, 3),
-        "busy_fraction": round(busy_us / span_us, 3),
+        "span_ms_per_step": round(span / steps / 1e3, 3),
+        "busy_fraction": round(busy_us / span, 3),
         "top_kernels": [
             {"name": name[:160], "calls_per_step": round(len(d) / steps, 2),
              "ms_per_step": round(sum(d) / steps / 1e3, 4), "mean_us": round(sum(d) / len(d), 2)}
-            for name, d in ranked[:top]
+            for name, d in list(by_name.items())[:top]
         ],
     }
 
 
-def _wait_for_trace(folder: Path) -> Path:
+def start_profile(url: str, output_dir: Path, **options: object) -> None:
+    """SGLang's /start_profile (its ProfileReq fields as options); the trace goes to output_dir."""
+    r = requests.post(url + "/start_profile", timeout=60,
+                      json={"output_dir": str(output_dir), **options})
+    r.raise_for_status()
+
+
+def wait_for_trace(folder: Path) -> Path:
     """The first trace file under folder, once its size has stopped changing (fully written)."""
     deadline = time.time() + TRACE_WAIT_S
     last_size = -1
@@ -78,7 +101,8 @@ def _wait_for_trace(folder: Path) -> Path:
     raise TimeoutError(f"no complete trace under {folder} after {TRACE_WAIT_S} s")
 
 
-def _load_events(path: Path) -> list[dict]:
+def load_events(path: Path) -> list[dict]:
+    """A Chrome trace's events (gzipped or not)."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
         return json.load(f)["traceEvents"]
@@ -114,10 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         if not decoding.wait(timeout=TRACE_WAIT_S):
             raise TimeoutError(f"no token after {TRACE_WAIT_S} s: {result}")
         traces = work / "traces"
-        r = requests.post(server.url + "/start_profile", timeout=60, json={
-            "output_dir": str(traces), "num_steps": args.steps, "activities": ["CPU", "GPU"]})
-        r.raise_for_status()
-        events = _load_events(_wait_for_trace(traces))
+        start_profile(server.url, traces, num_steps=args.steps, activities=["CPU", "GPU"])
+        events = load_events(wait_for_trace(traces))
         request.join()
         record["request"] = result
         record["profile"] = kernel_summary(events)
