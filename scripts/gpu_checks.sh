@@ -20,6 +20,8 @@
 #   bash scripts/gpu_checks.sh soak-real        # real config, random weights: 8K-1M prompts for
 #                                               # 4.5 minutes, 10% dropped, pools free after
 #   bash scripts/gpu_checks.sh profile          # where a decode step's time goes (real config)
+#   bash scripts/gpu_checks.sh profile-prefill  # where one 8192-token prefill chunk's time goes
+#                                               # at 128K, 512K and 1M of context (real config)
 # The long-context benchmark (real configs) in parts that each fit one call; results merge by
 # model in benchmarks/plot_long_context.py, the newest point of a length winning:
 #   sweep-sala-short (32K-256K, then bench_serving: 16 prompts of 32K-128K, concurrency 8 and
@@ -118,6 +120,11 @@ for part in "$@"; do
         # Startup 160-185 s on a fresh machine, 270 s of requests, ~40 s of checks: ~8.5 min.
         soak-real) run "$part" python benchmarks/soak.py --model sala --minutes 4.5 --out "$out" ;;
         profile) run profile python benchmarks/profile_decode.py --out "$out" ;;
+        # One server start (160-185 s on a fresh machine), each context's cold prefill (8.7,
+        # 31.6 and 75-88 s at 128K, 512K and 1M by the long-context sweeps), then per context one
+        # 8192-token chunk over the cached prefix (under 2 s) and its trace (a few seconds):
+        # ~5.5 minutes, ~6.5 with 36-54 s of machine setup, so all three fit one call.
+        profile-prefill) run "$part" python benchmarks/profile_prefill.py --out "$out" ;;
         # One server for both: SALA's startup (graph capture, Triton JIT) is 80-190 s.
         sweep-sala-short) run "$part" long_context --model sala --lengths 32768 65536 131072 262144 \
                               --concurrency 8 0 --serving-prompts 16 \
@@ -150,6 +157,7 @@ for part in "$@"; do
                         --draft-tokens 4 8 --decode-tokens 512 --concurrency \
                         --tag speculative_sala_32k_128k ;;
         *) echo "unknown part: $part (ops, http, serving-graph, serving-other, prefix-cache, retraction, aborts, soak, soak-real, profile," \
+                "profile-prefill," \
                 "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare-sala," \
                 "compare-dense, serving-cuda, serving-segments, prefix-bench-a, prefix-bench-b, spec-bench)"
            exit 2 ;;
