@@ -35,7 +35,17 @@
 # other on the same GPU, one result file:
 #   spec-bench (32K and 128K documents: a prompt repeating one span, greedy, and sampled random
 #   ids that no draft matches; --draft-tokens 4 and 8)
+# Two GPUs (issue 19; a kind with two GPUs, e.g. nvidia-h100-x2):
+#   two-gpus (the tiny model at --tp-size 2 in graph, eager and dense_as_sparse modes and at
+#   --dp-size 2: served = reference, 1 and 8 concurrent requests, every replica's pools free)
+#   two-gpus-bench-tp (real config: TTFT and decode at 128K, 256K and 1M, --tp-size 2 then TP 1
+#   on GPU 0)  two-gpus-bench-dp (bench_serving at concurrency 8 and unlimited on 16 prompts of
+#   32K-128K, --dp-size 2 then one replica on GPU 0); each bench part one result file
 set -uo pipefail
+# NVLink multicast off in NCCL, PyTorch and NVSHMEM, for every part and every server it starts
+# (the device notes: on shared hosts it can put the GPUs out of service). At TP > 1 SGLang's
+# custom all-reduce and logits all-gather sit on PyTorch's symmetric memory, which would use it.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out="${OUT:-gpu-logs}"
 mkdir -p "$out"
 status=0
@@ -55,6 +65,7 @@ run() {  # name, command...
 SHARED_GPU="--mem-fraction-static 0.9 --max-total-tokens 262144 --max-mamba-cache-size 96"
 pytest_gpu() { python -m pytest -q -s -p no:cacheprovider "$@"; }
 SERVING=tests/serving/test_gpu_serving.py
+TWO_GPUS=tests/serving/test_gpu_two_gpus.py
 long_context() { python benchmarks/long_context.py --out "$out" "$@"; }
 # Qwen3-8B's shape on FlashInfer, SGLang's fastest dense backend here; its piecewise prefill
 # graph capture did not finish within 170 s of startup, and 8192-token chunks gain nothing by it.
@@ -156,10 +167,41 @@ for part in "$@"; do
         spec-bench) run "$part" long_context --workload speculative --lengths 32768 131072 \
                         --draft-tokens 4 8 --decode-tokens 512 --concurrency \
                         --tag speculative_sala_32k_128k ;;
+        # The four two-GPU modes in two halves side by side on both GPUs (SHARED_GPU pools), each
+        # half two server starts one after the other: tp2_graph and dp2_graph; tp2_eager and
+        # tp2_graph_dense_as_sparse. One tiny mode alone took 170-197 s with its server's start
+        # on one GPU, so a half ~5.5 minutes, ~6.5 with machine setup. Should two servers side
+        # by side not start, run each half (its -m) alone: one call each.
+        two-gpus)
+            export SALA_SGLANG_TEST_SERVER_FLAGS="${SALA_SGLANG_TEST_SERVER_FLAGS:-$SHARED_GPU}"
+            pids=()
+            for m in "cuda_graph and not dense_as_sparse" "eager or dense_as_sparse"; do
+                name="$part-$(echo "$m" | tr -d ' ' | tr -c 'a-z_\n' '-')"
+                run "$name" pytest_gpu "$TWO_GPUS" -m "$m" & pids+=($!)
+            done
+            for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+            unset SALA_SGLANG_TEST_SERVER_FLAGS ;;
+        # Real config, two servers one after the other, the two-GPU one first. A start is ~170 s
+        # on a fresh machine and TP 2's per-GPU head counts compile kernels of their own, so
+        # TP 1's start is cold too; --disable-prefill-cuda-graph, on both, takes ~25 s off each
+        # without moving TTFT (benchmarks/NOTES.md, calls 19-20). TP 2: ~160 s start (NCCL and
+        # the all-reduce's setup on top), ~75 s of requests if its 1M prefill takes about half
+        # of TP 1's; TP 1: ~135 s start, ~120 s of requests (prefills 8.7, 12.9 and 75-88 s, 256
+        # decode tokens each): ~9-9.5 minutes with 36-54 s of machine setup, a tight fit. A run
+        # cut short keeps TP 2's points and TP 1's before the cut (1M comes last).
+        two-gpus-bench-tp) run "$part" python benchmarks/two_gpus.py --parts tp --out "$out" \
+                               --server-args=--disable-prefill-cuda-graph ;;
+        # DP 2 (~140 s start, both replicas compiling at once; two warm-ups; bench_serving ~35 s
+        # at concurrency 8 and ~30 s unlimited, 8 prompts a replica) then one replica (~60 s
+        # start on the kernels DP 2 compiled; ~60 and ~55 s as in the serving sweep): ~7.5
+        # minutes with machine setup.
+        two-gpus-bench-dp) run "$part" python benchmarks/two_gpus.py --parts dp --out "$out" \
+                               --server-args=--disable-prefill-cuda-graph ;;
         *) echo "unknown part: $part (ops, http, serving-graph, serving-other, prefix-cache, retraction, aborts, soak, soak-real, profile," \
                 "profile-prefill," \
                 "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare-sala," \
-                "compare-dense, serving-cuda, serving-segments, prefix-bench-a, prefix-bench-b, spec-bench)"
+                "compare-dense, serving-cuda, serving-segments, prefix-bench-a, prefix-bench-b, spec-bench," \
+                "two-gpus, two-gpus-bench-tp, two-gpus-bench-dp)"
            exit 2 ;;
     esac
 done
