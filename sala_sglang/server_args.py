@@ -148,7 +148,8 @@ def _reject_unsupported(args: Any, config: dict) -> None:
         )
     if getattr(args, "enable_dp_attention", False):
         raise UnsupportedServerOption(
-            "--enable-dp-attention: not supported for MiniCPM-SALA; use --dp-size with the router"
+            "--enable-dp-attention: not supported for MiniCPM-SALA; drop it (--dp-size alone "
+            "serves independent replicas)"
         )
     pp_size = getattr(args, "pp_size", 1) or 1
     if pp_size > 1:
