@@ -29,6 +29,7 @@ from sala_sglang.ops import _cuda
 from sala_sglang.ops.lightning_plan import (
     CUDA_DECODE_FASTER,
     PREFILL_LAUNCH,
+    STEP_BLOCK_V,
     decode_cuda_unsupported,
     prefill_segment_len,
 )
@@ -330,7 +331,7 @@ def lightning_decode(
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         return torch.ops.sala_sglang.lightning_decode(q, k, v, state, state_slots, slopes, scale,
                                                       track_slots, track_mask)
-    block_v = min(dim, 64)
+    block_v = min(dim, STEP_BLOCK_V)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     grid = (q.shape[0], q.shape[1], dim // block_v)
@@ -351,3 +352,9 @@ def _track_pair(op: str, slots: torch.Tensor | None, where: torch.Tensor | None,
     if (slots is None) != (where is None):
         raise ValueError(f"{op}: pass track_slots and {where_name} together, or neither")
     return None if slots is None else (slots, where)
+
+
+def _check_per_request(op: str, name: str, x: torch.Tensor, batch: int) -> None:
+    """x must be one integer per request: [batch]."""
+    if x.shape != (batch,) or x.dtype.is_floating_point or x.dtype == torch.bool:
+        raise ValueError(f"{op}: {name} {x.dtype} {tuple(x.shape)}: expected integers [{batch}]")

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sala_sglang.ops.lightning import _check, _track_pair
-from sala_sglang.ops.lightning_verify import STEP_BLOCK_V, check_per_request
+from sala_sglang.ops.lightning import _check, _check_per_request, _track_pair
+from sala_sglang.ops.lightning_plan import STEP_BLOCK_V
 
 
 @triton.jit
@@ -88,10 +88,10 @@ def lightning_commit(
         raise ValueError(f"lightning_commit: k {k.dtype}, v {v.dtype}: expected float tensors")
     _check(k[0, 0], state[0])
     for name, x in (("state_slots", state_slots), ("accepted", accepted)):
-        check_per_request("lightning_commit", name, x, batch)
+        _check_per_request("lightning_commit", name, x, batch)
     track = _track_pair("lightning_commit", track_slots, track_steps, "track_steps")
     for name, x in zip(("track_slots", "track_steps"), track or ()):
-        check_per_request("lightning_commit", name, x, batch)
+        _check_per_request("lightning_commit", name, x, batch)
     if slopes.shape != (heads,):
         raise ValueError(f"lightning_commit: slopes {tuple(slopes.shape)}: expected [{heads}]")
     k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))

@@ -20,6 +20,11 @@ CUDA_DECODE_HEAD_DIMS = (32, 64, 128, 256)
 # benchmarks/README.md, Kernels, and benchmarks/NOTES.md).
 CUDA_DECODE_FASTER = True
 
+# Value columns per program of the one-token-at-a-time kernels (Triton decode, verify, commit): a
+# [128, 64] fp32 state block is 64 registers a thread at 4 warps, and 128-dim heads still give
+# two programs per (request, head).
+STEP_BLOCK_V = 64
+
 # Prefill launch shape: chunk rows, value columns per program, warps, software-pipeline stages.
 # The fastest of the shapes benchmarks/kernels/lightning.py sweeps, at 32K-512K tokens on an H100.
 PREFILL_LAUNCH = {"chunk": 64, "block_v": 64, "num_warps": 4, "num_stages": 2}

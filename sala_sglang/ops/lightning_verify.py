@@ -13,12 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sala_sglang.ops.lightning import _check
-
-# Value columns per program of the verify and commit kernels, as the decode kernel takes: a
-# [128, 64] fp32 state block is 64 registers a thread at 4 warps, and 128-dim heads still give
-# two programs per (request, head).
-STEP_BLOCK_V = 64
+from sala_sglang.ops.lightning import _check, _check_per_request
+from sala_sglang.ops.lightning_plan import STEP_BLOCK_V
 
 
 @triton.jit
@@ -50,12 +46,6 @@ def _verify_kernel(
         tl.store(o_ptr + base + dv, out.to(o_ptr.dtype.element_ty))
 
 
-def check_per_request(op: str, name: str, x: torch.Tensor, batch: int) -> None:
-    """x must be one integer per request: [batch]."""
-    if x.shape != (batch,) or x.dtype.is_floating_point or x.dtype == torch.bool:
-        raise ValueError(f"{op}: {name} {x.dtype} {tuple(x.shape)}: expected integers [{batch}]")
-
-
 def lightning_verify(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -83,7 +73,7 @@ def lightning_verify(
                          f"v {tuple(v.shape)}: expected all three [B*T, H, D]")
     dim = _check(q, state)
     batch, heads = q.shape[0] // draft_len, q.shape[1]
-    check_per_request("lightning_verify", "state_slots", state_slots, batch)
+    _check_per_request("lightning_verify", "state_slots", state_slots, batch)
     if slopes.shape != (heads,):
         raise ValueError(f"lightning_verify: slopes {tuple(slopes.shape)}: expected [{heads}]")
     block_v = min(dim, STEP_BLOCK_V)
