@@ -174,6 +174,13 @@ def _reject_unsupported(args: Any, config: dict) -> None:
         )
 
 
+def longest_chain_beside_graph_padding(kernel_size: int, padding_keys: int = 1) -> int:
+    """The longest verified chain a CUDA-graph padding row may carry: the row sits after
+    `padding_keys` keys (SGLang's seq_len fill value) and must not complete a compressed-key
+    window (kernel_size keys), which it would write into a page it does not own."""
+    return kernel_size - padding_keys - 1
+
+
 def _configure_speculative(args: Any, config: dict) -> None:
     """NGRAM drafts (no draft model exists), verified as chains: the lightning layers' state
     follows one path of drafts, and the sparse layers attend by position."""
@@ -194,10 +201,8 @@ def _configure_speculative(args: Any, config: dict) -> None:
             )
         args.speculative_ngram_max_bfs_breadth = 1
     args.speculative_ngram_min_bfs_breadth = 1
-    # A CUDA-graph padding row verifies a chain after one key; it must not complete a
-    # compressed-key window (kernel_size keys), which it would write into a page it does not own.
     window = config.get("sparse_config", {}).get("kernel_size", 32)
-    longest = min(MAX_DRAFT_TOKENS, window - 2)
+    longest = min(MAX_DRAFT_TOKENS, longest_chain_beside_graph_padding(window))
     depth = getattr(args, "speculative_num_draft_tokens", None)
     if depth is not None and not 2 <= depth <= longest:
         raise UnsupportedServerOption(

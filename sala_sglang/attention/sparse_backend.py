@@ -43,7 +43,7 @@ from sala_sglang.ops.infllm_v2 import (
     select_blocks,
 )
 from sala_sglang.ops.overrides import KernelOverrides
-from sala_sglang.server_args import dense_as_sparse
+from sala_sglang.server_args import dense_as_sparse, longest_chain_beside_graph_padding
 
 logger = logging.getLogger(__name__)
 
@@ -149,10 +149,11 @@ class SparseLayerBackend(AttentionBackend):
         # seq_len = the fill value: a chain reaching kernel_size keys there would write window 0
         # into the page that slot's row still names.
         fill, window = self.get_cuda_graph_seq_len_fill_value(), self.sparse.kernel_size
-        if fill + chain >= window:
+        longest = longest_chain_beside_graph_padding(window, fill)
+        if chain > longest:
             raise ValueError(
                 f"speculative_num_draft_tokens {chain}: MiniCPM-SALA's sparse layers verify "
-                f"chains of at most {window - fill - 1} tokens (sparse_config.kernel_size "
+                f"chains of at most {longest} tokens (sparse_config.kernel_size "
                 f"{window} less a padding row's {fill} + 1 keys)"
             )
         # positions (SGLang's: seq_len + depth) are stale in padding rows; seq_lens are not
