@@ -24,11 +24,10 @@ import argparse
 import contextlib
 import importlib.util
 import os
-import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,11 +43,12 @@ from sala_sglang.bench import (  # noqa: E402
     prepare_model_dir,
     random_ids,
     random_ids_dataset,
+    recorded,
+    result_path,
     served,
     server_flags,
     server_state,
     stream_one,
-    write_result,
 )
 from sala_sglang.server_args import BACKEND_NAMES  # noqa: E402
 from sala_sglang.testing.server import Server  # noqa: E402
@@ -157,16 +157,14 @@ def gpus_visible(devices: str | None) -> Iterator[None]:
 
 @dataclass
 class Results:
-    """A run's arguments, its record, and where it works (the tokenizer both servers and
-    bench_serving read); save() writes the record."""
+    """A run's arguments, its record, where it works (the tokenizer both servers and
+    bench_serving read), and save(), which writes the record (`sala_sglang.bench.recorded`)."""
 
     args: argparse.Namespace
     record: dict
     work: Path
     tokenizer: Path
-
-    def save(self) -> Path:
-        return write_result(self.record, self.args.tag, self.args.out)
+    save: Callable[[], Path]
 
 
 def measure_batch1(server: Server, setup: Setup, results: Results) -> None:
@@ -227,8 +225,8 @@ def run(args: argparse.Namespace) -> Path:
                                "output_len": args.serving_output_len,
                                "prompts": args.serving_prompts},
                       bench_serving=[], dp2_over_dp1=[])
-    results = Results(args, record, work, tok_dir)
-    try:
+    with recorded(record, args.tag, args.out, work) as save:
+        results = Results(args, record, work, tok_dir, save)
         for part in args.parts:
             context = part_context(part, args)
             common = server_flags(shape, backend, context, tok_dir, args.server_args)
@@ -247,11 +245,7 @@ def run(args: argparse.Namespace) -> Path:
                         stream_one(server.url, random_ids(WARMUP_TOKENS, TINY_VOCAB_SIZE, 0), 16)
                     MEASURE[part](server, setup, results)
                 results.save()  # with what served() added once the server stopped
-    finally:
-        path = results.save()
-        shutil.rmtree(work, ignore_errors=True)
-    print(f"[bench] wrote {path}", flush=True)
-    return path
+    return result_path(record, args.tag, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,12 +143,31 @@ def result_name(record: dict, name: str) -> str:
     return f"{what}_{record['date'][:10]}"
 
 
+def result_path(record: dict, name: str, out: Path) -> Path:
+    """out/<name>_<device>_<date>.json (see result_name)."""
+    return out / f"{result_name(record, name)}.json"
+
+
 def write_result(record: dict, name: str, out: Path) -> Path:
-    """Writes record to out/<name>_<device>_<date>.json (see result_name)."""
+    """Writes record to its result_path; returns that."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{result_name(record, name)}.json"
+    path = result_path(record, name, out)
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def recorded(record: dict, name: str, out: Path, work: Path) -> Iterator[Callable[[], Path]]:
+    """One benchmark run's record: yields save() (write_result), to call after each
+    measurement; however the run ends, the record is saved once more and the work folder
+    removed, so a run cut short keeps what it measured."""
+    save = functools.partial(write_result, record, name, out)
+    try:
+        yield save
+    finally:
+        path = save()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"[bench] wrote {path}", flush=True)
 
 
 # ---- the two models ----------------------------------------------------------------------------
@@ -509,9 +528,8 @@ def run(args: argparse.Namespace) -> Path:
                               "requests": prompts,
                               "input_tokens": sum(r["input_tokens"] for r in requests_),
                               "output_tokens": sum(r["output_tokens"] for r in requests_)}
-    save = lambda: write_result(record, tag, args.out)  # noqa: E731
     print(f"[bench] starting SGLang for {shape.name} ({backend}), context {context}", flush=True)
-    try:
+    with recorded(record, tag, args.out, work) as save:
         with served(model_dir, work / "server.log", flags, record, args.keep_log) as server:
             vocab = TINY_VOCAB_SIZE  # the tokenizer both servers get: every id is valid for both
             # Warm-up: two full prefill chunks and a few decode steps, so that kernel JIT and
@@ -551,11 +569,7 @@ def run(args: argparse.Namespace) -> Path:
                     if len(walls) == len(SOAR_CONCURRENCY) and None not in walls.values():
                         record["soar_total_s"] = round(sum(walls.values()), 2)
                 save()
-    finally:
-        path = save()
-        shutil.rmtree(work, ignore_errors=True)
-    print(f"[bench] wrote {path}", flush=True)
-    return path
+    return result_path(record, tag, args.out)
 
 
 def _default_backend(shape: ModelShape) -> str:
@@ -698,9 +712,8 @@ def run_multiturn(args: argparse.Namespace) -> Path:
             "groups": groups, "prompts_per_group": per_group,
             "system_prompt_tokens": system_tokens, "question_tokens": args.question_tokens,
             "output_tokens": args.answer_tokens}
-    save = lambda: write_result(record, tag, args.out)  # noqa: E731
     answers: dict[int, list[list[int]]] = {}
-    try:
+    with recorded(record, tag, args.out, work) as save:
         for side, extra in CACHE_SIDES:
             flags = [*server_flags(shape, backend, context, tok_dir, args.server_args), *extra]
             info = record["servers"][side] = {"flags": flags}
@@ -737,11 +750,7 @@ def run_multiturn(args: argparse.Namespace) -> Path:
                     record["bench_serving"].append({"server": side, "max_concurrency": conc,
                                                     **res})
                     save()
-    finally:
-        path = save()
-        shutil.rmtree(work, ignore_errors=True)
-    print(f"[bench] wrote {path}", flush=True)
-    return path
+    return result_path(record, tag, args.out)
 
 
 def _measured(row: dict) -> dict:
@@ -813,8 +822,7 @@ def run_speculative(args: argparse.Namespace) -> Path:
         "servers": {},
         "rows": [],
     }
-    save = lambda: write_result(record, tag, args.out)  # noqa: E731
-    try:
+    with recorded(record, tag, args.out, work) as save:
         for name, draft_tokens, flags in servers:
             info = record["servers"][name] = {"flags": flags}
             print(f"[bench] starting SGLang for {shape.name} ({backend}, {name}), context "
@@ -837,11 +845,7 @@ def run_speculative(args: argparse.Namespace) -> Path:
                         _log(row)
                         record["rows"].append(row)
                         save()
-    finally:
-        path = save()
-        shutil.rmtree(work, ignore_errors=True)
-    print(f"[bench] wrote {path}", flush=True)
-    return path
+    return result_path(record, tag, args.out)
 
 
 def compare_with_plain(rows: list[dict], row: dict) -> None:

@@ -29,8 +29,10 @@ from sala_sglang.bench import (
     Conversation,
     converse,
     prepare_model_dir,
+    recorded,
     repeating_prompt,
     replay,
+    result_path,
     soar_requests,
     stream_one,
     write_result,
@@ -128,6 +130,19 @@ def test_a_result_file_is_named_by_what_device_and_date(tmp_path: Path) -> None:
     assert write_result(record, "kernels_lightning_h100", tmp_path).name == (
         "kernels_lightning_h100_2026-11-23.json")
     assert json.loads((tmp_path / "long_context_sala_h100_2026-11-23.json").read_text()) == record
+
+
+def test_a_run_cut_short_keeps_its_record_and_removes_its_work_folder(tmp_path: Path) -> None:
+    record = {"date": "2026-12-07T00:00:00+00:00", "device": "NVIDIA H100 80GB HBM3", "rows": []}
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(RuntimeError), recorded(record, "run", tmp_path, work) as save:
+        record["rows"].append(1)
+        assert save() == result_path(record, "run", tmp_path)
+        record["rows"].append(2)  # measured after the last save, then the run fails
+        raise RuntimeError("server died")
+    assert json.loads(result_path(record, "run", tmp_path).read_text())["rows"] == [1, 2]
+    assert not work.exists()
 
 
 class _Reply:
