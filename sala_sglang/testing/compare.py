@@ -262,16 +262,22 @@ def mark_lost_first_output_logprob(result: dict) -> dict | None:
     }}
 
 
+def _confident_next_token(reference: Any, prompt: list[int], generated: list[int],
+                          margin: float) -> int | None:
+    """The reference's top-1 token after prompt + generated where its top-1/top-2 margin there is
+    at least `margin`; None where it is smaller (rounding may decide there)."""
+    logits, _ = _reference_logprobs(reference, prompt + generated, len(prompt))
+    top2 = logits[-1].topk(2)
+    return int(top2.indices[0]) if float(top2.values[0] - top2.values[1]) >= margin else None
+
+
 def check_first_output_token(reference: Any, prompt: list[int], token: int,
                              margin: float = 0.1) -> None:
     """Assert a served greedy first token is the reference's top-1 where the reference's
     top-1/top-2 margin is at least `margin` (for a token whose logprob the server lost)."""
-    logits, _ = _reference_logprobs(reference, prompt, len(prompt))
-    top2 = logits[-1].topk(2)
-    if float(top2.values[0] - top2.values[1]) >= margin:
-        assert token == int(top2.indices[0]), (
-            f"first output token {token}, the reference's confident choice "
-            f"{int(top2.indices[0])}")
+    expected = _confident_next_token(reference, prompt, [], margin)
+    assert expected is None or token == expected, (
+        f"first output token {token}, the reference's confident choice {expected}")
 
 
 def first_confident_divergence(reference: Any, prompt: list[int], ours: list[int],
@@ -283,6 +289,4 @@ def first_confident_divergence(reference: Any, prompt: list[int], ours: list[int
     at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
     if at is None:
         return None if len(ours) == len(theirs) else min(len(ours), len(theirs))
-    logits, _ = _reference_logprobs(reference, prompt + ours[:at], len(prompt))
-    top2 = logits[-1].topk(2).values
-    return at if float(top2[0] - top2[1]) >= margin else None
+    return at if _confident_next_token(reference, prompt, ours[:at], margin) is not None else None
