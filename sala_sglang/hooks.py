@@ -21,6 +21,11 @@
   GPU, where it is a device-side assert that takes the whole scheduler down (seen on an H100 with
   the tiny checkpoint). SGLang 0.5.16 has a vocabulary check for input ids but never calls it;
   this rejects such requests in the tokenizer manager, where a ValueError becomes an HTTP 400.
+- Output logprobs after a retraction: SGLang 0.5.16's streamer moves a request's output-logprob
+  offset to at least 1 whenever it looks at the request, even one with no output token yet (a
+  non-streamed request retracted under the overlap scheduler before its first token was
+  processed), so that request's first output logprob is never sent (fixed upstream in
+  sgl-project/sglang#26510). The offset is kept at the output ids sent, for any model.
 """
 
 from __future__ import annotations
@@ -201,6 +206,18 @@ def check_state_slots_when_idle(result: Any, checker: Any, *args: Any, **kwargs:
         checker._report_leak(
             "MiniCPM-SALA recurrent-state pool", f"free slots {free} of {size} while idle"
         )
+    return result
+
+
+def keep_logprob_offset_at_output_ids(result: Any, accumulator: Any, *args: Any,
+                                      **kwargs: Any) -> Any:
+    """After the streamer's `_GenerationStreamAccumulator.accept(req=...)`: an unfinished
+    request's output-logprob offset never runs ahead of the output ids sent with it."""
+    req = kwargs["req"] if "req" in kwargs else args[0]
+    if not req.finished():
+        sent = len(req.output_ids_through_stop)
+        if req.send_output_token_logprobs_offset > sent:
+            req.send_output_token_logprobs_offset = sent
     return result
 
 

@@ -21,6 +21,7 @@ from sala_sglang.hooks import (
     check_state_slots_when_idle,
     commit_verified_drafts,
     extra_buffer_for_minicpm_sala,
+    keep_logprob_offset_at_output_ids,
     keep_no_state_per_draft_token,
     namespace_request_class,
     reject_out_of_vocab_ids,
@@ -213,6 +214,12 @@ def _register_server_hooks() -> None:
         "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
         reject_out_of_vocab_ids,
         HookType.BEFORE,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.output_streamer."
+        "_GenerationStreamAccumulator.accept",
+        keep_logprob_offset_at_output_ids,
+        HookType.AFTER,
     )
     # Hooks registered outside load_plugins() (SGLANG_EXTERNAL_MODEL_PACKAGE, direct calls)
     # still need applying; already-applied targets are skipped.

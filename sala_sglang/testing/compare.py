@@ -115,9 +115,8 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
       in "near_ties" as (row, sparse layer, kv head, chosen block, served block, relative gap),
       the sparse layer counted among the sparse layers (0 = the first).
     The prompt's entries may start anywhere (`logprob_start_len` > 0, as a prefix-cache hit
-    needs): they are the prompt's last ones. An entry without a logprob is skipped: the prompt's
-    first, which scores nothing, and an output entry marked by `mark_lost_first_output_logprob`.
-    Rows are reported as reference rows: row r scores token r + 1.
+    needs): they are the prompt's last ones, and an entry without a logprob (the first, which
+    scores nothing) is skipped. Rows are reported as reference rows: row r scores token r + 1.
     Returns the worst and mean logprob errors, the number of confident token flips (reference
     top-1/top-2 margin >= 0.1 but a different served choice), and the count of positions.
     """
@@ -128,13 +127,12 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
     logits, logprobs = _reference_logprobs(reference, sequence, len(prompt))
     inputs, input_tops = meta["input_token_logprobs"], meta["input_top_logprobs"]
     first = len(prompt) - len(inputs)  # the position the first prompt entry scores
-    outputs, output_tops = meta["output_token_logprobs"], meta["output_top_logprobs"]
     kept_inputs = [i for i, e in enumerate(inputs) if e[0] is not None]
-    kept_outputs = [j for j, e in enumerate(outputs) if e[0] is not None]
-    served = [inputs[i] for i in kept_inputs] + [outputs[j] for j in kept_outputs]
-    served_top = [input_tops[i] for i in kept_inputs] + [output_tops[j] for j in kept_outputs]
+    served = [inputs[i] for i in kept_inputs] + list(meta["output_token_logprobs"])
+    served_top = [input_tops[i] for i in kept_inputs] + list(meta["output_top_logprobs"])
     # the entry for position p scores token p given tokens < p: reference row p - 1
-    positions = [first + i for i in kept_inputs] + [len(prompt) + j for j in kept_outputs]
+    positions = [first + i for i in kept_inputs] + [
+        len(prompt) + j for j in range(len(meta["output_token_logprobs"]))]
     rows = torch.tensor(positions) - 1
     tokens = torch.tensor([sequence[p] if 0 < p < len(sequence) else -1 for p in positions])
     served_tokens = [e[1] for e in served]
@@ -245,41 +243,6 @@ def check_served(reference: Any, prompt: list[int], result: dict, bf16: bool = F
     return report
 
 
-def mark_lost_first_output_logprob(result: dict) -> dict | None:
-    """The answer with an entry without a logprob in front of its output entries, if SGLang
-    reported every output logprob but the first (output_token_logprobs names output_ids[1:]);
-    None otherwise. SGLang 0.5.16 lost it for one request under forced decode retraction
-    (`test_gpu_retraction.py`, benchmarks/NOTES.md, eleventh session); the ids are the served
-    ones. `check_first_output_token` then checks the unscored token."""
-    meta, ids = result["meta_info"], list(result["output_ids"])
-    outputs = meta["output_token_logprobs"]
-    if len(ids) < 2 or len(outputs) != len(ids) - 1 or [e[1] for e in outputs] != ids[1:]:
-        return None
-    return {**result, "meta_info": {
-        **meta,
-        "output_token_logprobs": [[None, ids[0], None], *outputs],
-        "output_top_logprobs": [None, *meta["output_top_logprobs"]],
-    }}
-
-
-def _confident_next_token(reference: Any, prompt: list[int], generated: list[int],
-                          margin: float) -> int | None:
-    """The reference's top-1 token after prompt + generated where its top-1/top-2 margin there is
-    at least `margin`; None where it is smaller (rounding may decide there)."""
-    logits, _ = _reference_logprobs(reference, prompt + generated, len(prompt))
-    top2 = logits[-1].topk(2)
-    return int(top2.indices[0]) if float(top2.values[0] - top2.values[1]) >= margin else None
-
-
-def check_first_output_token(reference: Any, prompt: list[int], token: int,
-                             margin: float = 0.1) -> None:
-    """Assert a served greedy first token is the reference's top-1 where the reference's
-    top-1/top-2 margin is at least `margin` (for a token whose logprob the server lost)."""
-    expected = _confident_next_token(reference, prompt, [], margin)
-    assert expected is None or token == expected, (
-        f"first output token {token}, the reference's confident choice {expected}")
-
-
 def first_confident_divergence(reference: Any, prompt: list[int], ours: list[int],
                                theirs: list[int], margin: float = 0.1) -> int | None:
     """Where two greedy generations for `prompt` first differ although the reference's top-1 /
@@ -289,4 +252,6 @@ def first_confident_divergence(reference: Any, prompt: list[int], ours: list[int
     at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
     if at is None:
         return None if len(ours) == len(theirs) else min(len(ours), len(theirs))
-    return at if _confident_next_token(reference, prompt, ours[:at], margin) is not None else None
+    logits, _ = _reference_logprobs(reference, prompt + ours[:at], len(prompt))
+    top2 = logits[-1].topk(2).values
+    return at if float(top2[0] - top2[1]) >= margin else None

@@ -7,12 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sala_sglang.testing.compare import (
-    LOGPROB_TOL,
-    check_first_output_token,
-    mark_lost_first_output_logprob,
-    served_vs_reference,
-)
+from sala_sglang.testing.compare import LOGPROB_TOL, served_vs_reference
 
 
 def _fake_answer(reference, prompt: list[int], new_tokens: int) -> dict:
@@ -112,47 +107,6 @@ def test_entries_that_do_not_line_up_are_refused(setup) -> None:
     short["meta_info"]["input_token_logprobs"] = answer["meta_info"]["input_token_logprobs"][:-1]
     with pytest.raises(AssertionError, match="do not line up"):
         served_vs_reference(reference, prompt, short)
-
-
-def _without_first_output_logprob(answer: dict) -> dict:
-    meta = answer["meta_info"]
-    return {**answer, "meta_info": {**meta,
-                                    "output_token_logprobs": meta["output_token_logprobs"][1:],
-                                    "output_top_logprobs": meta["output_top_logprobs"][1:]}}
-
-
-def test_a_lost_first_output_logprob_is_marked_and_the_rest_still_checked(setup) -> None:
-    # as SGLang 0.5.16 answered a retracted request: every output id, the logprobs from the
-    # second on
-    reference, prompt, answer = setup
-    lost = _without_first_output_logprob(answer)
-    with pytest.raises(AssertionError, match="do not line up"):
-        served_vs_reference(reference, prompt, lost)
-    marked = mark_lost_first_output_logprob(lost)
-    report = served_vs_reference(reference, prompt, marked)
-    assert report["max_logprob_err"] < 1e-9
-    assert report["positions"] == len(prompt) - 1 + 3
-    check_first_output_token(reference, prompt, answer["output_ids"][0])
-
-
-def test_only_that_loss_is_marked(setup) -> None:
-    reference, prompt, answer = setup
-    assert mark_lost_first_output_logprob(answer) is None  # nothing lost
-    meta = answer["meta_info"]
-    outputs, tops = meta["output_token_logprobs"], meta["output_top_logprobs"]
-    last_lost = {**answer, "meta_info": {**meta, "output_token_logprobs": outputs[:-1],
-                                         "output_top_logprobs": tops[:-1]}}
-    assert mark_lost_first_output_logprob(last_lost) is None
-
-
-def test_a_first_token_against_a_confident_reference_fails(setup) -> None:
-    reference, prompt, answer = setup
-    logits = reference.forward(prompt, reference.new_cache(prompt_len=len(prompt))).double()
-    top2 = logits[-1].topk(2)
-    if float(top2.values[0] - top2.values[1]) < 0.1:
-        pytest.skip("the reference is not confident about this prompt's next token")
-    with pytest.raises(AssertionError, match="confident choice"):
-        check_first_output_token(reference, prompt, int(top2.indices[1]))
 
 
 def _noisy_answer(reference, prompt: list[int], answer: dict, q_noise: float, seed: int) -> dict:

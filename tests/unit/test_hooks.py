@@ -311,3 +311,51 @@ def test_ngram_drafts_are_verified_as_one_chain_per_request() -> None:
     other = SimpleNamespace(draft_token_num=4, model_runner=SimpleNamespace(
         model_config=SimpleNamespace(hf_config=object())))
     assert verify_chain_drafts((drafts, tree.ravel()), other)[1] is not None
+
+
+# ---- output logprobs of a request retracted before its first token --------------------------
+def _stream(req) -> list[list[float]]:
+    """What SGLang's streamer sends for `req` in one pass: its output-logprob slices."""
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+    from sglang.srt.managers.scheduler_components.output_streamer import (
+        DEFAULT_FORCE_STREAM_INTERVAL,
+        _GenerationStreamAccumulator,
+    )
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    acc = _GenerationStreamAccumulator(
+        return_logprob=True, return_hidden_states=False, return_routed_experts=False,
+        return_indexer_topk=False, return_sampling_mask=False,
+        spec_algorithm=SpeculativeAlgorithm.NONE, disaggregation_mode=DisaggregationMode.NULL,
+        default_stream_interval=1, default_force_stream_interval=DEFAULT_FORCE_STREAM_INTERVAL,
+        get_cached_tokens_details=lambda req: None,
+    )
+    acc.accept(req=req)
+    return acc.output_token_logprobs_val
+
+
+def test_a_request_retracted_before_its_first_token_keeps_every_output_logprob() -> None:
+    """Seen on an H100 under forced retraction: a non-streamed request retracted while its
+    prefill result was in flight is streamed with no output id (0 % 50 == 0); SGLang 0.5.16 then
+    moved its logprob offset to 1, and the first output logprob was never sent."""
+    pytest.importorskip("sglang")
+    from array import array
+
+    from sala_sglang import plugin
+
+    plugin.register()
+    from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    params = SamplingParams(max_new_tokens=2)
+    params.normalize(None)
+    req = Req("r", "", array("q", [1, 2, 3]), params, return_logprob=True)
+    req.is_retracted = True
+    assert _stream(req) == [[]]
+    # re-prefilled, then decoded to its length: both tokens and both logprobs
+    for token, logprob in ((60, -0.5), (61, -0.25)):
+        req.output_ids.append(token)
+        req.logprob.output_token_logprobs_val.append(logprob)
+        req.logprob.output_token_logprobs_idx.append(token)
+    req.finished_reason = FINISH_LENGTH(length=2)
+    assert _stream(req) == [[-0.5, -0.25]]
