@@ -168,7 +168,9 @@ class SparseLayerBackend(AttentionBackend):
         steps = torch.arange(chain, dtype=torch.int32, device=old_lens.device)
         pos = (old_lens[:, None] + steps).flatten()
         return TokenMetadata(
-            token_req=req[:, None].expand(-1, chain).flatten(),
+            # contiguous: for one request, flatten() would return a stride-0 view of `req`,
+            # which kernels indexing token_req[t] read past
+            token_req=req[:, None].expand(-1, chain).contiguous().view(-1),
             token_pos=pos,
             # a token past the prompt sees its own position + 1 keys (max(P, p + 1) = p + 1)
             token_sparse=self._is_sparse(pos + 1, pos),

@@ -288,6 +288,22 @@ def test_tokens_that_see_no_key_output_zeros(impl: str, splits: int, device: str
         assert relative_error(out[1], triton[1]) < TOLERANCE[torch.bfloat16]
 
 
+def test_token_arrays_may_be_strided_views(impl: str, device: str, relative_error) -> None:
+    """One request's verify chain: its slot expanded to the chain (stride 0, as the backend once
+    passed it), positions and modes strided views. Kernels that read token t at offset t read
+    past the slot: the op must attend as with dense arrays."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    batch = make_batch(TINY, [200], [0] * 4, [40, 90, 150, 199], [True, False, True, False],
+                       dtype, 7, device)
+    dense = batch.run(impl, num_splits=4)
+    other = torch.zeros_like(batch.token_pos)  # what a dense read of the views would see
+    batch.token_req = batch.token_req[:1].clone().expand(4)
+    batch.token_pos = torch.stack([batch.token_pos, other], 1)[:, 0]
+    batch.token_sparse = torch.stack([other, batch.token_sparse], 1)[:, 1]
+    assert batch.token_req.stride() == (0,) and batch.token_pos.stride() == (2,)
+    assert torch.equal(batch.run(impl, num_splits=4), dense)
+
+
 @pytest.mark.parametrize("geo", GEOMETRIES)
 def test_dense_batch_with_placeholder_selection(impl: str, geo: Geometry, device: str,
                                                 relative_error) -> None:

@@ -289,6 +289,21 @@ def test_decode_batches_with_a_wide_static_width(impl: str, geometry: str, dtype
                     decode=True)
 
 
+@pytest.mark.parametrize("impl", ["triton", "cuda"], indirect=True)
+def test_token_arrays_may_be_strided_views(impl: str, device: str) -> None:
+    """One request's verify chain: its slot expanded to the chain (stride 0, as the backend once
+    passed it) and a strided view of positions select what dense arrays select."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    case = Case("tiny", dtype, [300], seed=11, device=device)
+    q, treq, pos = case.queries([1] * 4, [120, 180, 250, 299])
+    width = 8 * (300 // case.cfg.block_size + 1)
+    dense = case.select(q, treq, pos, width, impl, decode=True)
+    # a dense read of the views would see slot 0 after the one slot, and position 0
+    views = treq[:1].clone().expand(4), torch.stack([pos, torch.zeros_like(pos)], 1)[:, 0]
+    assert views[0].stride() == (0,) and views[1].stride() == (2,)
+    assert torch.equal(case.select(q, *views, width, impl, decode=True), dense)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["triton", "cuda"], indirect=True)
 def test_released_geometry_chooses_blocks_the_reference_ranks_high(impl: str) -> None:

@@ -377,3 +377,19 @@ def test_verify_refuses_a_chain_that_would_complete_a_window_in_a_padding_row(
     chain = be.sparse.kernel_size - 1  # keys 1 .. kernel_size of a padding row: window 0
     with pytest.raises(ValueError, match=f"speculative_num_draft_tokens {chain}: .* at most"):
         be.init_forward_metadata_in_graph(verify_batch([0], [50], rt, chain, pad=1))
+
+
+@pytest.mark.parametrize("chain", [1, 4])
+def test_one_requests_chain_gets_dense_token_arrays(chain, make_tiny_config, monkeypatch) -> None:
+    # A verify (or decode) batch of one request: its slot expanded over the chain must come out as
+    # its own array (a flattened expand of one slot is a stride-0 view the kernels read past; on
+    # an H100 this was the NGRAM server's illegal memory access).
+    pool, rt = paged_requests([100], 16)
+    be = build_backend(make_tiny_config, monkeypatch, pool, rt)
+    be.init_forward_metadata_in_graph(verify_batch([0], [50], rt, chain, pad=0))
+    meta = be.meta
+    for name in ("token_req", "token_pos", "token_sparse"):
+        array = getattr(meta, name)
+        assert array.is_contiguous() and array.shape == (chain,), name
+    assert meta.token_req.tolist() == [1] * chain
+    assert meta.token_pos.tolist() == list(range(50, 50 + chain))

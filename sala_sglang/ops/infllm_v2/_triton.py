@@ -1,8 +1,9 @@
-"""Triton helpers the InfLLM-v2 kernels share: where a compressed key lives, and how one program
-packs the query heads of a GQA group."""
+"""Helpers the InfLLM-v2 kernels share: where a compressed key lives, how one program packs the
+query heads of a GQA group, and the per-token arrays as the kernels index them."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -22,3 +23,10 @@ def group_heads(query_heads: int, groups: int) -> tuple[int, int]:
     smallest tl.dot tile), so one program packs a whole GQA group."""
     per_group = query_heads // groups
     return per_group, max(16, triton.next_power_of_2(per_group))
+
+
+def dense_token_arrays(*arrays: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-token arrays (request slot, position, mode) as the kernels index them: element t at
+    offset t. A view with another stride (one request's chain expanded from its slot has stride
+    0) is copied; a dense array is passed as it is (no copy, safe under CUDA graph capture)."""
+    return tuple(a.contiguous() for a in arrays)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from sala_sglang.config import SparseConfig
-from sala_sglang.ops.infllm_v2._triton import group_heads
+from sala_sglang.ops.infllm_v2._triton import dense_token_arrays, group_heads
 from sala_sglang.ops.infllm_v2.plan import SparsePlan, plan_for_call
 
 OP = "block_sparse_attention"
@@ -41,6 +41,7 @@ def block_sparse_attention(
     ("cuda": an error where it cannot run, "triton", or None) and no split."""
     plan = plan_for_call(OP, plan, impl, cfg, q, tokens=q.shape[0], groups=k_buffer.shape[1],
                          n_sel=selected.shape[-1])
+    token_req, token_pos, token_sparse = dense_token_arrays(token_req, token_pos, token_sparse)
     args = (q, k_buffer, v_buffer, req_to_token, token_req, token_pos, token_sparse, selected)
     splits = plan.cuda_attention_splits
     if plan.uses_cuda(OP, plan.attention, q,

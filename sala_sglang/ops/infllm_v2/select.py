@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from sala_sglang.config import SparseConfig
-from sala_sglang.ops.infllm_v2._triton import group_heads, page_of_window
+from sala_sglang.ops.infllm_v2._triton import dense_token_arrays, group_heads, page_of_window
 from sala_sglang.ops.infllm_v2.plan import SparsePlan, plan_for_call
 
 OP = "select_blocks"
@@ -43,6 +43,7 @@ def select_blocks(
     plan = plan_for_call(OP, plan, impl, cfg, q, tokens=q.shape[0], groups=k1.shape[2],
                          width=width)
     width = max(width, cfg.num_selected_blocks)
+    token_req, token_pos = dense_token_arrays(token_req, token_pos)
     args = (q, k1, req_to_token, token_req, token_pos)
     if plan.uses_cuda(OP, plan.select, q,
                       lambda: cuda_unsupported(args, cfg, scale) or plan.select_unfit):
