@@ -16,7 +16,13 @@ retract running ones; the retractions are counted from the server log), a tenth 
 client at a random time (queued, prefilling or decoding), and those still in flight at the end
 dropped too.
 
-    python benchmarks/soak.py --model sala --minutes 4.5
+    python benchmarks/soak.py --model sala --minutes 4.5 --force-retract-every 100
+
+SGLang admits a prefill only where the pool has room for it, so a full pool, and with it
+retraction, is rare even over-subscribed (none in 2.5 minutes at 3.4x on an H100).
+`--force-retract-every N` sets SGLang's test knob (SGLANG_TEST_RETRACT, every N-th forward step
+retracts running requests as a full pool would), so real-scale requests are retracted, freed and
+prefilled again during the soak; those are counted apart from the pool-full ones.
 
 Both: every request but the dropped ones must succeed with the requested number of tokens, and
 after IDLE_S idle seconds the server must be alive and healthy, with the KV pool (and the
@@ -73,8 +79,11 @@ LOAD_KEYS = ("num_running_reqs", "num_waiting_reqs", "num_used_tokens", "num_tot
              "max_total_num_tokens", "token_usage", "memory")
 # SGLang's line when a decode step finds the KV pool full (Scheduler.update_running_batch).
 RETRACT_LINE = re.compile(r"KV cache pool is full\. Retract requests\. #retracted_reqs: (\d+)")
+# Its line when the test knob retracted (`--force-retract-every`).
+FORCED_RETRACT_LINE = re.compile(r"Testing retraction\. #retracted_reqs: (\d+)")
 SUMMARY_KEYS = ("passed", "requests", "completed", "aborted_by_client", "dropped_at_end",
-                "errors", "retracted_requests", "prompt_tokens", "longest_prompt",
+                "errors", "retracted_requests", "forced_retracted_requests", "prompt_tokens",
+                "longest_prompt",
                 "prompt_tokens_completed", "longest_prompt_completed", "oversubscribed",
                 "gpu_used_mib_before", "gpu_used_mib_after", "seconds")
 
@@ -105,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--abort-within", type=float, default=120.0,
                    help="sala: a dropped request is dropped at a random time up to this many "
                         "seconds after it was sent")
+    p.add_argument("--force-retract-every", type=int, default=0, metavar="N",
+                   help="SGLang's test knob: every N-th forward step retracts running requests "
+                        "as a full KV pool would (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-args", default="", help="extra flags for sglang.launch_server")
     p.add_argument("--tag", default=None, help="the result file's name (default soak_<model>)")
@@ -210,7 +222,7 @@ def run_tiny(args: argparse.Namespace) -> dict:
     flags = ["--context-length", str(args.max_len + 300), "--chunked-prefill-size", "8192",
              "--max-running-requests", str(args.concurrency), *args.server_args.split()]
     plans = make_plans(args.requests, args.max_len, args.abort_fraction, args.seed)
-    server = Server(model, work / "server.log", *flags)
+    server = Server(model, work / "server.log", *flags, env=retract_env(args))
     record = {**header("soak", args.tag), "server_flags": flags, "settings": _settings(args)}
     done: list[dict] = []
     try:
@@ -442,7 +454,8 @@ def run_sala(args: argparse.Namespace) -> dict:
         model_dir, tok_dir = prepare_model_dir(shape, work)
         flags = record["server_flags"] = server_flags(shape, BACKEND_NAMES[0], context, tok_dir,
                                                       args.server_args)
-        with served(model_dir, log_path, flags, record, keep_log=False) as server:
+        with served(model_dir, log_path, flags, record, keep_log=False,
+                    env=retract_env(args)) as server:
             record["load_before"] = loads(server)
             record["gpu_used_mib_before"] = gpu_used_mib()
             print(f"[soak] {args.minutes} minutes, {args.concurrency} requests in flight",
@@ -473,6 +486,14 @@ def _settings(args: argparse.Namespace) -> dict:
     return vars(args) | {"out": str(args.out)}
 
 
+def retract_env(args: argparse.Namespace) -> dict[str, str]:
+    """The server environment that makes SGLang retract every `--force-retract-every` steps."""
+    if args.force_retract_every <= 0:
+        return {}
+    return {"SGLANG_TEST_RETRACT": "1",
+            "SGLANG_TEST_RETRACT_INTERVAL": str(args.force_retract_every)}
+
+
 def loads(server: Server) -> dict:
     """The load counters the soak records before and after."""
     row = server.load()
@@ -492,13 +513,16 @@ def after_idle(server: Server) -> dict:
 
 
 def log_findings(log: str) -> dict:
-    """From the server log: retraction lines (and the requests they retracted), leak reports and
-    errors."""
+    """From the server log: retraction lines (and the requests they retracted; a full pool's and
+    the test knob's apart), leak reports and errors."""
     lines = log.splitlines()
     retracted = [int(m.group(1)) for m in map(RETRACT_LINE.search, lines) if m]
+    forced = [int(m.group(1)) for m in map(FORCED_RETRACT_LINE.search, lines) if m]
     return {
         "retractions": len(retracted),
         "retracted_requests": sum(retracted),
+        "forced_retractions": len(forced),
+        "forced_retracted_requests": sum(forced),
         "leak_lines_in_log": [line[-300:] for line in lines if "leak" in line.lower()],
         "server_log_errors": [line[-300:] for line in lines
                               if "Traceback" in line or " ERROR " in line][:20],

@@ -450,12 +450,12 @@ def server_flags(shape: ModelShape, backend: str, context: int, tokenizer: Path,
 
 @contextlib.contextmanager
 def served(model_dir: Path, log_path: Path, flags: list[str], info: dict,
-           keep_log: bool) -> Iterator[Server]:
-    """A ready server for the block, stopped after it; its startup time, KV pool size and the
-    memory lines of its log go into info, and the log's tail too if keep_log or if the server
-    did not start or the block raised."""
+           keep_log: bool, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """A ready server (`env` added to its environment) for the block, stopped after it; its
+    startup time, KV pool size and the memory lines of its log go into info, and the log's tail
+    too if keep_log or if the server did not start or the block raised."""
     server = Server(model_dir, log_path, *flags,
-                    env={"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"})
+                    env={"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1", **(env or {})})
     started = time.perf_counter()
     failed = True
     try:

@@ -18,7 +18,8 @@
 #   bash scripts/gpu_checks.sh speculative      # NGRAM chains served = reference = plain decode
 #   bash scripts/gpu_checks.sh soak             # 1000 requests, 10% aborted, pools free after
 #   bash scripts/gpu_checks.sh soak-real        # real config, random weights: 8K-1M prompts for
-#                                               # 4.5 minutes, 10% dropped, pools free after
+#                                               # 4.5 minutes, 10% dropped, a forced retraction
+#                                               # every 100 steps, pools free after
 #   bash scripts/gpu_checks.sh profile          # where a decode step's time goes (real config)
 #   bash scripts/gpu_checks.sh profile-prefill  # where one 8192-token prefill chunk's time goes
 #                                               # at 128K, 512K and 1M of context (real config)
@@ -129,7 +130,8 @@ for part in "$@"; do
             unset SALA_SGLANG_TEST_SERVER_FLAGS ;;
         soak) run soak python benchmarks/soak.py --out "$out" ;;
         # Startup 160-185 s on a fresh machine, 270 s of requests, ~40 s of checks: ~8.5 min.
-        soak-real) run "$part" python benchmarks/soak.py --model sala --minutes 4.5 --out "$out" ;;
+        soak-real) run "$part" python benchmarks/soak.py --model sala --minutes 4.5 \
+                       --force-retract-every 100 --out "$out" ;;
         profile) run profile python benchmarks/profile_decode.py --out "$out" ;;
         # One server start (160-185 s on a fresh machine), each context's cold prefill (8.7,
         # 31.6 and 75-88 s at 128K, 512K and 1M by the long-context sweeps), then per context one

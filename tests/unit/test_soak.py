@@ -26,6 +26,7 @@ def test_arguments_default_by_model() -> None:
     tiny = soak.parse_args([])
     assert (tiny.model, tiny.requests, tiny.max_len, tiny.concurrency, tiny.tag) == (
         "tiny", 1000, 65536, 32, "soak_tiny")
+    assert tiny.force_retract_every == 0 and soak.retract_env(tiny) == {}  # only a full pool
     sala = soak.parse_args(["--model", "sala"])
     assert (sala.max_len, sala.concurrency, sala.tag, sala.minutes, sala.min_len, sala.longest,
             sala.longest_every, sala.max_output, sala.abort_fraction, sala.abort_within) == (
@@ -39,9 +40,11 @@ def test_the_gpu_checks_soak_real_part_runs_the_sala_mode_within_one_call() -> N
     """Its flags parse, and the requests leave room in a 10-minute call for the server's start
     (up to 185 s measured) and the checks after."""
     script = (ROOT / "scripts" / "gpu_checks.sh").read_text()
-    line = re.search(r"soak-real\) run \"\$part\" python benchmarks/soak.py (.*?);;", script)
-    args = soak.parse_args(shlex.split(line.group(1).replace('"$out"', "out")))
-    assert args.model == "sala"
+    line = re.search(r"soak-real\) run \"\$part\" python benchmarks/soak.py (.*?);;", script,
+                     re.S)
+    flags = line.group(1).replace("\\\n", " ").replace('"$out"', "out")
+    args = soak.parse_args(shlex.split(flags))
+    assert args.model == "sala" and args.force_retract_every > 0
     assert 185 + args.minutes * 60 + soak.IDLE_S + 60 <= 600
 
 
@@ -170,20 +173,22 @@ RETRACT_LOG = """\
 #new_tokens_gained: 4096, #new_token_ratio: 0.7000 -> 0.9000
 [2026-12-06 10:00:05] KV cache pool is full. Retract requests. #retracted_reqs: 1, \
 #new_tokens_gained: 512, #new_token_ratio: 0.6000 -> 0.8000
+[2026-12-06 10:00:06] Testing retraction. #retracted_reqs: 2, #new_tokens_gained: 128, \
+#mamba_num_gained: 3
 """
 
 
 @pytest.fixture
 def fake_sglang(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[_FakeSGLang, list]]:
     """The soak's `served` replaced by the fake server (its log: RETRACT_LOG), the GPU memory
-    reading by 1234 MiB; yields the fake and the flags it was given."""
+    reading by 1234 MiB; yields the fake and [the flags, the environment] it was given."""
     fake = _FakeSGLang(token_s=0.05, pool=2000)
-    started: list[list[str]] = []
+    started: list = []
 
     @contextlib.contextmanager
     def served(model_dir: Path, log_path: Path, flags: list[str], info: dict,
-               keep_log: bool) -> Iterator[_FakeSGLang]:
-        started.append(flags)
+               keep_log: bool, env: dict | None = None) -> Iterator[_FakeSGLang]:
+        started.extend([flags, env])
         info.update(startup_s=1.0, max_total_num_tokens=fake.pool)
         log_path.write_text(RETRACT_LOG)
         yield fake
@@ -206,7 +211,7 @@ def test_sala_soak_reports_outcomes_retractions_pools_and_memory(
     argv = ["--model", "sala", "--minutes", "0.05", "--requests", "200", "--min-len", "16",
             "--max-len", "256", "--longest", "1024", "--longest-every", "10", "--max-output",
             "12", "--concurrency", "6", "--abort-fraction", "0.3", "--abort-within", "0.3",
-            "--out", str(tmp_path)]
+            "--force-retract-every", "50", "--out", str(tmp_path)]
     assert soak.main(argv) == 0
     [path] = tmp_path.glob("soak_sala_*.json")
     record = json.loads(path.read_text())
@@ -221,6 +226,8 @@ def test_sala_soak_reports_outcomes_retractions_pools_and_memory(
     assert record["requests"] < 200  # the minutes ended the run, not the plan
     assert 0 < record["longest_prompt_completed"] <= 1024
     assert (record["retractions"], record["retracted_requests"]) == (2, 4)
+    assert (record["forced_retractions"], record["forced_retracted_requests"]) == (1, 2)
+    assert started[1] == {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "50"}
     assert (record["gpu_used_mib_before"], record["gpu_used_mib_after"]) == (1234, 1234)
     assert record["server_alive_after_idle"] and record["health_after"] == 200
     assert record["load_before"]["max_total_num_tokens"] == 2000
