@@ -346,15 +346,17 @@ def test_verify_commits_the_accepted_prefix_and_rejected_drafts_leave_no_trace(
         assert relative_error(cached, want_k1) < 1e-5, f"request {r}"
 
 
+@pytest.mark.parametrize("requests", [3, 1])
 @pytest.mark.parametrize("chain", [2, 4])
 def test_verify_gives_each_token_what_decoding_it_alone_gives(
-    chain, make_tiny_config, monkeypatch, relative_error
+    chain, requests, make_tiny_config, monkeypatch, relative_error
 ) -> None:
     # One chain per request: across dense_len (request 0; and for chain 4 into a new page), across
-    # a page boundary with selection (request 1) and in dense mode (request 2). Then, as if every
+    # a page boundary with selection (request 1) and in dense mode (request 2); or request 1's
+    # alone (a batch of one, whose per-token arrays the kernels once read past). Then, as if every
     # draft were rejected, the same tokens decode one at a time from the same seq_len.
     torch.manual_seed(10 + chain)
-    prompts = [254, 321 - chain, 65 - chain]
+    prompts = [254, 321 - chain, 65 - chain] if requests == 3 else [321 - chain]
     pool, rt = paged_requests([p + chain for p in prompts], 16)
     be = build_backend(make_tiny_config, monkeypatch, pool, rt)
     seqs = random_sequences([p + chain for p in prompts])
