@@ -270,6 +270,9 @@ def lightning_prefill(
     out = torch.empty_like(q)
     tokens, heads = q.shape[0], q.shape[1]
     batch = cu_seqlens.numel() - 1
+    cu_seqlens = _per_request("lightning_prefill", "cu_seqlens", cu_seqlens, batch + 1)
+    state_slots = _per_request("lightning_prefill", "state_slots", state_slots, batch)
+    has_initial_state = has_initial_state.contiguous()  # int or bool, read as its dtype
     block_v = min(dim, block_v)
     nv = dim // block_v
     seg = segment_len or prefill_segment_len(
@@ -326,6 +329,7 @@ def lightning_decode(
     slot (the prefix cache's decode snapshot). Returns o [B, H, D]."""
     dim = _check(q, state)
     track = _track_pair("lightning_decode", track_slots, track_mask, "track_mask")
+    state_slots = _per_request("lightning_decode", "state_slots", state_slots, q.shape[0])
     if _cuda.choose_cuda("lightning_decode", impl, q, CUDA_DECODE_FASTER,
                          lambda: decode_cuda_unsupported(dim)):
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -348,13 +352,15 @@ def lightning_decode(
 
 def _track_pair(op: str, slots: torch.Tensor | None, where: torch.Tensor | None,
                 where_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The track arguments, checked: both or neither."""
+    """The track arguments, checked (both or neither) and dense (see `_per_request`)."""
     if (slots is None) != (where is None):
         raise ValueError(f"{op}: pass track_slots and {where_name} together, or neither")
-    return None if slots is None else (slots, where)
+    return None if slots is None else (slots.contiguous(), where.contiguous())
 
 
-def _check_per_request(op: str, name: str, x: torch.Tensor, batch: int) -> None:
-    """x must be one integer per request: [batch]."""
+def _per_request(op: str, name: str, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """x, one integer per request ([batch]), as the kernels index it: element b at offset b (a
+    strided view is copied; a dense array passes as it is)."""
     if x.shape != (batch,) or x.dtype.is_floating_point or x.dtype == torch.bool:
         raise ValueError(f"{op}: {name} {x.dtype} {tuple(x.shape)}: expected integers [{batch}]")
+    return x.contiguous()

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sala_sglang.ops.lightning import _check, _check_per_request, _track_pair
+from sala_sglang.ops.lightning import _check, _per_request, _track_pair
 from sala_sglang.ops.lightning_plan import STEP_BLOCK_V
 
 
@@ -87,11 +87,12 @@ def lightning_commit(
     if not k.dtype.is_floating_point or not v.dtype.is_floating_point:
         raise ValueError(f"lightning_commit: k {k.dtype}, v {v.dtype}: expected float tensors")
     _check(k[0, 0], state[0])
-    for name, x in (("state_slots", state_slots), ("accepted", accepted)):
-        _check_per_request("lightning_commit", name, x, batch)
+    state_slots, accepted = (_per_request("lightning_commit", name, x, batch) for name, x
+                             in (("state_slots", state_slots), ("accepted", accepted)))
     track = _track_pair("lightning_commit", track_slots, track_steps, "track_steps")
-    for name, x in zip(("track_slots", "track_steps"), track or ()):
-        _check_per_request("lightning_commit", name, x, batch)
+    if track is not None:
+        track = tuple(_per_request("lightning_commit", name, x, batch)
+                      for name, x in zip(("track_slots", "track_steps"), track))
     if slopes.shape != (heads,):
         raise ValueError(f"lightning_commit: slopes {tuple(slopes.shape)}: expected [{heads}]")
     k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sala_sglang.ops.lightning import _check, _check_per_request
+from sala_sglang.ops.lightning import _check, _per_request
 from sala_sglang.ops.lightning_plan import STEP_BLOCK_V
 
 
@@ -73,7 +73,7 @@ def lightning_verify(
                          f"v {tuple(v.shape)}: expected all three [B*T, H, D]")
     dim = _check(q, state)
     batch, heads = q.shape[0] // draft_len, q.shape[1]
-    _check_per_request("lightning_verify", "state_slots", state_slots, batch)
+    state_slots = _per_request("lightning_verify", "state_slots", state_slots, batch)
     if slopes.shape != (heads,):
         raise ValueError(f"lightning_verify: slopes {tuple(slopes.shape)}: expected [{heads}]")
     block_v = min(dim, STEP_BLOCK_V)

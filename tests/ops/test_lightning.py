@@ -463,3 +463,51 @@ def test_a_prefix_hit_continues_from_the_snapshot(device: str, relative_error) -
     ref_o, ref_s = lightning_recurrent(*whole.unbind(1), slopes.double(), dim**-0.5, None)
     assert relative_error(out.cpu(), ref_o[64:]) < OUT_TOL[dtype]
     assert relative_error(state[1].cpu(), ref_s) < OUT_TOL[dtype]
+
+
+def strided(x: torch.Tensor, filler: torch.Tensor) -> torch.Tensor:
+    """x's values as a stride-2 view; a kernel reading it as a dense array sees `filler` too."""
+    return torch.stack([x, filler], 1)[:, 0]
+
+
+def test_per_request_arrays_may_be_strided_views(impl: str, device: str) -> None:
+    # The same decode and prefill with every per-request array (slots, track pairs, initial-state
+    # flags, sequence starts) a strided view: the same outputs and states as with dense arrays
+    # (the sparse ops once read a stride-0 view of a request's slot past its one element).
+    dtype = small_dtype(device)
+    heads, dim = SMALL_HEADS, SMALL_DIM
+    slopes = torch.tensor(SMALL_SLOPES, device=device)
+    gen = torch.Generator().manual_seed(8)
+    state = torch.randn(8, heads, dim, dim, generator=gen).to(device)
+
+    def ints(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, device=device, dtype=torch.int32)
+
+    q, k, v = (torch.randn(3, heads, dim, generator=gen).to(device, dtype) for _ in range(3))
+    slots, track, mask = ints([2, 0, 3]), ints([4, 5, 6]), torch.tensor([True, False, True],
+                                                                         device=device)
+    runs = []
+    for view in (False, True):
+        pool = state.clone()
+        args = ((strided(slots, ints([1, 1, 1])), strided(track, ints([7, 7, 7])),
+                 strided(mask, ~mask)) if view else (slots, track, mask))
+        out = lightning_decode(q, k, v, pool, args[0], slopes, 0.1, impl=impl,
+                               track_slots=args[1], track_mask=args[2])
+        runs.append((out, pool))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+    if impl != "triton":
+        return  # prefill has one implementation
+    q, k, v = (torch.randn(40, heads, dim, generator=gen).to(device, dtype) for _ in range(3))
+    starts, first = ints([0, 16, 40]), ints([1, 0])
+    runs = []
+    for view in (False, True):
+        pool = state.clone()
+        args = ((strided(slots[:2], ints([3, 3])), strided(starts, ints([5, 5, 5])),
+                 strided(first, ints([0, 1])), strided(ints([4, 5]), ints([6, 6])),
+                 strided(ints([16, -1]), ints([0, 0])))
+                if view else (slots[:2], starts, first, ints([4, 5]), ints([16, -1])))
+        out = lightning_prefill(q, k, v, pool, args[0], args[1], args[2], slopes, 0.1,
+                                launch={"chunk": 16}, track_slots=args[3], track_len=args[4])
+        runs.append((out, pool))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

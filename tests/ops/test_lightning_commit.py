@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from test_lightning import OUT_TOL, SMALL_DIM, SMALL_HEADS, SMALL_SLOPES, STATE_TOL, small_dtype
+from test_lightning import (
+    OUT_TOL,
+    SMALL_DIM,
+    SMALL_HEADS,
+    SMALL_SLOPES,
+    STATE_TOL,
+    small_dtype,
+    strided,
+)
 from test_lightning import unowned as unowned_slots
 from test_lightning_verify import OPS as VERIFY_OPS
 from test_lightning_verify import decode_one_by_one
@@ -220,3 +228,26 @@ def test_commit_replays_in_a_cuda_graph() -> None:
         graph.replay()
         commit(eager_state)
         assert torch.equal(state, eager_state)
+
+
+def test_commit_reads_strided_per_request_arrays_as_their_values(device: str) -> None:
+    # slots, accepted counts and the snapshot pair as strided views (the sparse ops once read a
+    # view of a request's slot past its element): the same pool as with dense arrays
+    gen = torch.Generator().manual_seed(4)
+    k, v = (torch.randn(2, 2, 4, SMALL_HEADS, SMALL_DIM, generator=gen)
+            .to(device, small_dtype(device)) for _ in range(2))
+    state = torch.randn(2, 6, SMALL_HEADS, SMALL_DIM, SMALL_DIM, generator=gen).to(device)
+    slopes = torch.tensor(SMALL_SLOPES, device=device)
+
+    def ints(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, device=device, dtype=torch.int32)
+
+    dense = (ints([1, 3]), ints([4, 2]), ints([5, 0]), ints([1, 0]))
+    views = tuple(strided(x, ints([2, 2])) for x in dense)
+    pools = []
+    for slots, accepted, track_slots, track_steps in (dense, views):
+        pool = state.clone()
+        lightning_commit(pool, slots, k, v, slopes, accepted, track_slots=track_slots,
+                         track_steps=track_steps)
+        pools.append(pool)
+    assert torch.equal(*pools)

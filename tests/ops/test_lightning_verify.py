@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from test_lightning import OUT_TOL, SMALL_DIM, SMALL_HEADS, SMALL_SLOPES, small_dtype
+from test_lightning import OUT_TOL, SMALL_DIM, SMALL_HEADS, SMALL_SLOPES, small_dtype, strided
 
 from sala_sglang.ops.lightning_verify import lightning_verify
 from sala_sglang.reference.lightning import (
@@ -158,3 +158,13 @@ def test_verify_replays_in_a_cuda_graph() -> None:
             x.copy_(torch.randn(x.shape, device="cuda", dtype=x.dtype, generator=gen))
         graph.replay()
         assert torch.equal(out, verify()) and torch.equal(state, before)
+
+
+def test_verify_reads_a_strided_slot_array_as_its_values(device: str) -> None:
+    # a request's slot as a strided view (the sparse ops once read such a view past its element)
+    (q, k, v), slopes, before, dense, _ = run_verify(VerifyCase([2, 0], pool=4, draft_len=3),
+                                                     "triton", device)
+    slots = strided(torch.tensor([2, 0], device=device, dtype=torch.int32),
+                    torch.tensor([3, 3], device=device, dtype=torch.int32))
+    out = lightning_verify(q, k, v, before, slots, slopes.to(device), SMALL_DIM**-0.5, 3)
+    assert torch.equal(out, dense)
