@@ -26,7 +26,8 @@ def group_heads(query_heads: int, groups: int) -> tuple[int, int]:
 
 
 def dense_token_arrays(*arrays: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per-token arrays (request slot, position, mode) as the kernels index them: element t at
-    offset t. A view with another stride (one request's chain expanded from its slot has stride
-    0) is copied; a dense array is passed as it is (no copy, safe under CUDA graph capture)."""
+    """Per-token or per-request arrays (request slot, position, mode, lengths) as the kernels
+    index them: element t at offset t. A view with another stride (one request's chain expanded
+    from its slot has stride 0) is copied; a dense array is passed as it is (no copy, safe under
+    CUDA graph capture)."""
     return tuple(a.contiguous() for a in arrays)

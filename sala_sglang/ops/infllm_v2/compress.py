@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from sala_sglang.config import SparseConfig
-from sala_sglang.ops.infllm_v2._triton import page_of_window
+from sala_sglang.ops.infllm_v2._triton import dense_token_arrays, page_of_window
 from sala_sglang.ops.infllm_v2.plan import SparsePlan, plan_for_call
 
 OP = "compress_new_windows"
@@ -49,7 +49,7 @@ def compress_new_windows(
     plan: this forward's (`plan.make_plan`); without one, `impl` ("cuda": an error where it
     cannot run, "triton", or None: the measured choice) decides."""
     plan = plan_for_call(OP, plan, impl, cfg, k_buffer, groups=k_buffer.shape[1])
-    index = (req_slots, old_lens, new_lens)
+    index = dense_token_arrays(req_slots, old_lens, new_lens)
     use_cuda = plan.uses_cuda(OP, plan.compress, k_buffer,
                               lambda: cuda_unsupported(k_buffer, out, req_to_token, index, cfg))
     if max_new_windows <= 0 or req_slots.numel() == 0:
