@@ -83,9 +83,8 @@ RETRACT_LINE = re.compile(r"KV cache pool is full\. Retract requests\. #retracte
 FORCED_RETRACT_LINE = re.compile(r"Testing retraction\. #retracted_reqs: (\d+)")
 SUMMARY_KEYS = ("passed", "requests", "completed", "aborted_by_client", "dropped_at_end",
                 "errors", "retracted_requests", "forced_retracted_requests", "prompt_tokens",
-                "longest_prompt",
-                "prompt_tokens_completed", "longest_prompt_completed", "oversubscribed",
-                "gpu_used_mib_before", "gpu_used_mib_after", "seconds")
+                "longest_prompt", "prompt_tokens_completed", "longest_prompt_completed",
+                "oversubscribed", "gpu_used_mib_before", "gpu_used_mib_after", "seconds")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
