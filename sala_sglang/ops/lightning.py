@@ -334,7 +334,7 @@ def lightning_decode(
                          lambda: decode_cuda_unsupported(dim)):
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         return torch.ops.sala_sglang.lightning_decode(q, k, v, state, state_slots, slopes, scale,
-                                                      track_slots, track_mask)
+                                                      *(track or (None, None)))
     block_v = min(dim, STEP_BLOCK_V)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
