@@ -181,12 +181,6 @@ def longest_chain_beside_graph_padding(kernel_size: int, padding_keys: int = 1) 
     return kernel_size - padding_keys - 1
 
 
-# NGRAM serving crashed at its first verify on a GPU; the cause is fixed but not yet served there
-# (README Status, benchmarks/NOTES.md): refused unless this is set, so that only its tests and
-# benchmark start it.
-EXPERIMENTAL_NGRAM_ENV = "SALA_SGLANG_EXPERIMENTAL_NGRAM"
-
-
 def _configure_speculative(args: Any, config: dict) -> None:
     """NGRAM drafts (no draft model exists), verified as chains: the lightning layers' state
     follows one path of drafts, and the sparse layers attend by position."""
@@ -197,12 +191,6 @@ def _configure_speculative(args: Any, config: dict) -> None:
         raise UnsupportedServerOption(
             f"--speculative-algorithm {algorithm}: MiniCPM-SALA has no draft model; use "
             "--speculative-algorithm NGRAM (drafts from n-grams of the prompt and the output)"
-        )
-    if os.environ.get(EXPERIMENTAL_NGRAM_ENV) != "1":
-        raise UnsupportedServerOption(
-            "--speculative-algorithm NGRAM: not working yet for MiniCPM-SALA (not yet served "
-            "correctly on a GPU; see the README's Status); drop the option, or set "
-            f"{EXPERIMENTAL_NGRAM_ENV}=1 to start it anyway for development"
         )
     breadth = getattr(args, "speculative_ngram_max_bfs_breadth", 1)
     if breadth != 1:

@@ -163,12 +163,10 @@ for part in "$@"; do
                             --no-cache-turns 2 --concurrency 0 --tag prefix_cache_sala_128k_512k ;;
         prefix-bench-b) run "$part" long_context --workload multiturn --lengths 1048576 \
                             --no-cache-turns 2 --concurrency --tag prefix_cache_sala_1m ;;
-        # NGRAM is refused unless SALA_SGLANG_EXPERIMENTAL_NGRAM=1 (README Status).
         # Three server starts (the first 160-185 s on a fresh machine, later ones nearer 110 s)
         # leave ~3 minutes for 2 warm-ups and 4 measured requests per server: 512 tokens each
         # (~5 s of decode) rather than 1024.
-        spec-bench) SALA_SGLANG_EXPERIMENTAL_NGRAM=1 run "$part" long_context \
-                        --workload speculative --lengths 32768 131072 \
+        spec-bench) run "$part" long_context --workload speculative --lengths 32768 131072 \
                         --draft-tokens 4 8 --decode-tokens 512 --concurrency \
                         --tag speculative_sala_32k_128k ;;
         # The four two-GPU modes in two halves side by side on both GPUs (SHARED_GPU pools), each

@@ -43,12 +43,10 @@ PROMPT_LENGTHS = [100, 300, 700]
 
 @pytest.fixture(scope="module", params=server_mode_params(SERVER_MODES, MODE_MARKS))
 def server(request, tiny_dir: Path, server_logs: Path):
-    from sala_sglang.server_args import EXPERIMENTAL_NGRAM_ENV
     from sala_sglang.testing.server import started
 
     log = server_logs / f"server_{request.param}.log"
-    with started(tiny_dir, log, *SERVER_MODES[request.param], mode=request.param,
-                 env={EXPERIMENTAL_NGRAM_ENV: "1"}) as srv:
+    with started(tiny_dir, log, *SERVER_MODES[request.param], mode=request.param) as srv:
         yield srv
 
 

@@ -14,7 +14,6 @@ pytest.importorskip("sglang")
 
 from sala_sglang import plugin  # noqa: E402
 from sala_sglang.server_args import (  # noqa: E402
-    EXPERIMENTAL_NGRAM_ENV,
     UnsupportedServerOption,
     adjust_server_args,
     is_minicpm_sala,
@@ -135,10 +134,8 @@ def test_kv_pages_are_sparse_blocks(tiny_dir: Path) -> None:
     ],
 )
 def test_unsupported_option_is_refused_by_name(
-    tiny_dir: Path, gpu_visible: None, flags: list, message: str,
-    monkeypatch: pytest.MonkeyPatch,
+    tiny_dir: Path, gpu_visible: None, flags: list, message: str
 ) -> None:
-    monkeypatch.setenv(EXPERIMENTAL_NGRAM_ENV, "1")  # so NGRAM's own checks are reached
     with pytest.raises(UnsupportedServerOption, match=message):
         server_args(tiny_dir, *flags)
 
@@ -190,18 +187,9 @@ def test_the_track_interval_must_be_on_the_state_chunks(tiny_dir: Path, gpu_visi
     assert server_args(tiny_dir, "--disable-radix-cache", "--mamba-track-interval", "100")
 
 
-def test_ngram_is_refused_until_it_serves(tiny_dir: Path, gpu_visible: None,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(EXPERIMENTAL_NGRAM_ENV, raising=False)
-    with pytest.raises(UnsupportedServerOption, match=(
-            f"--speculative-algorithm NGRAM: not working yet .* set {EXPERIMENTAL_NGRAM_ENV}=1")):
-        server_args(tiny_dir, "--speculative-algorithm", "NGRAM")
-
-
 @pytest.mark.parametrize("cache", [[], ["--disable-radix-cache"]], ids=["cache", "no-cache"])
-def test_ngram_drafts_are_verified_as_chains(tiny_dir: Path, gpu_visible: None, cache: list,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(EXPERIMENTAL_NGRAM_ENV, "1")
+def test_ngram_drafts_are_verified_as_chains(tiny_dir: Path, gpu_visible: None,
+                                             cache: list) -> None:
     args = server_args(tiny_dir, *cache, "--speculative-algorithm", "NGRAM",
                        "--speculative-num-draft-tokens", "6")
     assert args.speculative_algorithm == "NGRAM"
