@@ -399,14 +399,18 @@ def random_ids(n: int, vocab: int, seed: int | str) -> list[int]:
 
 
 # ---- the SOAR-style workload ----------------------------------------------------------------
-def soar_requests(max_input: int | None = None) -> list[tuple[int, int]]:
+def soar_requests(max_input: int | None = None, scale: float = 1.0) -> list[tuple[int, int]]:
     """SOAR_MIX as (input tokens, output tokens) per request; inputs above max_input are cut to
-    it (the same requests for a model that cannot hold the longest, e.g. dense at 256K)."""
-    return [(min(n, max_input or n), out) for n, out, count in SOAR_MIX for _ in range(count)]
+    it (the same requests for a model that cannot hold the longest, e.g. dense at 256K); scale
+    multiplies each length's request count (rounded, at least one), keeping the mix's shape for
+    a set that must fit fewer minutes (the dense model's prefill at 256K takes a minute)."""
+    return [(min(n, max_input or n), out) for n, out, count in SOAR_MIX
+            for _ in range(max(1, round(count * scale)))]
 
 
-def write_soar_workload(path: Path, seed: int = 0, max_input: int | None = None) -> list[dict]:
-    """Writes soar_requests(max_input) as bench_serving's custom JSONL, in an order and with text
+def write_soar_workload(path: Path, seed: int = 0, max_input: int | None = None,
+                        scale: float = 1.0) -> list[dict]:
+    """Writes soar_requests(max_input, scale) as bench_serving's custom JSONL, in an order and with text
     fixed by seed: one {"conversations": [user, assistant]} line per request. The text is words
     of the tiny corpus drawn at random, each " word" its own pre-token, so the tiny tokenizer
     (the one `bench` gives server and client) counts exactly the requested tokens, BOS included;
@@ -428,7 +432,7 @@ def write_soar_workload(path: Path, seed: int = 0, max_input: int | None = None)
             left -= cost[w]
         return "".join(out)
 
-    rows = soar_requests(max_input)
+    rows = soar_requests(max_input, scale)
     rng.shuffle(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
@@ -493,13 +497,15 @@ def run(args: argparse.Namespace) -> Path:
     backend = args.backend or _default_backend(shape)
     soar = args.workload == "soar"
     cap = f"_max{args.soar_max_input // 1024}k" if soar and args.soar_max_input else ""
+    cap += f"_x{args.soar_scale:g}" if soar and args.soar_scale != 1 else ""
     tag = args.tag or f"{_workload_name(args)}_{shape.name}_{backend}{cap}"
     lengths = args.lengths if args.lengths is not None else ([] if soar else DEFAULT_LENGTHS)
     work = Path(tempfile.mkdtemp(prefix="sala-bench-"))
     model_dir, tok_dir = prepare_model_dir(shape, work)
     if soar:
-        requests_ = write_soar_workload(work / "soar.jsonl", args.seed, args.soar_max_input)
-        dataset, concurrency = custom_dataset(work / "soar.jsonl"), SOAR_CONCURRENCY
+        requests_ = write_soar_workload(work / "soar.jsonl", args.seed, args.soar_max_input,
+                                        args.soar_scale)
+        dataset, concurrency = custom_dataset(work / "soar.jsonl"), args.soar_concurrency
         prompts = len(requests_)
         longest_input = max([*lengths, *(r["input_tokens"] for r in requests_)])
         longest_output = max(r["output_tokens"] for r in requests_)
@@ -525,6 +531,7 @@ def run(args: argparse.Namespace) -> Path:
     if soar:
         record["workload"] = {"name": "soar", "seed": args.seed,
                               "max_input": args.soar_max_input, "mix": SOAR_MIX,
+                              "scale": args.soar_scale, "concurrency": args.soar_concurrency,
                               "requests": prompts,
                               "input_tokens": sum(r["input_tokens"] for r in requests_),
                               "output_tokens": sum(r["output_tokens"] for r in requests_)}
@@ -886,6 +893,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--soar-max-input", type=int, default=None,
                    help="soar: cut longer inputs to this many tokens (262144 to compare with the "
                         "dense model, which cannot hold 512K on an H100)")
+    p.add_argument("--soar-scale", type=float, default=1.0,
+                   help="soar: multiply each input length's request count by this (rounded, at "
+                        "least one): 0.5 keeps the mix's shape in 14 requests")
+    p.add_argument("--soar-concurrency", type=int, nargs="+", choices=SOAR_CONCURRENCY,
+                   default=list(SOAR_CONCURRENCY),
+                   help="soar: which of its bench_serving runs to make (1, 8, 0 = unlimited; "
+                        "default all three), so that a long set can be measured over several "
+                        "runs; the score is the sum of the three wall times")
     p.add_argument("--seed", type=int, default=0,
                    help="soar: the workload's text and order; multiturn: the documents and "
                         "questions; speculative: the prompts")
@@ -982,6 +997,10 @@ def bench(args: argparse.Namespace) -> int:
         print(f"sala-sglang bench: --draft-tokens {' '.join(map(str, wrong))}: a chain verifies "
               f"2 to {MAX_DRAFT_TOKENS} tokens (the last accepted token and 1 to "
               f"{MAX_DRAFT_TOKENS - 1} drafts)", file=sys.stderr)
+        return 2
+    if args.soar_scale <= 0:
+        print(f"sala-sglang bench: --soar-scale {args.soar_scale:g}: give a positive factor of "
+              "the request counts (1 is the whole set)", file=sys.stderr)
         return 2
     short = [n for n in args.lengths or [] if n < REPEAT_TOKENS]
     if args.workload == "speculative" and short:

@@ -32,6 +32,9 @@
 # --disable-radix-cache, one after the other on the same GPU, one result file:
 #   prefix-bench-a (4-turn conversations about 128K and 512K-token documents, then
 #   bench_serving's generated-shared-prefix set)  prefix-bench-b (the same conversation at 1M)
+# The SOAR-style score: soar-sala-a, soar-sala-b (the whole set, concurrency 1, then 8 and
+#   unlimited); soar-cmp-sala, soar-cmp-dense-1, -8, -unlimited (inputs capped at 256K, half the
+#   set, SALA and the dense shape on the same machine)
 # NGRAM speculative decoding, a server without speculation and one per draft depth, one after the
 # other on the same GPU, one result file:
 #   spec-bench (32K and 128K documents: a prompt repeating one span, greedy, and sampled random
@@ -155,6 +158,23 @@ for part in "$@"; do
                            --concurrency --tag long_context_compare_qwen3-8b ;;
         serving-dense) run "$part" long_context "${DENSE[@]}" --lengths --concurrency 8 0 \
                            --serving-prompts 16 --tag long_context_qwen3-8b_serving ;;
+        # The SOAR-style score (issue 17), each part one server and some of the set's three
+        # bench_serving runs, results summed across parts. Estimates from the batch-1 TTFTs and
+        # decode rates (benchmarks/NOTES.md, 2026-12-07): SALA's whole set is ~130 s of prefill
+        # and ~80 s of decode at concurrency 1, ~150 s at 8 and unlimited, so with a server start
+        # (110-185 s) it takes two calls. The comparison with the dense shape caps inputs at
+        # 256K and halves the set (14 requests): the dense model's prefill alone is ~200 s at
+        # each level (62 s for one 256K prompt), so one call per level for it, one for SALA.
+        soar-sala-a) run "$part" long_context --workload soar --soar-concurrency 1 \
+                         --tag soar_sala_c1 ;;
+        soar-sala-b) run "$part" long_context --workload soar --soar-concurrency 8 0 \
+                         --tag soar_sala_c8_unlimited ;;
+        soar-cmp-sala) run "$part" long_context --workload soar --soar-max-input 262144 \
+                           --soar-scale 0.5 --tag soar_cmp_sala ;;
+        soar-cmp-dense-1|soar-cmp-dense-8|soar-cmp-dense-unlimited)
+            level=${part#soar-cmp-dense-}; [ "$level" = unlimited ] && level=0
+            run "$part" long_context "${DENSE[@]}" --workload soar --soar-max-input 262144 \
+                --soar-scale 0.5 --soar-concurrency "$level" --tag "soar_cmp_qwen3-8b_c$level" ;;
         # Two server starts (the first 159-183 s on a fresh machine) leave each part ~5 minutes
         # of requests. The server without the cache gets turn 2 only, a cold prefill of the whole
         # conversation (75 s at 1M): turn 1 is a cold prefill with the cache too, and turns 3-4
@@ -203,6 +223,8 @@ for part in "$@"; do
                 "profile-prefill," \
                 "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare-sala," \
                 "compare-dense, serving-cuda, serving-segments, prefix-bench-a, prefix-bench-b, spec-bench," \
+                "soar-sala-a, soar-sala-b, soar-cmp-sala, soar-cmp-dense-1, soar-cmp-dense-8," \
+                "soar-cmp-dense-unlimited," \
                 "two-gpus, two-gpus-bench-tp, two-gpus-bench-dp)"
            exit 2 ;;
     esac

@@ -264,6 +264,9 @@ def test_soar_mix_is_two_thirds_32k_to_512k_and_the_cap_keeps_the_requests() -> 
     assert [out for _, out in capped] == [out for _, out in rows]
     assert max(n for n, _ in capped) == 262144
     assert sum(n == 262144 for n, _ in capped) == 5  # 3 at 256K and the 2 cut from 512K
+    half = soar_requests(262144, 0.5)
+    assert len(half) == 14 and sum(32768 <= n for n, _ in half) == 9  # still ~two thirds
+    assert sorted(set(half)) == sorted(set(capped))  # every length class kept
 
 
 def test_soar_workload_is_fixed_by_its_seed(tmp_path: Path) -> None:
@@ -297,8 +300,15 @@ def test_bench_soar_mode_parses_and_needs_a_gpu(capsys: pytest.CaptureFixture) -
                                       "262144", "--model", "qwen3-8b", "--seed", "2"])
     assert (args.workload, args.soar_max_input, args.seed, args.lengths) == (
         "soar", 262144, 2, None)
+    assert args.soar_concurrency == [1, 8, 0]
+    assert build_parser().parse_args(["bench", "--workload", "soar", "--soar-concurrency", "8",
+                                      "0"]).soar_concurrency == [8, 0]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--workload", "soar", "--soar-concurrency", "4"])
     assert main(["bench", "--workload", "soar"]) == 2
     assert "no CUDA GPU visible" in capsys.readouterr().err
+    assert main(["bench", "--workload", "soar", "--soar-scale", "0"]) == 2
+    assert "--soar-scale 0: give a positive factor" in capsys.readouterr().err
 
 
 # ---- the prefix-cache (multiturn) workload ----------------------------------------------------
