@@ -805,12 +805,12 @@ def speculative_request(url: str, workload: str, n: int, new_tokens: int,
 def run_speculative(args: argparse.Namespace) -> Path:
     """Serves the model without speculation ("plain"), then with NGRAM at each --draft-tokens
     ("ngram_<T>"), the other flags the same, and measures on each, after a warm-up request of
-    both workloads: per document length, one batch-1 request of --decode-tokens tokens of each
-    SPECULATIVE_WORKLOADS entry. "repeating": greedy on a prompt of random ids whose last
-    REPEAT_TOKENS are one REPEAT_SPAN-token random span repeated REPEAT_TIMES times (see
-    repeating_prompt); "never_matching": random ids, sampled at temperature 1 over the whole
-    vocabulary, which almost never picks a draft. One record: a row per request, each NGRAM row
-    compared with the plain server's (see compare_with_plain)."""
+    each workload: per document length, one batch-1 request of --decode-tokens tokens of each
+    SPECULATIVE_WORKLOADS entry in --spec-workloads. "repeating": greedy on a prompt of random
+    ids whose last REPEAT_TOKENS are one REPEAT_SPAN-token random span repeated REPEAT_TIMES
+    times (see repeating_prompt); "never_matching": random ids, sampled at temperature 1 over
+    the whole vocabulary, which almost never picks a draft. One record: a row per request, each
+    NGRAM row compared with the plain server's (see compare_with_plain)."""
     shape = MODELS[args.model]
     backend = args.backend or _default_backend(shape)
     tag = args.tag or f"speculative_{shape.name}"
@@ -827,7 +827,7 @@ def run_speculative(args: argparse.Namespace) -> Path:
         **_model_record("speculative", tag, shape, backend),
         "workload": {"name": "speculative", "seed": args.seed, "document_tokens": lengths,
                      "decode_tokens": args.decode_tokens, "draft_tokens": args.draft_tokens,
-                     **SPECULATIVE_WORKLOADS},
+                     **{w: SPECULATIVE_WORKLOADS[w] for w in args.spec_workloads}},
         "servers": {},
         "rows": [],
     }
@@ -842,10 +842,10 @@ def run_speculative(args: argparse.Namespace) -> Path:
                                          "speculative_num_draft_tokens"))
                 # Kernel JIT, autotuning and the verify path's first use (greedy and sampled)
                 # before anything is measured.
-                for workload in SPECULATIVE_WORKLOADS:
+                for workload in args.spec_workloads:
                     speculative_request(server.url, workload, WARMUP_TOKENS, 32, "warm-up")
                 for n in lengths:
-                    for workload in SPECULATIVE_WORKLOADS:
+                    for workload in args.spec_workloads:
                         row = {"server": name, "draft_tokens": draft_tokens,
                                "document_tokens": n, "workload": workload,
                                **speculative_request(server.url, workload, n,
@@ -925,6 +925,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="speculative: one NGRAM server per value, its "
                         "--speculative-num-draft-tokens: a chain of the last accepted token and "
                         f"value - 1 drafts, 2 to {MAX_DRAFT_TOKENS}")
+    p.add_argument("--spec-workloads", nargs="+", choices=tuple(SPECULATIVE_WORKLOADS),
+                   default=list(SPECULATIVE_WORKLOADS),
+                   help="speculative: which workloads each server runs (default both); "
+                        "never_matching alone measures a verify step's cost over a decode step "
+                        "at more draft depths for less device time")
     p.add_argument("--concurrency", type=int, nargs="*", default=[8, 0],
                    help="bench_serving runs: max concurrency each, 0 = unlimited (none: skip; "
                         "speculative runs none)")
@@ -1005,7 +1010,7 @@ def bench(args: argparse.Namespace) -> int:
               "the request counts (1 is the whole set)", file=sys.stderr)
         return 2
     short = [n for n in args.lengths or [] if n < REPEAT_TOKENS]
-    if args.workload == "speculative" and short:
+    if args.workload == "speculative" and "repeating" in args.spec_workloads and short:
         print(f"sala-sglang bench: --lengths {' '.join(map(str, short))}: the speculative "
               f"workload's repeating prompt ends with {REPEAT_TOKENS} repeating tokens; give "
               f"lengths of at least {REPEAT_TOKENS}", file=sys.stderr)

@@ -38,7 +38,8 @@
 # NGRAM speculative decoding, a server without speculation and one per draft depth, one after the
 # other on the same GPU, one result file:
 #   spec-bench (32K and 128K documents: a prompt repeating one span, greedy, and sampled random
-#   ids that no draft matches; --draft-tokens 4 and 8)
+#   ids that no draft matches; --draft-tokens 4 and 8)  spec-sweep-a, spec-sweep-b (draft tokens 2, 3,
+#   5 and 6, 7, 9 against plain decode, the never-matching workload at 32K only)
 # Two GPUs (issue 19; a kind with two GPUs, e.g. nvidia-h100-x2):
 #   two-gpus (the tiny model at --tp-size 2 in graph, eager and dense_as_sparse modes and at
 #   --dp-size 2: served = reference, 1 and 8 concurrent requests, every replica's pools free)
@@ -189,6 +190,14 @@ for part in "$@"; do
         spec-bench) run "$part" long_context --workload speculative --lengths 32768 131072 \
                         --draft-tokens 4 8 --decode-tokens 512 --concurrency \
                         --tag speculative_sala_32k_128k ;;
+        # Draft depths 1-8 (issue 18): a verify step's cost over a plain decode step, measured
+        # on the never-matching workload alone (32K, 256 tokens) so that four server starts fit
+        # one call; the plain server starts in each part for ratios from one run.
+        spec-sweep-a|spec-sweep-b)
+            if [ "$part" = spec-sweep-a ]; then depths=(2 3 5); else depths=(6 7 9); fi
+            run "$part" long_context --workload speculative --spec-workloads never_matching \
+                --lengths 32768 --draft-tokens "${depths[@]}" --decode-tokens 256 --concurrency \
+                --tag "speculative_sala_depths_${part#spec-sweep-}" ;;
         # The four two-GPU modes in two halves side by side on both GPUs (SHARED_GPU pools), each
         # half two server starts one after the other: tp2_graph and dp2_graph; tp2_eager and
         # tp2_graph_dense_as_sparse. One tiny mode alone took 170-197 s with its server's start
@@ -223,6 +232,7 @@ for part in "$@"; do
                 "profile-prefill," \
                 "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare-sala," \
                 "compare-dense, serving-cuda, serving-segments, prefix-bench-a, prefix-bench-b, spec-bench," \
+                "spec-sweep-a, spec-sweep-b," \
                 "soar-sala-a, soar-sala-b, soar-cmp-sala, soar-cmp-dense-1, soar-cmp-dense-8," \
                 "soar-cmp-dense-unlimited," \
                 "two-gpus, two-gpus-bench-tp, two-gpus-bench-dp)"

@@ -643,12 +643,11 @@ class _FakeSpeculativeServer:
         return _Reply([b"data: " + json.dumps(c).encode() for c in chunks] + [b"data: [DONE]"])
 
 
-def test_speculative_record_has_a_row_per_server_length_and_workload(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-) -> None:
-    """The plain server, then one NGRAM server per --draft-tokens with the same flags and the
-    speculative ones; on each, two warm-up requests, then per length a greedy request on the
-    repeating prompt and a sampled one on random ids; NGRAM rows compared with plain ones."""
+def _run_fake_speculative(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str],
+) -> tuple[dict[str, tuple[list[str], _FakeSpeculativeServer]], Path]:
+    """run_speculative over _FakeSpeculativeServers (100 chunks/s) -> the servers by log name
+    (their flags and fake) and the result file."""
     servers: dict[str, tuple[list[str], _FakeSpeculativeServer]] = {}
 
     @contextlib.contextmanager
@@ -661,13 +660,21 @@ def test_speculative_record_has_a_row_per_server_length_and_workload(
 
     monkeypatch.setattr(bench, "served", served)
     monkeypatch.setattr(bench, "server_state", lambda url, *keys: dict.fromkeys(keys))
-    _clock(monkeypatch, 0.01)  # 100 chunks/s
+    _clock(monkeypatch, 0.01)
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
-    args = p.parse_args(["--workload", "speculative", "--lengths", "4096", "8192",
-                         "--decode-tokens", "40", "--draft-tokens", "4", "--tag", "t",
-                         "--out", str(tmp_path)])
-    path = bench.run_speculative(args)
+    return servers, bench.run_speculative(p.parse_args(["--workload", "speculative", *argv]))
+
+
+def test_speculative_record_has_a_row_per_server_length_and_workload(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """The plain server, then one NGRAM server per --draft-tokens with the same flags and the
+    speculative ones; on each, two warm-up requests, then per length a greedy request on the
+    repeating prompt and a sampled one on random ids; NGRAM rows compared with plain ones."""
+    servers, path = _run_fake_speculative(
+        monkeypatch, ["--lengths", "4096", "8192", "--decode-tokens", "40", "--draft-tokens", "4",
+                      "--tag", "t", "--out", str(tmp_path)])
 
     record = json.loads(path.read_text())
     assert path.name.startswith("t_") and record["benchmark"] == "speculative"
@@ -704,3 +711,25 @@ def test_speculative_record_has_a_row_per_server_length_and_workload(
             assert row["spec_verify_ct"] == 39
             assert row["speedup_over_plain"] == pytest.approx(1.0, rel=1e-2)
             assert row["verify_over_decode_step"] == pytest.approx(40 / 39, rel=1e-2)
+
+
+def test_a_depth_sweep_runs_only_the_never_matching_workload(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture,
+) -> None:
+    """--spec-workloads never_matching: one warm-up and one sampled request per length on each
+    server, a length below the repeating prompt's tail allowed, every NGRAM row with its verify
+    step's cost over a plain decode step."""
+    assert bench.main(["--workload", "speculative", "--lengths", "2048",
+                       "--spec-workloads", "repeating", "--draft-tokens", "3"]) == 2
+    assert "--lengths 2048" in capsys.readouterr().err
+    servers, path = _run_fake_speculative(
+        monkeypatch, ["--lengths", "2048", "--decode-tokens", "40", "--draft-tokens", "2", "3",
+                      "--spec-workloads", "never_matching", "--out", str(tmp_path)])
+    record = json.loads(path.read_text())
+    assert "repeating" not in record["workload"] and "never_matching" in record["workload"]
+    for _, fake in servers.values():
+        assert [b["sampling_params"]["temperature"] for b in fake.bodies] == [1, 1]
+    assert [(r["server"], r["workload"]) for r in record["rows"]] == [
+        (name, "never_matching") for name in ("plain", "ngram_2", "ngram_3")]
+    assert all(r["verify_over_decode_step"] == pytest.approx(40 / 39, rel=1e-2)
+               for r in record["rows"][1:])
