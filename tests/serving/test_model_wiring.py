@@ -4,10 +4,10 @@ the reference model.
 The attention itself is delegated to a stand-in backend that runs the reference's attention
 functions (the real backends have their own tests), so any difference left is in the model's own
 code: fused projection splits, norms, RoPE (the Lightning layers' fused q/k op, in Triton's CPU
-interpreter), gates, residual and embedding scales, the logit divisor. The prompt crosses the tiny checkpoint's dense_len and is fed in two uneven chunks, then
-decoded token by token, so positions run on from an offset. With tensor parallelism (gloo on the
-CPU) each rank attends over its own heads, and the logits gathered from the vocabulary shards
-must be the same.
+interpreter), gates, residual and embedding scales, the logit divisor. The prompt crosses the tiny
+checkpoint's dense_len and is fed in two uneven chunks, then decoded token by token, so positions
+run on from an offset. With tensor parallelism (gloo on the CPU) each rank attends over its own
+heads, and the logits gathered from the vocabulary shards must be the same.
 """
 
 from __future__ import annotations
