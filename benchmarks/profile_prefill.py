@@ -75,8 +75,10 @@ KINDS: tuple[tuple[str, str], ...] = (
                          r"|merge_splits_kernel"),
     # cuBLASLt on Hopper (nvjet_*), CUTLASS and cuBLAS kernels (*gemm*), split-K reductions
     ("gemm", r"nvjet|[gG]emm|gemv|splitKreduce"),
-    # RMSNorm and fused add+RMSNorm (FlashInfer), RoPE, SiLU-and-mul, torch's elementwise,
-    # reduction, copy, fill, cat and index kernels, and Inductor's fused Triton kernels
+    # RMSNorm and fused add+RMSNorm (FlashInfer), RoPE, the Lightning layers' q/k norm + RoPE
+    # (ops/lightning_qk.py, where the norm, RoPE and copy kernels it replaced were filed),
+    # SiLU-and-mul, torch's elementwise, reduction, copy, fill, cat and index kernels, and
+    # Inductor's fused Triton kernels
     ("norms_elementwise", r"[Nn]orm|rope|[Rr]otary|act_and_mul|silu|sigmoid|elementwise"
                           r"|reduce_kernel|[Cc]opy|[Ff]ill|CatArray|index|scatter|gather"
                           r"|^triton_(poi|red|per)_"),

@@ -48,6 +48,7 @@ NAMES = {
         "void flashinfer::norm::FusedAddRMSNormKernel<8u, __nv_bfloat16>(__nv_bfloat16*)",
         "void flashinfer::norm::RMSNormKernel<8u, __nv_bfloat16>(__nv_bfloat16*)",
         "void (anonymous namespace)::fused_rope_kernel<true, 128l, true, __nv_bfloat16>()",
+        "_qk_norm_rope_kernel",
         "void (anonymous namespace)::act_and_mul_kernel<__nv_bfloat16, 0, true, false>()",
         "void at::native::vectorized_elementwise_kernel<8, at::native::sigmoid_kernel_cuda>()",
         "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float>>()",
