@@ -410,11 +410,12 @@ def soar_requests(max_input: int | None = None, scale: float = 1.0) -> list[tupl
 
 def write_soar_workload(path: Path, seed: int = 0, max_input: int | None = None,
                         scale: float = 1.0) -> list[dict]:
-    """Writes soar_requests(max_input, scale) as bench_serving's custom JSONL, in an order and with text
-    fixed by seed: one {"conversations": [user, assistant]} line per request. The text is words
-    of the tiny corpus drawn at random, each " word" its own pre-token, so the tiny tokenizer
-    (the one `bench` gives server and client) counts exactly the requested tokens, BOS included;
-    bench_serving takes a request's output length from its assistant turn's token count."""
+    """Writes soar_requests(max_input, scale) as bench_serving's custom JSONL, in an order and
+    with text fixed by seed: one {"conversations": [user, assistant]} line per request. The text
+    is words of the tiny corpus drawn at random, each " word" its own pre-token, so the tiny
+    tokenizer (the one `bench` gives server and client) counts exactly the requested tokens, BOS
+    included; bench_serving takes a request's output length from its assistant turn's token
+    count."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(TOKENIZER_PATH))
