@@ -168,6 +168,17 @@ def test_decode_splits_and_cuda_attention_fills_the_sms(smem) -> None:
     assert released_plan(1, decode=True, device=DeviceFacts.of("cpu")).cuda_attention_splits == 8
 
 
+@pytest.mark.parametrize("width,chunk", [(16400, 1024), (2052, 1024), (1024, 1024), (700, 1024),
+                                         (300, 512), (100, 256), (10, 256)])
+def test_top_k_chunk_is_the_width_as_a_power_of_two_up_to_1024(smem, width: int,
+                                                               chunk: int) -> None:
+    """At least twice the 128 candidates a chunk keeps of the released 96 selected blocks."""
+    assert released_plan(1, decode=True, width=width).triton_key_chunk == chunk
+    tiny = make_plan(TINY_SPARSE, tokens=1, groups=2, head_dim=64, width=20, decode=True,
+                     device=H100)
+    assert tiny.triton_key_chunk == 32  # twice the 16 candidates of 10 selected blocks
+
+
 def test_triton_selection_pieces_bound_the_scratch(smem, monkeypatch) -> None:
     per_token = 2 * 2048 * (4 * RELEASED.windows_per_block + 8)
     rows = sparse_plan.SELECTION_SCRATCH_BYTES // per_token // 16 * 16

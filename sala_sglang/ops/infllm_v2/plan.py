@@ -35,9 +35,14 @@ CUDA_SELECT_SEGMENT = 2048
 # Tokens per Triton stage-1 program in extend (one K1 tile read for 4 tokens); decode splits K
 # instead. See benchmarks/NOTES.md.
 TRITON_TOKEN_TILE = 4
-# Bytes of Triton selection scratch (window probabilities + block keys) one launch may use;
+# Bytes of Triton selection scratch (window probabilities + top-k candidates) one launch may use;
 # longer batches are selected in pieces of a multiple of 16 tokens.
 SELECTION_SCRATCH_BYTES = 512 << 20
+# Most blocks per top-k program of the Triton selection (it keeps the best next_power_of_2(n_sel)
+# of them; a wider row is cut in chunks whose best a second kernel merges). 1024: compiled for
+# sm_90 it takes 56 registers at 4 warps without spills (2048 would need 95, or 8 warps); a 128K
+# server's 2052 blocks make 3 chunks a row, so batch 1 runs 6 programs, not 2 twice as long.
+TRITON_KEY_CHUNK = 1024
 # CUDA attention in decode splits further, up to this many CTAs per SM (a second, mostly empty
 # wave would cost a whole CTA time), each split keeping at least this many selected blocks.
 ATTENTION_CTAS_PER_SM = 2
@@ -59,6 +64,7 @@ class SparsePlan:
     triton_token_tile: int  # Triton stage-1: tokens per program
     triton_select_splits: int  # Triton stage-1: split-K over the windows
     triton_piece_rows: int  # Triton selection: most tokens per launch (scratch bound)
+    triton_key_chunk: int  # Triton selection: blocks per top-k program (a power of two)
     attention_splits: int  # Triton attention: split-K over the selected blocks
     cuda_attention_splits: int  # CUDA attention: the same, raised to fill the SMs
 
@@ -109,7 +115,8 @@ def make_plan(
         fit=select == "cuda" and device.compiled)
     if unfit is not None and impl is None:
         select = "triton"
-    # fp32 window probabilities plus one int64 key per block, per token and kv head
+    # fp32 window probabilities plus at most one int64 top-k candidate per block, per token and
+    # kv head
     per_token = groups * width * (4 * cfg.windows_per_block + 8)
     return SparsePlan(
         compress=choose("compress_new_windows", CUDA_FASTER["compress"]),
@@ -123,6 +130,7 @@ def make_plan(
         triton_token_tile=1 if splits > 1 else TRITON_TOKEN_TILE,
         triton_select_splits=splits,
         triton_piece_rows=max(16, SELECTION_SCRATCH_BYTES // per_token // 16 * 16),
+        triton_key_chunk=_triton_key_chunk(cfg, width),
         attention_splits=splits,
         cuda_attention_splits=_cuda_attention_splits(splits, tokens, groups, n_sel, device),
     )
@@ -181,6 +189,14 @@ def _cuda_attention_splits(splits: int, tokens: int, groups: int, n_sel: int,
     want = ATTENTION_CTAS_PER_SM * device.multiprocessors // (tokens * groups)
     most = max(1, n_sel // ATTENTION_MIN_BLOCKS_PER_SPLIT)
     return max(splits, min(want, most))
+
+
+def _triton_key_chunk(cfg: SparseConfig, width: int) -> int:
+    """Blocks per Triton top-k program: the width's next power of two (a narrow width sorts no
+    padding), at least twice the candidates a chunk keeps (so chunks' candidates take less
+    scratch than one per block) and at most TRITON_KEY_CHUNK (or that floor)."""
+    kept = 1 << (cfg.num_selected_blocks - 1).bit_length()
+    return max(2 * kept, min(TRITON_KEY_CHUNK, 1 << (width - 1).bit_length()))
 
 
 def plan_for_call(op: str, plan: SparsePlan | None, impl: str | None, cfg: SparseConfig,
