@@ -22,7 +22,7 @@ from conftest import TINY_SPARSE, needs_extension
 from sala_sglang.config import MiniCPMSALAConfig, SparseConfig
 from sala_sglang.ops._cuda import DeviceFacts
 from sala_sglang.ops.infllm_v2 import make_plan, select
-from sala_sglang.ops.infllm_v2.plan import SparsePlan
+from sala_sglang.ops.infllm_v2.plan import DECODE_SPLITS, SparsePlan
 from sala_sglang.ops.overrides import KernelOverrides
 from sala_sglang.reference import sparse as ref
 from sala_sglang.testing.paged_inputs import paged_batch, paged_cache, paged_k1, request_k1
@@ -40,6 +40,8 @@ FP32_POSITIONS = [0, 15, 31, 100, 127, 128, 200, 255, 299]
 # (sparse config, query heads, kv heads, head dim)
 SHAPES = {"released": (MiniCPMSALAConfig().sparse, 32, 2, 128), "tiny": (TINY, 8, 2, 64)}
 GEOMETRIES = [pytest.param("released", marks=pytest.mark.gpu), "tiny"]
+# What make_plan reads of an H100 (the plan's split counts follow its 132 SMs)
+H100_FACTS = DeviceFacts(name="cuda:0", multiprocessors=132, compiled=False)
 # The CPU interpreter has no bf16 matmul (it multiplies the raw bits): fp16 runs there.
 DTYPES = [pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.gpu),
           pytest.param(torch.float16, id="fp16")]
@@ -204,6 +206,27 @@ def test_triton_selection_equals_the_reference_in_fp32(device: str, splits: int)
         ref.block_scores(inp.q.double().cpu(), ref.compress_keys(keys, 16, 8),
                          inp.token_pos.long().cpu(), cfg), cfg.num_selected_blocks)
     assert torch.equal(sel.long().cpu(), expect)
+
+
+def test_decode_with_many_splits_equals_the_reference_in_fp32(device: str) -> None:
+    """Decode on a GPU of 132 SMs splits stage-1 until there are about 2 programs per SM: 32
+    splits for 4 tokens of 2 kv heads over a static width of 1024 blocks, the requests' windows
+    in the first 8 of them. fp32 leaves no near-tie to excuse."""
+    torch.manual_seed(0)
+    cfg, width = FP32_CASE, 1024
+    lengths, treq, pos = [4100, 2500], [1, 2, 1, 2], [4099, 2499, 1000, 63]
+    inp = paged_batch(cfg, lengths, treq, pos, 8, 2, 32, device, torch.float32)
+    plan = make_plan(cfg, tokens=4, groups=2, head_dim=32, width=width, decode=True,
+                     device=H100_FACTS, impl="triton")
+    assert (plan.triton_select_splits, plan.attention_splits) == (32, DECODE_SPLITS)
+    sel = select.select_blocks(inp.q, inp.k1, inp.rt, inp.token_req, inp.token_pos, cfg, width,
+                               32**-0.5, plan)
+    for t, r in enumerate(treq):
+        keys = ref.compress_keys(inp.request_keys(r - 1)[0].double().cpu(), 16, 8)
+        scores = ref.block_scores(inp.q[t : t + 1].double().cpu(), keys,
+                                  inp.token_pos[t : t + 1].long().cpu(), cfg)
+        expect = ref.select_blocks(scores, cfg.num_selected_blocks)
+        assert torch.equal(sel[t : t + 1].long().cpu(), expect), t
 
 
 @pytest.mark.parametrize("impl,tile", IMPL_TILES, indirect=["impl"])

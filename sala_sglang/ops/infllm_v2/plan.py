@@ -20,7 +20,8 @@ from sala_sglang.ops import _cuda
 from sala_sglang.ops._cuda import DeviceFacts
 from sala_sglang.ops.overrides import IMPLS, KernelOverrides
 
-# Split-K count of decode (one token per request leaves most SMs idle); extend runs unsplit.
+# Split-K count of decode (one token per request leaves most SMs idle), a floor the Triton stage-1
+# and the CUDA attention raise to fill the SMs; extend runs unsplit.
 DECODE_SPLITS = 8
 # Which kernel serves compression and attention when both can, measured on an H100 (see
 # benchmarks/NOTES.md): CUDA compression is ~3-5x faster, Triton attention faster in prefill.
@@ -38,11 +39,18 @@ TRITON_TOKEN_TILE = 4
 # Bytes of Triton selection scratch (window probabilities + top-k candidates) one launch may use;
 # longer batches are selected in pieces of a multiple of 16 tokens.
 SELECTION_SCRATCH_BYTES = 512 << 20
+# Windows per stage-1 tile of the Triton selection (select.py's kernels).
+WINDOW_TILE = 64
 # Most blocks per top-k program of the Triton selection (it keeps the best next_power_of_2(n_sel)
 # of them; a wider row is cut in chunks whose best a second kernel merges). 1024: compiled for
 # sm_90 it takes 56 registers at 4 warps without spills (2048 would need 95, or 8 warps); a 128K
 # server's 2052 blocks make 3 chunks a row, so batch 1 runs 6 programs, not 2 twice as long.
 TRITON_KEY_CHUNK = 1024
+# Triton stage-1 in decode splits the windows further, up to this many programs per SM, at most
+# SELECT_MAX_SPLITS: the probability kernel reads every split's (max, sum) of its 16 padded heads,
+# 16 KiB per program at 128 splits, as much as the K1 tile it scores.
+SELECT_PROGRAMS_PER_SM = 2
+SELECT_MAX_SPLITS = 128
 # CUDA attention in decode splits further, up to this many CTAs per SM (a second, mostly empty
 # wave would cost a whole CTA time), each split keeping at least this many selected blocks.
 ATTENTION_CTAS_PER_SM = 2
@@ -62,7 +70,7 @@ class SparsePlan:
     select_segment: int  # CUDA token-tiled selection: blocks of scores kept at a time
     select_unfit: str | None  # why no CUDA selection variant fits shared memory, or None
     triton_token_tile: int  # Triton stage-1: tokens per program
-    triton_select_splits: int  # Triton stage-1: split-K over the windows
+    triton_select_splits: int  # Triton stage-1: split-K over the windows (raised to fill SMs)
     triton_piece_rows: int  # Triton selection: most tokens per launch (scratch bound)
     triton_key_chunk: int  # Triton selection: blocks per top-k program (a power of two)
     attention_splits: int  # Triton attention: split-K over the selected blocks
@@ -128,7 +136,7 @@ def make_plan(
         select_segment=segment,
         select_unfit=unfit,
         triton_token_tile=1 if splits > 1 else TRITON_TOKEN_TILE,
-        triton_select_splits=splits,
+        triton_select_splits=_triton_select_splits(cfg, splits, tokens, groups, width, device),
         triton_piece_rows=max(16, SELECTION_SCRATCH_BYTES // per_token // 16 * 16),
         triton_key_chunk=_triton_key_chunk(cfg, width),
         attention_splits=splits,
@@ -189,6 +197,20 @@ def _cuda_attention_splits(splits: int, tokens: int, groups: int, n_sel: int,
     want = ATTENTION_CTAS_PER_SM * device.multiprocessors // (tokens * groups)
     most = max(1, n_sel // ATTENTION_MIN_BLOCKS_PER_SPLIT)
     return max(splits, min(want, most))
+
+
+def _triton_select_splits(cfg: SparseConfig, splits: int, tokens: int, groups: int, width: int,
+                          device: DeviceFacts) -> int:
+    """A split-K count above 1 is a floor: the Triton stage-1 splits further, in powers of two
+    (its probability kernel merges the splits over tl.arange), while there are fewer programs than
+    SELECT_PROGRAMS_PER_SM per SM, every split of a row `width` blocks long keeps a tile of
+    windows, and at most SELECT_MAX_SPLITS."""
+    if splits <= 1 or tokens * groups == 0:
+        return splits
+    want = SELECT_PROGRAMS_PER_SM * device.multiprocessors // (tokens * groups)
+    tiles = -(-width * cfg.windows_per_block // WINDOW_TILE)
+    most = min(want, tiles, SELECT_MAX_SPLITS)
+    return max(splits, 1 << (most.bit_length() - 1)) if most > 0 else splits
 
 
 def _triton_key_chunk(cfg: SparseConfig, width: int) -> int:

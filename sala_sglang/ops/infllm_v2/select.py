@@ -16,7 +16,7 @@ import triton.language as tl
 
 from sala_sglang.config import SparseConfig
 from sala_sglang.ops.infllm_v2._triton import dense_token_arrays, group_heads, page_of_window
-from sala_sglang.ops.infllm_v2.plan import SparsePlan, plan_for_call
+from sala_sglang.ops.infllm_v2.plan import WINDOW_TILE, SparsePlan, plan_for_call
 
 OP = "select_blocks"
 
@@ -103,10 +103,6 @@ def cuda_unsupported(tensors: tuple[torch.Tensor, ...], cfg: SparseConfig,
     if not (token_req.is_contiguous() and token_pos.is_contiguous()):
         return "token_req and token_pos must be contiguous"
     return None
-
-
-# Launch shape of the Triton stage-1: windows per scoring tile.
-WINDOW_TILE = 64
 
 
 @triton.jit
