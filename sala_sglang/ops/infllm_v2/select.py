@@ -292,8 +292,9 @@ def _merge_topk_kernel(
     row = cand_ptr + t.to(tl.int64) * stride_ct + g * stride_cg
     i = tl.arange(0, KP)
     best = tl.load(row + i)
-    # the next list is loaded a merge ahead: its latency hides behind the merge
-    nxt = tl.load(row + KP + (KP - 1 - i), mask=n_chunks > 1, other=0)
+    # each next list is loaded a merge ahead, its latency hidden behind the merge (launched for 2
+    # chunks or more, so the second list is there)
+    nxt = tl.load(row + KP + (KP - 1 - i))
     for c in range(1, n_chunks):
         rising = nxt
         nxt = tl.load(row + (c + 1) * KP + (KP - 1 - i), mask=c + 1 < n_chunks, other=0)
