@@ -44,7 +44,8 @@ WINDOW_TILE = 64
 # Most blocks per top-k program of the Triton selection (it keeps the best next_power_of_2(n_sel)
 # of them; a wider row is cut in chunks whose best a second kernel merges). 1024: compiled for
 # sm_90 it takes 56 registers at 4 warps without spills (2048 would need 95, or 8 warps); a 128K
-# server's 2052 blocks make 3 chunks a row, so batch 1 runs 6 programs, not 2 twice as long.
+# server's 2052 blocks make 3 chunks a row, 6 programs at batch 1, then a merge of 3 lists.
+# `sparse_attention.py --decode-selection-only --sweep` times chunks of 256 to 4096 on a GPU.
 TRITON_KEY_CHUNK = 1024
 # Triton stage-1 in decode splits the windows further, up to this many programs per SM, at most
 # SELECT_MAX_SPLITS: the probability kernel reads every split's (max, sum) of its 16 padded heads,

@@ -251,11 +251,11 @@ def _block_topk_kernel(
 ):
     """The best KP blocks of one chunk of CHUNK blocks, as sortable keys: the pooled score's bits
     (non-negative floats order like their bits) plus 1 above the inverted block index, so one
-    descending top-k yields the best blocks with ties going to the lower index, and a key is its
-    block. Block b pools windows [RATIO * b - 1, RATIO * b + RATIO) (missing ones count 0); forced
-    blocks score +inf; blocks after the query's own get no score bits (key = inverted index >= 1),
-    blocks past the width key 0, below every block. FINAL (the width is one chunk): the blocks
-    themselves, else the chunk's keys best first for `_merge_topk_kernel`."""
+    descending top-k yields the best blocks with ties going to the lower index, and each key
+    names its block. Block b pools windows [RATIO * b - 1, RATIO * b + RATIO) (missing ones count
+    0); forced blocks score +inf; blocks after the query's own get no score bits (key = inverted
+    index >= 1), blocks past the width key 0, below every block. FINAL (the width is one chunk):
+    the blocks themselves, else the chunk's keys best first for `_merge_topk_kernel`."""
     t = tl.program_id(0)
     g = tl.program_id(1)
     chunk = tl.program_id(2)
