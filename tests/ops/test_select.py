@@ -6,7 +6,9 @@ n_sel-th block score, up to a near-tie; the -1 padding, the forced blocks first 
 and the absence of repeated or future blocks are exact. The fused CUDA kernel is also held to its
 Triton twin: the two sum a window's head probabilities in different orders, so blocks whose
 scores (nearly) tie may swap, nothing else; its variants (per-token or 4 / 8 tokens per CTA,
-segments of block scores) come from the plan and must give bit-identical blocks. Each check
+segments of block scores) come from the plan and must give bit-identical blocks. The Triton
+top-k is exact: its blocks are those one top-k over the whole width takes from the same window
+probabilities (the tail the Triton path had before its chunked top-k), bit for bit. Each check
 prints the rows it disagrees on with their reference scores, so one GPU run is enough to
 diagnose a failure. Without a GPU the Triton kernels run in the CPU interpreter on short batches.
 """
@@ -109,13 +111,40 @@ def _near(a: float, b: float) -> bool:
     return abs(a - b) <= REL_TOL * max(abs(a), abs(b)) + ABS_TOL
 
 
+def top_before(probs: torch.Tensor, token_pos: torch.Tensor, cfg: SparseConfig,
+               width: int) -> torch.Tensor:
+    """The Triton path's tail as it was before the chunked top-k: one int64 key per block (pooled
+    score bits + 1 above the inverted block index; forced blocks +inf; blocks after the query's
+    own without score bits), torch.topk over the whole width, -1 where a key has no score bits.
+    The expectation, bit for bit."""
+    r, n_windows = cfg.windows_per_block, probs.shape[-1]
+    b = torch.arange(width)
+    c = r * b[:, None] - 1 + torch.arange(r + 1)  # [width, r + 1]
+    w = probs[..., c.clamp(0, n_windows - 1)]
+    score = torch.where((c >= 0) & (c < n_windows), w, torch.zeros_like(w)).amax(-1)
+    qb = (token_pos.long() // cfg.block_size)[:, None, None]
+    forced = (b < cfg.init_blocks) | ((b >= qb - cfg.local_blocks) & (b <= qb))
+    score = torch.where(forced, float("inf"), score)
+    inverted = 0xFFFFFFFF - b
+    key = torch.where(b <= qb, ((score.view(torch.int32).long() + 1) << 32) | inverted, inverted)
+    top, idx = key.topk(cfg.num_selected_blocks, dim=-1)
+    return torch.where((top >> 32) > 0, idx, -1).int()
+
+
 def check_selection(case: Case, q, treq, pos, width: int, impl: str, label: str,
                     decode: bool = False, **plan) -> None:
-    """`impl`'s selection under `plan`'s keywords against the reference; CUDA also against Triton
+    """`impl`'s selection under `plan`'s keywords against the reference; Triton also bit for bit
+    against the whole-width top-k of its own window probabilities; CUDA also against Triton
     (split as the plan of the same batch splits it)."""
     cfg, n_sel = case.cfg, case.cfg.num_selected_blocks
     got = case.select(q, treq, pos, width, impl, decode=decode, **plan)
     assert got.shape == (q.shape[0], case.groups, n_sel) and got.dtype == torch.int32
+    if impl == "triton":
+        wide = max(width, n_sel)
+        probs = select._window_probabilities(
+            q, case.k1, case.rt, treq, pos, cfg, wide, case.dim**-0.5,
+            case.plan(q.shape[0], width, impl, decode=decode, **plan))
+        assert torch.equal(got.cpu(), top_before(probs.cpu(), pos.cpu(), cfg, wide)), label
     twin = case.select(q, treq, pos, width, "triton", decode=decode) if impl == "cuda" else None
     scores = case.reference_scores(q, treq, pos)
     got_l = got.cpu().tolist()
@@ -403,26 +432,6 @@ def test_selection_kernels_are_not_specialized_on_per_batch_counts() -> None:
 
 
 # ---- the Triton top-k over window probabilities ------------------------------------------------
-def top_before(probs: torch.Tensor, token_pos: torch.Tensor, cfg: SparseConfig,
-               width: int) -> torch.Tensor:
-    """The Triton path's tail as it was before the chunked top-k: one int64 key per block (pooled
-    score bits + 1 above the inverted block index; forced blocks +inf; blocks after the query's
-    own without score bits), torch.topk over the whole width, -1 where a key has no score bits.
-    The expectation, bit for bit."""
-    r, n_windows = cfg.windows_per_block, probs.shape[-1]
-    b = torch.arange(width)
-    c = r * b[:, None] - 1 + torch.arange(r + 1)  # [width, r + 1]
-    w = probs[..., c.clamp(0, n_windows - 1)]
-    score = torch.where((c >= 0) & (c < n_windows), w, torch.zeros_like(w)).amax(-1)
-    qb = (token_pos.long() // cfg.block_size)[:, None, None]
-    forced = (b < cfg.init_blocks) | ((b >= qb - cfg.local_blocks) & (b <= qb))
-    score = torch.where(forced, float("inf"), score)
-    inverted = 0xFFFFFFFF - b
-    key = torch.where(b <= qb, ((score.view(torch.int32).long() + 1) << 32) | inverted, inverted)
-    top, idx = key.topk(cfg.num_selected_blocks, dim=-1)
-    return torch.where((top >> 32) > 0, idx, -1).int()
-
-
 def top_reference(probs: torch.Tensor, token_pos: torch.Tensor, cfg: SparseConfig,
                   width: int) -> torch.Tensor:
     """The reference's pooling, forced blocks and selection over the same probabilities."""
@@ -494,7 +503,8 @@ def test_top_k_ties_go_to_the_lower_block(device: str) -> None:
 
 def test_key_chunks_give_the_blocks_of_one_chunk(device: str) -> None:
     """Selection through the whole Triton path over a static width beyond every request (decode),
-    its top-k in one chunk or in chunks of 32 or 64 blocks (the last partial): bit-identical."""
+    its top-k in one chunk or in chunks of 32 or 64 blocks (the last partial): bit-identical, and
+    the whole-width top-k's."""
     case = Case("tiny", torch.float32, [700, 300, 90], seed=13, device=device)
     q, treq, pos = case.queries([1, 2, 3, 1], [699, 299, 89, 250])
     width = 200
@@ -502,10 +512,11 @@ def test_key_chunks_give_the_blocks_of_one_chunk(device: str) -> None:
     assert plan.triton_key_chunk == 256
     args = (q, case.k1, case.rt, treq, pos, case.cfg, width, case.dim**-0.5)
     whole = select.select_blocks(*args, plan)
+    probs = select._window_probabilities(*args, plan)
+    assert torch.equal(whole.cpu(), top_before(probs.cpu(), pos.cpu(), case.cfg, width))
     for chunk in (32, 64):
         got = select.select_blocks(*args, dataclasses.replace(plan, triton_key_chunk=chunk))
         assert torch.equal(got, whole), chunk
-    check_selection(case, q, treq, pos, width, "triton", "tiny key chunks", decode=True)
 
 
 # ---- the CUDA kernel's variants and dispatch ---------------------------------------------------
