@@ -35,11 +35,9 @@ NAMES = {
     "compression": ["_compress_kernel",
                     "void (anonymous namespace)::compress_kernel<__nv_bfloat16, 128>("
                     "(anonymous namespace)::Args<__nv_bfloat16>)"],
-    "selection": ["_stage1_stats_kernel", "_window_probs_kernel", "_block_keys_kernel",
-                  "void (anonymous namespace)::select_blocks_tiled_kernel<__nv_bfloat16, 8>()",
-                  "void at::native::sbtopk::gatherTopK<long, unsigned int, 2, false>()",
-                  "void at::native::mbtopk::radixFindKthValues<long, unsigned int, 2>()",
-                  "void at::native::radixSortKVInPlace<2, -1, 32, 4, long, long, unsigned>()"],
+    "selection": ["_stage1_stats_kernel", "_window_probs_kernel", "_block_topk_kernel",
+                  "_merge_topk_kernel",
+                  "void (anonymous namespace)::select_blocks_tiled_kernel<__nv_bfloat16, 8>()"],
     "sparse_attention": ["_block_attention_kernel",
                          "void (anonymous namespace)::block_sparse_attention_kernel<128>("
                          "const Params)",
