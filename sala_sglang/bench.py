@@ -497,9 +497,10 @@ def run(args: argparse.Namespace) -> Path:
     shape = MODELS[args.model]
     backend = args.backend or _default_backend(shape)
     soar = args.workload == "soar"
-    cap = f"_max{args.soar_max_input // 1024}k" if soar and args.soar_max_input else ""
-    cap += f"_x{args.soar_scale:g}" if soar and args.soar_scale != 1 else ""
-    tag = args.tag or f"{_workload_name(args)}_{shape.name}_{backend}{cap}"
+    # the default tag names a SOAR set that is cut or scaled
+    variant = f"_max{args.soar_max_input // 1024}k" if soar and args.soar_max_input else ""
+    variant += f"_x{args.soar_scale:g}" if soar and args.soar_scale != 1 else ""
+    tag = args.tag or f"{_workload_name(args)}_{shape.name}_{backend}{variant}"
     lengths = args.lengths if args.lengths is not None else ([] if soar else DEFAULT_LENGTHS)
     work = Path(tempfile.mkdtemp(prefix="sala-bench-"))
     model_dir, tok_dir = prepare_model_dir(shape, work)
