@@ -93,27 +93,43 @@ __device__ __forceinline__ uint32_t block_hi(uint32_t score_bits, int b, int qb,
 }
 
 // Where each K1 row of a staged tile of kWT windows starts (elements from the kv head's K1), -1
-// past the n_vis visible windows: one thread per row does the page lookup, so the copy loop that
-// follows does no division. Window c lives beside the page of its last token
-// kernel_stride * c + kernel_size - 1 (the layout compress_new_windows writes; Triton twin
-// `page_of_window`): as kernel_size is a multiple of kernel_stride, that is row slot
+// past the n_vis visible windows, looked up one tile ahead: fetch(tile) starts thread tid's
+// req_to_token read for window tile * kWT + tid into a register, place(tile) turns it into that
+// row's offset in the tile's slot of `offsets` ([kStages][kWT]). One thread per row does the
+// lookup, so the copy loop that follows does no division; placing a whole tile after fetching
+// keeps the read's latency off the barrier every tile waits at. Window c lives beside the page
+// of its last token kernel_stride * c + kernel_size - 1 (the layout compress_new_windows writes;
+// Triton twin `page_of_window`): as kernel_size is a multiple of kernel_stride, that is row slot
 // c + k1_lag of the request, ratio = block_size / kernel_stride slots per page.
-template <int kWT>
-__device__ __forceinline__ void locate_k1_rows(int64_t* offsets, int tile, int n_vis, int tid,
-                                               const int32_t* rt_row, const Geometry& geo,
-                                               int ratio) {
-  if (tid < kWT) {
+template <int kWT, int kStages>
+struct K1RowLocator {
+  int64_t* offsets;
+  const int32_t* rt_row;
+  const Geometry& geo;
+  int n_vis, ratio, tid;
+  int slot = 0;
+  bool visible = false;
+  int32_t token = 0;  // req_to_token at the slot's page
+
+  __device__ __forceinline__ void fetch(int tile) {
     const int c = tile * kWT + tid;
-    int64_t offset = -1;
-    if (c < n_vis) {
-      const int slot = c + geo.k1_lag;
-      const int block = slot / ratio;  // block_size is a multiple of kernel_stride
-      const int64_t page = rt_row[int64_t{block} * geo.block_size] / geo.block_size;
-      offset = page * geo.stride_kp + int64_t{slot - block * ratio} * geo.stride_ks;
+    visible = tid < kWT && c < n_vis;
+    if (visible) {
+      slot = c + geo.k1_lag;
+      token = rt_row[int64_t{slot / ratio} * geo.block_size];  // block_size % stride == 0
     }
-    offsets[tid] = offset;
   }
-}
+  __device__ __forceinline__ void place(int tile) const {
+    if (tid < kWT) {
+      int64_t offset = -1;
+      if (visible) {
+        const int64_t page = token / geo.block_size;
+        offset = page * geo.stride_kp + int64_t{slot % ratio} * geo.stride_ks;
+      }
+      offsets[(tile % kStages) * kWT + tid] = offset;
+    }
+  }
+};
 
 // Start the copies of a located tile into its ring slot (rows of kRow elements).
 template <int kWT, int kRow, int kChunks, int kThreads, typename T>
@@ -131,15 +147,20 @@ __device__ __forceinline__ void stage_k1_rows(T* dst, const int64_t* offsets, co
 
 // Streams K1 tiles [first, end) through a kStages-deep cp.async ring and calls body(tile) once
 // each tile is in shared memory (when score; a CTA's idle warps still copy and meet the
-// barriers). locate(tile) writes a tile's row offsets one barrier before load(tile) reads them;
-// one barrier per tile. Nothing is in flight on return.
-template <int kStages, typename Locate, typename Load, typename Body>
-__device__ __forceinline__ void ring_sweep(int first, int end, bool score, Locate&& locate,
-                                           Load&& load, Body&& body) {
+// barriers). rows (a K1RowLocator) places a tile's row offsets one barrier before load(tile)
+// reads them, from the lookup it fetched an iteration earlier; one barrier per tile. Nothing is
+// in flight on return.
+template <int kStages, typename Rows, typename Load, typename Body>
+__device__ __forceinline__ void ring_sweep(int first, int end, bool score, Rows& rows, Load&& load,
+                                           Body&& body) {
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (first + s < end) locate(first + s);
+    if (first + s < end) {
+      rows.fetch(first + s);
+      rows.place(first + s);
+    }
   }
+  if (first + kStages - 1 < end) rows.fetch(first + kStages - 1);
   __syncthreads();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -148,7 +169,10 @@ __device__ __forceinline__ void ring_sweep(int first, int end, bool score, Locat
   }
   for (int tile = first; tile < end; ++tile) {
     const int next = tile + kStages - 1;
-    if (next < end) locate(next);
+    if (next < end) {
+      rows.place(next);
+      if (next + 1 < end) rows.fetch(next + 1);
+    }
     ptx::cp_async_wait<kStages - 2>();
     __syncthreads();  // tile is in; every warp is done with the slot refilled next
     if (next < end) load(next);
@@ -239,9 +263,6 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
   const T* k1_group = k1 + int64_t{g} * geo.stride_kg;
   const int n_tiles = (n_vis + kWT - 1) / kWT;
 
-  auto locate_tile = [&](int tile) {
-    locate_k1_rows<kWT>(row_offset + (tile % kStages) * kWT, tile, n_vis, tid, rt_row, geo, ratio);
-  };
   auto load_tile = [&](int tile) {
     stage_k1_rows<kWT, kRow, kChunks, kThreads>(ring + (tile % kStages) * kWT * kRow,
                                                 row_offset + (tile % kStages) * kWT, k1_group, tid);
@@ -275,7 +296,8 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
   };
 
   auto sweep = [&](auto&& body) {
-    ring_sweep<kStages>(0, n_tiles, true, locate_tile, load_tile, body);
+    K1RowLocator<kWT, kStages> rows{row_offset, rt_row, geo, n_vis, ratio, tid};
+    ring_sweep<kStages>(0, n_tiles, true, rows, load_tile, body);
   };
 
   // ---- pass 1: per-head softmax max and sum (log2 units) ----
@@ -629,10 +651,6 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
     const int32_t* rt_row = req_to_token + (sweep_req < 0 ? 0 : int64_t{sweep_req}) * geo.stride_rt;
     const int n_tiles = (sweep_vis + kWT - 1) / kWT;
 
-    auto locate_tile = [&](int tile) {
-      locate_k1_rows<kWT>(row_offset + (tile % kStages) * kWT, tile, sweep_vis, tid, rt_row, geo,
-                          ratio);
-    };
     auto load_tile = [&](int tile) {
       stage_k1_rows<kWT, kRow, kChunks, kThreads>(
           ring + (tile % kStages) * kWT * kRow, row_offset + (tile % kStages) * kWT, k1_group, tid);
@@ -661,7 +679,8 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
     };
     // warps not in this sweep copy and wait but score nothing
     auto sweep = [&](int first, int end, auto&& body) {
-      ring_sweep<kStages>(first, end, active, locate_tile, load_tile, body);
+      K1RowLocator<kWT, kStages> rows{row_offset, rt_row, geo, sweep_vis, ratio, tid};
+      ring_sweep<kStages>(first, end, active, rows, load_tile, body);
     };
 
     // ---- pass 1: this token's per-head softmax max and sum (log2 units) ----
