@@ -58,25 +58,26 @@ GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 # Kinds of GPU work by kernel name: re.search in this order, the first match wins, "other" takes
 # the rest (each kind's costliest names are in the result, so a misfiled kernel shows). Triton
 # kernels appear under their function's name, CUDA ones demangled ("void (anonymous
-# namespace)::compress_kernel<...>(...)"). Torch ops issued around our kernels (the selection's
-# torch.where, the lightning output norm's reductions) count as norms/elementwise.
+# namespace)::compress_kernel<...>(...)"). Torch ops issued around our kernels (the lightning
+# output norm's reductions) count as norms/elementwise.
 KINDS: tuple[tuple[str, str], ...] = (
     # sala_sglang/ops/lightning*.py (Triton), csrc/lightning.cu
     ("lightning", r"^_(prefill|segment_kv|segment_scan|decode|verify|commit)_kernel"
                   r"|lightning_\w*kernel"),
     # ops/infllm_v2/compress.py (Triton), csrc/sparse_compress.cu
     ("compression", r"^_compress_kernel|compress_kernel<"),
-    # ops/infllm_v2/select.py (Triton, then torch.topk over the block keys: torch's sbtopk /
-    # mbtopk kernels and its sort of the k results), csrc/sparse_selection.cu
-    ("selection", r"^_(stage1_stats|window_probs|block_keys)_kernel|select_blocks\w*kernel"
-                  r"|[sm]btopk::|SortKVInPlace"),
+    # ops/infllm_v2/select.py (Triton), csrc/sparse_selection.cu
+    ("selection", r"^_(stage1_stats|window_probs|block_topk|merge_topk)_kernel"
+                  r"|select_blocks\w*kernel"),
     # ops/infllm_v2/attention.py (Triton), csrc/sparse_attention.cu (split-K and its merge)
     ("sparse_attention", r"^_block_attention_kernel|block_sparse_attention_kernel"
                          r"|merge_splits_kernel"),
     # cuBLASLt on Hopper (nvjet_*), CUTLASS and cuBLAS kernels (*gemm*), split-K reductions
     ("gemm", r"nvjet|[gG]emm|gemv|splitKreduce"),
-    # RMSNorm and fused add+RMSNorm (FlashInfer), RoPE, SiLU-and-mul, torch's elementwise,
-    # reduction, copy, fill, cat and index kernels, and Inductor's fused Triton kernels
+    # RMSNorm and fused add+RMSNorm (FlashInfer), RoPE, the Lightning layers' q/k norm + RoPE
+    # (ops/lightning_qk.py, where the norm, RoPE and copy kernels it replaced were filed),
+    # SiLU-and-mul, torch's elementwise, reduction, copy, fill, cat and index kernels, and
+    # Inductor's fused Triton kernels
     ("norms_elementwise", r"[Nn]orm|rope|[Rr]otary|act_and_mul|silu|sigmoid|elementwise"
                           r"|reduce_kernel|[Cc]opy|[Ff]ill|CatArray|index|scatter|gather"
                           r"|^triton_(poi|red|per)_"),

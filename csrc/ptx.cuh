@@ -1,8 +1,10 @@
 // The PTX the kernels use directly: mma.sync m16n8k16 (bf16 / fp16 in, fp32 accumulate),
-// ldmatrix, cp.async and shared-memory addresses. All of it needs sm_80 or newer, so it sits under
-// one architecture guard, SALA_PTX_SM80. The device pass of an older architecture still compiles:
-// its mma, ldmatrix and copies trap, so a launch there fails loudly instead of computing garbage,
-// and commit / wait, which have nothing left to order, do nothing.
+// ldmatrix, cp.async and shared-memory addresses, all under the architecture guard
+// SALA_PTX_SM80 (sm_80 or newer); and Hopper's warpgroup MMA (wgmma, sm_90a only) under
+// SALA_PTX_SM90A. The device pass of an older architecture still compiles: its mma, ldmatrix and
+// copies trap, so a launch there fails loudly instead of computing garbage, and commit / wait,
+// which have nothing left to order, do nothing. Kernels branch on SALA_PTX_SM90A themselves to
+// pick wgmma where the pass has it.
 
 #ifndef SALA_SGLANG_CSRC_PTX_CUH_
 #define SALA_SGLANG_CSRC_PTX_CUH_
@@ -17,6 +19,9 @@
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define SALA_PTX_SM80 1
+#endif
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SALA_PTX_SM90A 1
 #endif
 
 namespace sala::ptx {
@@ -146,6 +151,81 @@ template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
 #ifdef SALA_PTX_SM80
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// ---- warpgroup MMA (sm_90a) ----
+// A shared-memory matrix descriptor for wgmma, 128-byte swizzle, K-major: rows of 64 16-bit
+// elements (128 bytes), 8-row groups 1024 bytes apart, the 16-byte chunk j of row r stored at
+// chunk j ^ (r % 8) of its row, the group 1024-byte aligned (so the base offset is 0). p is where
+// the k-slice starts: the group's base plus 32 bytes per 16 elements of k.
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* p) {
+  const uint64_t addr = smem_addr(p);
+  return ((addr & 0x3FFFFu) >> 4)       // start address
+         | (uint64_t{1} << 16)          // leading-dimension offset: unused by K-major swizzles
+         | (uint64_t{1024 >> 4} << 32)  // stride offset: one 8-row group
+         | (uint64_t{1} << 62);         // 128-byte swizzle
+}
+
+// Orders this thread's earlier generic-proxy writes to shared memory (st.shared, cp.async) before
+// later async-proxy reads (wgmma operands); a barrier after it extends that to the CTA.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#ifdef SALA_PTX_SM90A
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Makes the registers a following wgmma reads or accumulates into ready for it.
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef SALA_PTX_SM90A
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wgmma_commit() {
+#ifdef SALA_PTX_SM90A
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most kPending of the warpgroup's committed wgmma groups are in flight; the
+// accumulators of the others may then be read.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+#ifdef SALA_PTX_SM90A
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// d (+)= a . b for the warpgroup's m64n32k16 tile, fp32 accumulate, asynchronously (read d only
+// after wgmma_commit and wgmma_wait): a is this warp's 16 rows as an mma.sync m16n8k16 A
+// fragment (rows 16 * (warp % 4) + ...), b the 16 x 32 B tile, K-major in shared memory
+// (`desc`), d this thread's accumulators in the m16n8 layout of each of the four n8 tiles
+// (d[n] = the mma.sync c of n8 tile n). accumulate false overwrites d.
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n32k16(float (&d)[4][4], const uint32_t (&a)[4],
+                                                uint64_t desc, bool accumulate) {
+#ifdef SALA_PTX_SM90A
+  const int scale_d = accumulate ? 1 : 0;
+#define SALA_WGMMA_M64N32K16(TYPE)                                                                \
+  asm volatile(                                                                                   \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"                                                \
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE                                 \
+      " "                                                                                         \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "                  \
+      "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"                                               \
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), \
+        "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])                                \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d))
+  if constexpr (Float16Format<T>::kBF16) {
+    SALA_WGMMA_M64N32K16("bf16");
+  } else {
+    SALA_WGMMA_M64N32K16("f16");
+  }
+#undef SALA_WGMMA_M64N32K16
+#else
+  __trap();
 #endif
 }
 

@@ -93,27 +93,43 @@ __device__ __forceinline__ uint32_t block_hi(uint32_t score_bits, int b, int qb,
 }
 
 // Where each K1 row of a staged tile of kWT windows starts (elements from the kv head's K1), -1
-// past the n_vis visible windows: one thread per row does the page lookup, so the copy loop that
-// follows does no division. Window c lives beside the page of its last token
-// kernel_stride * c + kernel_size - 1 (the layout compress_new_windows writes; Triton twin
-// `page_of_window`): as kernel_size is a multiple of kernel_stride, that is row slot
+// past the n_vis visible windows, looked up one tile ahead: fetch(tile) starts thread tid's
+// req_to_token read for window tile * kWT + tid into a register, place(tile) turns it into that
+// row's offset in the tile's slot of `offsets` ([kStages][kWT]). One thread per row does the
+// lookup, so the copy loop that follows does no division; placing a whole tile after fetching
+// keeps the read's latency off the barrier every tile waits at. Window c lives beside the page
+// of its last token kernel_stride * c + kernel_size - 1 (the layout compress_new_windows writes;
+// Triton twin `page_of_window`): as kernel_size is a multiple of kernel_stride, that is row slot
 // c + k1_lag of the request, ratio = block_size / kernel_stride slots per page.
-template <int kWT>
-__device__ __forceinline__ void locate_k1_rows(int64_t* offsets, int tile, int n_vis, int tid,
-                                               const int32_t* rt_row, const Geometry& geo,
-                                               int ratio) {
-  if (tid < kWT) {
+template <int kWT, int kStages>
+struct K1RowLocator {
+  int64_t* offsets;
+  const int32_t* rt_row;
+  const Geometry& geo;
+  int n_vis, ratio, tid;
+  int slot = 0;
+  bool visible = false;
+  int32_t token = 0;  // req_to_token at the slot's page
+
+  __device__ __forceinline__ void fetch(int tile) {
     const int c = tile * kWT + tid;
-    int64_t offset = -1;
-    if (c < n_vis) {
-      const int slot = c + geo.k1_lag;
-      const int block = slot / ratio;  // block_size is a multiple of kernel_stride
-      const int64_t page = rt_row[int64_t{block} * geo.block_size] / geo.block_size;
-      offset = page * geo.stride_kp + int64_t{slot - block * ratio} * geo.stride_ks;
+    visible = tid < kWT && c < n_vis;
+    if (visible) {
+      slot = c + geo.k1_lag;
+      token = rt_row[int64_t{slot / ratio} * geo.block_size];  // block_size % stride == 0
     }
-    offsets[tid] = offset;
   }
-}
+  __device__ __forceinline__ void place(int tile) const {
+    if (tid < kWT) {
+      int64_t offset = -1;
+      if (visible) {
+        const int64_t page = token / geo.block_size;
+        offset = page * geo.stride_kp + int64_t{slot % ratio} * geo.stride_ks;
+      }
+      offsets[(tile % kStages) * kWT + tid] = offset;
+    }
+  }
+};
 
 // Start the copies of a located tile into its ring slot (rows of kRow elements).
 template <int kWT, int kRow, int kChunks, int kThreads, typename T>
@@ -129,17 +145,44 @@ __device__ __forceinline__ void stage_k1_rows(T* dst, const int64_t* offsets, co
   }
 }
 
+// Element offset, in a stage of kWT staged rows of D elements, of 16-byte chunk `chunk` of row
+// `row`: the row's 64-element atom (chunk / 8) holds the stage's kWT rows 128 bytes apart, and
+// 16-byte chunk c of row r sits at c ^ (r % 8) (the 128-byte swizzle wgmma reads, so ldmatrix's
+// eight rows of one chunk also hit distinct banks).
+template <int kWT>
+__device__ __forceinline__ int swizzled_offset(int row, int chunk) {
+  return (chunk / 8) * kWT * 64 + row * 64 + (((chunk % 8) ^ (row % 8)) * 8);
+}
+
+// stage_k1_rows into the swizzled layout of swizzled_offset.
+template <int kWT, int kChunks, int kThreads, typename T>
+__device__ __forceinline__ void stage_k1_rows_swizzled(T* dst, const int64_t* offsets,
+                                                       const T* k1_group, int tid) {
+  for (int i = tid; i < kWT * kChunks; i += kThreads) {
+    const int row = i / kChunks;
+    const int chunk = i % kChunks;
+    const int64_t offset = offsets[row];
+    const T* src = offset >= 0 ? k1_group + offset + chunk * 8 : k1_group;
+    ptx::cp_async_16_zfill(dst + swizzled_offset<kWT>(row, chunk), src, offset >= 0 ? 16 : 0);
+  }
+}
+
 // Streams K1 tiles [first, end) through a kStages-deep cp.async ring and calls body(tile) once
 // each tile is in shared memory (when score; a CTA's idle warps still copy and meet the
-// barriers). locate(tile) writes a tile's row offsets one barrier before load(tile) reads them;
-// one barrier per tile. Nothing is in flight on return.
-template <int kStages, typename Locate, typename Load, typename Body>
-__device__ __forceinline__ void ring_sweep(int first, int end, bool score, Locate&& locate,
-                                           Load&& load, Body&& body) {
+// barriers). rows (a K1RowLocator) places a tile's row offsets one barrier before load(tile)
+// reads them, from the lookup it fetched an iteration earlier; one barrier per tile. Nothing is
+// in flight on return.
+template <int kStages, typename Rows, typename Load, typename Body>
+__device__ __forceinline__ void ring_sweep(int first, int end, bool score, Rows& rows, Load&& load,
+                                           Body&& body) {
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (first + s < end) locate(first + s);
+    if (first + s < end) {
+      rows.fetch(first + s);
+      rows.place(first + s);
+    }
   }
+  if (first + kStages - 1 < end) rows.fetch(first + kStages - 1);
   __syncthreads();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -148,9 +191,13 @@ __device__ __forceinline__ void ring_sweep(int first, int end, bool score, Locat
   }
   for (int tile = first; tile < end; ++tile) {
     const int next = tile + kStages - 1;
-    if (next < end) locate(next);
+    if (next < end) {
+      rows.place(next);
+      if (next + 1 < end) rows.fetch(next + 1);
+    }
     ptx::cp_async_wait<kStages - 2>();
-    __syncthreads();  // tile is in; every warp is done with the slot refilled next
+    ptx::fence_proxy_async_shared();  // the copies are visible to wgmma's reads (sm_90a)
+    __syncthreads();                  // tile is in; every warp is done with the slot refilled next
     if (next < end) load(next);
     ptx::cp_async_commit();
     if (score) body(tile);
@@ -239,9 +286,6 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
   const T* k1_group = k1 + int64_t{g} * geo.stride_kg;
   const int n_tiles = (n_vis + kWT - 1) / kWT;
 
-  auto locate_tile = [&](int tile) {
-    locate_k1_rows<kWT>(row_offset + (tile % kStages) * kWT, tile, n_vis, tid, rt_row, geo, ratio);
-  };
   auto load_tile = [&](int tile) {
     stage_k1_rows<kWT, kRow, kChunks, kThreads>(ring + (tile % kStages) * kWT * kRow,
                                                 row_offset + (tile % kStages) * kWT, k1_group, tid);
@@ -275,7 +319,8 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
   };
 
   auto sweep = [&](auto&& body) {
-    ring_sweep<kStages>(0, n_tiles, true, locate_tile, load_tile, body);
+    K1RowLocator<kWT, kStages> rows{row_offset, rt_row, geo, n_vis, ratio, tid};
+    ring_sweep<kStages>(0, n_tiles, true, rows, load_tile, body);
   };
 
   // ---- pass 1: per-head softmax max and sum (log2 units) ----
@@ -481,9 +526,12 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
 constexpr int kTiledWindows = 32;  // windows per staged tile: 4 n8 tiles per warp
 constexpr int kTiledStages = 4;
 
+// A stage holds kTiledWindows K1 rows in 128-byte-swizzled atoms of 64 elements (the layout
+// wgmma reads; see stage_k1_rows_swizzled), 1024-byte aligned: 1024 bytes of slack let the ring
+// start at the first aligned address of the dynamic shared memory.
 template <int D>
 __host__ __device__ constexpr int64_t tiled_ring_bytes() {
-  return int64_t{kTiledStages} * kTiledWindows * (D + 8) * 2;
+  return int64_t{kTiledStages} * kTiledWindows * D * 2 + 1024;
 }
 
 // one warp's selection scratch: histogram, then chosen keys
@@ -518,20 +566,21 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
   constexpr int kThreads = 32 * TT;
   constexpr int kWT = kTiledWindows;
   constexpr int kStages = kTiledStages;
-  constexpr int kRow = D + 8;
+  constexpr int kStage = kWT * D;  // elements per staged tile
   constexpr int kChunks = D / 8;
   constexpr int kSteps = D / 16;
   constexpr int kN = kWT / 8;  // n8 tiles per warp per staged tile
-  static_assert(kSteps % 2 == 0, "head dim must be a multiple of 32");
+  static_assert(kSteps % 2 == 0 && D % 64 == 0, "head dim must be a multiple of 64");
   static_assert(kWT <= kThreads, "one thread per staged row looks up its page");
   static_assert(2 * kN == 8, "each quad row pools exactly one of the tile's (n, e) windows");
+  static_assert(TT % 4 == 0, "wgmma scores whole warpgroups of 4 tokens");
   constexpr uint32_t kFull = 0xffffffffu;
 
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t score_row = align16(4 * int64_t{geo.segment});  // bytes per token
   const int64_t best_row = align16(8 * int64_t{geo.num_selected});
   const int64_t union_bytes = tiled_union_bytes<D>(TT, geo.num_selected);
-  T* ring = reinterpret_cast<T*>(smem);
+  T* ring = reinterpret_cast<T*>(smem + ((1024 - ptx::smem_addr(smem) % 1024) % 1024));
   unsigned char* best_all = smem + union_bytes;
   unsigned char* scores_all = best_all + TT * best_row;
   int64_t* row_offset = reinterpret_cast<int64_t*>(scores_all + TT * score_row);  // [stages][kWT]
@@ -629,39 +678,58 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
     const int32_t* rt_row = req_to_token + (sweep_req < 0 ? 0 : int64_t{sweep_req}) * geo.stride_rt;
     const int n_tiles = (sweep_vis + kWT - 1) / kWT;
 
-    auto locate_tile = [&](int tile) {
-      locate_k1_rows<kWT>(row_offset + (tile % kStages) * kWT, tile, sweep_vis, tid, rt_row, geo,
-                          ratio);
-    };
     auto load_tile = [&](int tile) {
-      stage_k1_rows<kWT, kRow, kChunks, kThreads>(
-          ring + (tile % kStages) * kWT * kRow, row_offset + (tile % kStages) * kWT, k1_group, tid);
+      stage_k1_rows_swizzled<kWT, kChunks, kThreads>(
+          ring + (tile % kStages) * kStage, row_offset + (tile % kStages) * kWT, k1_group, tid);
     };
     // the staged tile's kWT windows -> this token's raw q.k (times scale_log2 where used, fused
     // into the exp2 argument; the tile max is taken before scaling, which commutes with a
     // positive scale exactly): rows quad_row
-    // (acc[n][0..1]) and quad_row + 8 (acc[n][2..3]), windows 8n + 2*quad_col + {0,1}
+    // (acc[n][0..1]) and quad_row + 8 (acc[n][2..3]), windows 8n + 2*quad_col + {0,1}.
+    // On sm_90a each warpgroup's four tokens are one m64 wgmma tile over the staged windows
+    // (the B operand read once from shared memory for the four), so every warp of the CTA
+    // scores every tile, in or out of the sweep; elsewhere each warp runs its own mma.sync.
     auto score_tile = [&](int tile, float(&acc)[kN][4]) {
-      const T* base = ring + (tile % kStages) * kWT * kRow;
+      const T* base = ring + (tile % kStages) * kStage;
 #pragma unroll
       for (int n = 0; n < kN; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
       }
+#ifdef SALA_PTX_SM90A
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s) {
+        // k-slice s: atom s / 4, 32 bytes per 16 elements into its swizzled rows
+        const T* slice = base + (s / 4) * kWT * 64 + (s % 4) * 16;
+        ptx::wgmma_m64n32k16<T>(acc, qa[s], ptx::wgmma_desc_sw128(slice), s > 0);
+      }
+      ptx::wgmma_commit();
+      ptx::wgmma_wait<0>();
+#else
 #pragma unroll
       for (int s = 0; s < kSteps; s += 2) {
 #pragma unroll
         for (int n = 0; n < kN; ++n) {
+          // lanes 8i .. 8i + 7: rows 8n + [0, 8) at 16-byte chunk 2s + i
           uint32_t b[4];
-          ptx::ldmatrix_x4(b, base + (8 * n + (lane % 8)) * kRow + 16 * s + 8 * (lane / 8));
+          ptx::ldmatrix_x4(b, base + swizzled_offset<kWT>(8 * n + lane % 8, 2 * s + lane / 8));
           ptx::mma_m16n8k16<T>(acc[n], qa[s], b[0], b[1]);
           ptx::mma_m16n8k16<T>(acc[n], qa[s + 1], b[2], b[3]);
         }
       }
+#endif
     };
-    // warps not in this sweep copy and wait but score nothing
+#ifdef SALA_PTX_SM90A
+    constexpr bool kEveryWarpScores = true;
+#else
+    constexpr bool kEveryWarpScores = false;
+#endif
+    // warps not in this sweep copy and wait and (but for wgmma's warpgroups) score nothing;
+    // bodies return after scoring for them
     auto sweep = [&](int first, int end, auto&& body) {
-      ring_sweep<kStages>(first, end, active, locate_tile, load_tile, body);
+      K1RowLocator<kWT, kStages> rows{row_offset, rt_row, geo, sweep_vis, ratio, tid};
+      ring_sweep<kStages>(first, end, active || kEveryWarpScores, rows, load_tile, body);
     };
 
     // ---- pass 1: this token's per-head softmax max and sum (log2 units) ----
@@ -671,6 +739,7 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
     sweep(0, n_tiles, [&](int tile) {
       float acc[kN][4];
       score_tile(tile, acc);
+      if (!active) return;
       const int c0 = tile * kWT + 2 * quad_col;
       auto accumulate = [&](auto whole) {
         constexpr bool kWhole = decltype(whole)::value;
@@ -743,6 +812,7 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
       sweep(first, end, [&](int tile) {
         float acc[kN][4];
         score_tile(tile, acc);
+        if (!active) return;
         const int c0 = tile * kWT + 2 * quad_col;
         // v[2n + e]: this lane's head rows' share of window c0 + 8n + e
         float v[8];

@@ -1,6 +1,7 @@
 """Lightning kernels against their anchors, on the same inputs in one run (real config dims).
 
     python benchmarks/kernels/lightning.py [--out DIR] [--batches 1 8 32] [--prefill-tokens ...]
+    python benchmarks/kernels/lightning.py --qk-only [--out DIR]    # under a minute
 
 Decode: one decode step of all Lightning layers = one call per layer (24), each on its own layer's
 state pool, captured in one CUDA graph as SGLang serves decode, timed as graph replays. State
@@ -9,6 +10,11 @@ step: state read + write (fp32) and q, k, v, o (bf16); floor = bytes / measured 
 Prefill: one sequence, fresh state; FLOPs of the chunked form (chunk 64):
 T * H * (4 * 64 * D + 4 * D^2); floor = max(bytes / copy bandwidth, FLOPs / bf16 peak).
 Each anchor's output and final state are compared with ours and with the reference.
+--qk-only: the layer's q/k preparation alone, the chain it replaced (two reshape copies of the
+qkv slices, SGLang's RMSNorm on q and on k, SGLang's RoPE, a copy of v) against
+ops/lightning_qk.py (v left a slice), each also followed by the recurrence, for one
+--chunked-prefill-size chunk (one layer, eager) and a batch-1 decode step (every Lightning
+layer, one CUDA graph); the fused outputs are compared with the chain's.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from benchmarks.common import (
 )
 from sala_sglang.ops import _cuda, lightning  # noqa: E402
 from sala_sglang.ops.lightning_plan import PREFILL_LAUNCH  # noqa: E402
+from sala_sglang.ops.lightning_qk import lightning_qk_norm_rope  # noqa: E402
 from sala_sglang.reference.lightning import lightning_chunked, lightning_slopes  # noqa: E402
+from sala_sglang.server_args import RECOMMENDED_SERVE_FLAGS  # noqa: E402
 
 CHUNK = 64
 DEVICE = "cuda"
@@ -283,6 +291,143 @@ def bench_prefill(found: dict, peaks: dict, heads: int, dim: int, tokens: int,
     return row
 
 
+# ---- the layer's q/k preparation (--qk-only) --------------------------------------------------
+
+PrepareQKV = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# where the timed chunk and decode step sit in the sequence (the RoPE table is read there)
+QK_CONTEXT = 131072
+
+
+def qk_preparations(config: dict) -> dict[str, PrepareQKV]:
+    """(qkv [T, 3*H*D], positions [T]) -> q, k, v [T, H, D] as the recurrence gets them: the
+    chain the layer ran before ops/lightning_qk.py ("chain", SGLang's modules as the layer built
+    them, bf16 weights, the fp32 RoPE table) and the fused op ("fused"), same weights and table."""
+    from types import SimpleNamespace
+
+    from sglang.srt.layers.layernorm import RMSNorm
+    from sglang.srt.layers.rotary_embedding import get_rope
+    from sglang.srt.runtime_context import get_context
+
+    # building SGLang's RoPE reads one server argument; no server runs here
+    get_context().set_server_args(SimpleNamespace(rl_on_policy_target=None))
+    heads, dim = config["lightning_nh"], config["lightning_head_dim"]
+    width = heads * dim
+    gen = torch.Generator().manual_seed(0)
+    with torch.device(DEVICE):
+        q_norm, k_norm = (RMSNorm(dim, eps=config["rms_norm_eps"]).to(torch.bfloat16)
+                          for _ in range(2))
+        rope = get_rope(dim, rotary_dim=dim, max_position=config["max_position_embeddings"],
+                        base=config["rope_theta"], is_neox_style=True, dtype=torch.bfloat16)
+    for norm in (q_norm, k_norm):
+        norm.weight.data.copy_(1.0 + 0.1 * torch.randn(dim, generator=gen))
+
+    def chain(qkv: torch.Tensor, positions: torch.Tensor):
+        q, k, v = qkv.split(width, -1)
+        q = q_norm(q.reshape(-1, dim)).view(-1, width)
+        k = k_norm(k.reshape(-1, dim)).view(-1, width)
+        q, k = rope(positions, q, k)
+        return q.view(-1, heads, dim), k.view(-1, heads, dim), v.contiguous().view(-1, heads, dim)
+
+    def fused(qkv: torch.Tensor, positions: torch.Tensor):
+        q, k, v = qkv.split(width, -1)
+        q, k = lightning_qk_norm_rope(q, k, q_norm.weight, k_norm.weight, q_norm.variance_epsilon,
+                                      positions, rope.cos_sin_cache)
+        return q, k, v.view(-1, heads, dim)
+
+    return {"chain": chain, "fused": fused}
+
+
+def bench_qk_prefill(preps: dict[str, PrepareQKV], peaks: dict, heads: int, dim: int,
+                     tokens: int) -> dict:
+    """One layer on one chunk: the preparation alone, then followed by the prefill (fresh
+    state, the segment length the plan would choose); outputs of the fused path against the
+    chain's."""
+    slopes = lightning_slopes(heads).float().to(DEVICE)
+    slots = torch.zeros(1, device=DEVICE, dtype=torch.int32)
+    cu = torch.tensor([0, tokens], device=DEVICE, dtype=torch.int32)
+    fresh = torch.zeros(1, device=DEVICE, dtype=torch.int32)
+    state = torch.zeros(1, heads, dim, dim, device=DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(tokens)
+    qkv = torch.randn(tokens, 3 * heads * dim, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    positions = torch.arange(QK_CONTEXT, QK_CONTEXT + tokens, device=DEVICE)
+
+    def prefill(prep: PrepareQKV) -> torch.Tensor:
+        return lightning.lightning_prefill(*prep(qkv, positions), state, slots, cu, fresh, slopes,
+                                           dim**-0.5)
+
+    # q and k read and written once, in bf16
+    fused_bytes = 4 * tokens * heads * dim * 2
+    row = {"tokens": tokens, "context": QK_CONTEXT, "fused_prep_bytes": fused_bytes,
+           "fused_prep_floor_ms": fused_bytes / (peaks["copy_gb_per_s"] * 1e6), "ms": {}}
+    outputs = {name: (*prep(qkv, positions)[:2], prefill(prep)) for name, prep in preps.items()}
+    row["rel_err_fused_vs_chain"] = {
+        part: rel_err(fused, chain)
+        for part, fused, chain in zip(("q", "k", "o"), outputs["fused"], outputs["chain"])}
+    for name, prep in preps.items():
+        row["ms"][f"{name}_prep"] = gpu_time_ms(lambda: prep(qkv, positions), warmup=3, iters=20)
+        row["ms"][f"{name}_prep_prefill"] = gpu_time_ms(lambda: prefill(prep), warmup=2, iters=10)
+    return row
+
+
+def bench_qk_decode(preps: dict[str, PrepareQKV], heads: int, dim: int, layers: int,
+                    batch: int) -> dict:
+    """A decode step of every Lightning layer, each with its own qkv rows and state, captured in
+    one CUDA graph as SGLang serves decode: the preparation alone, then with the decode step
+    (the implementation lightning_decode picks)."""
+    slopes = lightning_slopes(heads).float().to(DEVICE)
+    slots = torch.arange(batch, device=DEVICE, dtype=torch.int32)
+    gen = torch.Generator(device=DEVICE).manual_seed(batch)
+    qkv = torch.randn(layers, batch, 3 * heads * dim, device=DEVICE, dtype=torch.bfloat16,
+                      generator=gen)
+    states = torch.randn(layers, batch, heads, dim, dim, device=DEVICE, generator=gen)
+    positions = torch.full((batch,), QK_CONTEXT, device=DEVICE)
+
+    def step(prep: PrepareQKV, decode: bool) -> None:
+        for layer in range(layers):
+            q, k, v = prep(qkv[layer], positions)
+            if decode:
+                lightning.lightning_decode(q, k, v, states[layer], slots, slopes, dim**-0.5)
+
+    row = {"batch": batch, "layers": layers, "timed": "CUDA graph replay", "ms": {}}
+    for name, prep in preps.items():
+        for decode in (False, True):
+            step(prep, decode)  # compile outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step(prep, decode)
+            row["ms"][f"{name}_prep" + ("_decode" if decode else "")] = gpu_time_ms(
+                graph.replay, warmup=3, iters=50)
+            graph = None
+    return row
+
+
+@torch.no_grad()  # as SGLang runs the model
+def bench_qk(config: dict, layers: int, out: Path, tag: str) -> None:
+    heads, dim = config["lightning_nh"], config["lightning_head_dim"]
+    flags = list(RECOMMENDED_SERVE_FLAGS)
+    chunk = int(flags[flags.index("--chunked-prefill-size") + 1])
+    preps = qk_preparations(config)
+    peaks = measured_peaks()
+    record = {**header("kernels_lightning_qk", tag), "peaks": peaks,
+              "config": {"heads": heads, "head_dim": dim, "lightning_layers": layers},
+              "prefill": bench_qk_prefill(preps, peaks, heads, dim, chunk),
+              "decode": bench_qk_decode(preps, heads, dim, layers, batch=1)}
+    write_result(record, f"kernels_lightning_qk_{tag}", out)
+    prefill, decode = record["prefill"], record["decode"]
+    lines = ["| case | chain ms | fused ms | chain / fused |", "|---|---|---|---|"]
+    for label, row, part in (
+        (f"prefill T={chunk}, one layer: q/k prep", prefill, "prep"),
+        (f"prefill T={chunk}, one layer: prep + prefill", prefill, "prep_prefill"),
+        (f"decode b=1, {layers} layers: q/k prep", decode, "prep"),
+        (f"decode b=1, {layers} layers: prep + decode", decode, "prep_decode"),
+    ):
+        chain, fused = row["ms"][f"chain_{part}"], row["ms"][f"fused_{part}"]
+        lines.append(f"| {label} | {chain:.4f} | {fused:.4f} | {chain / fused:.2f} |")
+    lines.append(f"fused prep at {prefill['fused_prep_floor_ms']:.4f} ms of copy bandwidth; "
+                 f"rel err fused vs chain: {prefill['rel_err_fused_vs_chain']}")
+    print("\n".join(lines), flush=True)
+
+
 def table(record: dict) -> str:
     lines = ["| kernel | case | ms | GB/s or TFLOP/s | x floor | ours faster by | rel err vs ref |",
              "|---|---|---|---|---|---|---|"]
@@ -315,14 +460,20 @@ def main() -> None:
     parser.add_argument("--reference-max-tokens", type=int, default=131072)
     parser.add_argument("--segment-lens", type=int, nargs="*", default=[],
                         help="also time our prefill at these fixed segment lengths (tuning)")
+    parser.add_argument("--qk-only", action="store_true",
+                        help="only the layer's q/k preparation: SGLang's chain against "
+                             "ops/lightning_qk.py (one chunk, one batch-1 decode step)")
     args = parser.parse_args()
 
     config = json.loads(RELEASED_CONFIG.read_text())
     heads, dim = config["lightning_nh"], config["lightning_head_dim"]
     layers = config["mixer_types"].count("lightning-attn")
-    found = anchors()
     device = torch.cuda.get_device_name(0).lower()
     tag = next((t for t in ("h100", "h200") if t in device), "gpu")
+    if args.qk_only:
+        bench_qk(config, layers, args.out, tag)
+        return
+    found = anchors()
     record = {**header("kernels_lightning", tag), "peaks": measured_peaks(),
               "prefill_launch": PREFILL_LAUNCH,
               "config": {"heads": heads, "head_dim": dim, "lightning_layers": layers},

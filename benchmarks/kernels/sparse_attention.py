@@ -13,13 +13,19 @@
 
 Prefill = the last 8192-token chunk of a 32K/128K/512K prompt (what chunked prefill runs), one
 request, every token sparse. Decode = batch 1/8/32 of 128K-token requests, one query each, timed
-as CUDA-graph replays (as served) where the runner can be captured.
+as CUDA-graph replays (as served) where the runner can be captured. Decode selection (section
+"decode select", alone with --decode-selection-only): the Triton selection at a server's static
+width (--decode-widths: a 128K and a 1M server's), as serving's decode plan runs it, against the
+path before the chunked top-k and the stage-1 split fill (`select_before.py`: DECODE_SPLITS,
+block keys + torch.topk) on the same inputs, then each half alone (both tails on the same window
+probabilities must give identical blocks); with --sweep, the top-k chunk and stage-1 splits.
 Checks in the same run: attention outputs against a float64 reference on sampled rows and against
 each other given the same selection; selected blocks against the reference block scores and as
 overlap with the anchor's. Rates count only the needed FLOPs (4 * heads * head_dim * attended keys
 per query; 2 * heads * head_dim * visible windows for stage-1) against measured_peaks().
 
     python benchmarks/kernels/sparse_attention.py [--baseline OLD_SPARSE_PY] [--flashinfer-aot DIR]
+    python benchmarks/kernels/sparse_attention.py --decode-selection-only [--sweep]
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 if __name__ == "__main__":  # run as a file: `benchmarks` imports from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.common import RESULTS, gpu_time_ms, header, measured_peaks, write_result
+from benchmarks.kernels import select_before as before
 from benchmarks.kernels import sparse_anchors as anchors
 from sala_sglang.config import MiniCPMSALAConfig  # noqa: E402
 from sala_sglang.ops import _cuda  # noqa: E402
@@ -376,6 +383,68 @@ def bench_selection(rec: Record, inp: SparseInputs, case: str, scale: float, spl
     return sel
 
 
+def bench_decode_selection(rec: Record, inp: SparseInputs, case: str, width: int, scale: float,
+                           iters: int, sweep: bool) -> None:
+    """Triton decode selection at a static `width` (blocks) under serving's decode plan, against
+    the path before (stage-1 at DECODE_SPLITS, `select_before`'s keys + torch.topk), then each
+    half alone; with `sweep`, the top-k chunk and the stage-1 split count."""
+    cfg = inp.cfg
+    plan = make_plan(cfg, tokens=inp.q.shape[0], groups=inp.k.shape[1], head_dim=inp.q.shape[2],
+                     width=width, decode=True, device=DeviceFacts.of(inp.q.device), impl="triton")
+    old_plan = dataclasses.replace(plan, triton_select_splits=DECODE_SPLITS)
+    args = (inp.q, inp.k1, inp.rt, inp.token_req, inp.token_pos, cfg, width, scale)
+
+    def stage1(p: SparsePlan) -> Callable[[], torch.Tensor]:
+        return lambda: select._window_probabilities(*args, p)
+
+    def tail(probs: torch.Tensor, chunk: int | None) -> Callable[[], torch.Tensor]:
+        """Our top-k in chunks of `chunk` blocks; None: the one before."""
+        if chunk is None:
+            return lambda: before.top_blocks_before(probs, inp.token_pos, cfg, width)
+        return lambda: select._top_blocks(probs, inp.token_pos, cfg, width, chunk)
+
+    def before_fn() -> torch.Tensor:
+        return before.top_blocks_before(stage1(old_plan)(), inp.token_pos, cfg, width)
+
+    def ours_fn() -> torch.Tensor:
+        return select.select_blocks(*args, plan)
+
+    sel, sel_before = ours_fn(), before_fn()
+    t_before = timed_row(before_fn, iters)
+    rec.add(section="decode select", case=case,
+            impl=f"before: {DECODE_SPLITS} splits, keys + torch.topk", **t_before)
+    t = timed_row(ours_fn, iters)
+    splits, chunk = plan.triton_select_splits, plan.triton_key_chunk
+    rec.add(section="decode select", case=case,
+            impl=f"ours: {splits} splits, top-k chunks of {chunk}", **t, splits=splits,
+            key_chunk=chunk, speedup_vs_before=round(t_before["ms"] / t["ms"], 2),
+            overlap_with_before=overlap(sel, sel_before, width),
+            ref_ok=selection_ok(inp, anchors.contiguous_windows(inp), sel, check_rows(inp)))
+    for p in (old_plan, plan):
+        rec.add(section="decode select", case=case,
+                impl=f"stage-1 alone, {p.triton_select_splits} splits",
+                **timed_row(stage1(p), iters))
+    probs = stage1(plan)()
+    want = tail(probs, None)()
+    rec.add(section="decode select", case=case, impl="top-k alone, before (keys + torch.topk)",
+            **timed_row(tail(probs, None), iters))
+    rec.add(section="decode select", case=case, impl=f"top-k alone, ours (chunks of {chunk})",
+            **timed_row(tail(probs, chunk), iters),
+            tail_identical=torch.equal(tail(probs, chunk)(), want))
+    if not sweep:
+        return
+    for c in (256, 512, 1024, 2048, 4096):
+        ms = timed_row(tail(probs, c), iters)["ms"]
+        same = torch.equal(tail(probs, c)(), want)
+        rec.data["sweeps"].append(dict(op="decode top-k", case=case, key_chunk=c, ms=ms,
+                                       identical=same))
+        rec.log(f"  sweep decode top-k chunk={c}: {ms} ms, identical {same}")
+    for n in (8, 16, 32, 64, 128, 256):
+        ms = timed_row(stage1(dataclasses.replace(plan, triton_select_splits=n)), iters)["ms"]
+        rec.data["sweeps"].append(dict(op="decode stage-1", case=case, splits=n, ms=ms))
+        rec.log(f"  sweep decode stage-1 splits={n}: {ms} ms")
+
+
 def bench_infllm_stage1(rec: Record, inp: SparseInputs, case: str, scale: float) -> None:
     """OpenBMB's CUDA stage-1 as sgl_kernel ships it. Run last: its argument conventions are read
     off OpenBMB's callers, not documented, and a fault there must not cost the other numbers."""
@@ -537,7 +606,8 @@ def print_table(rec: Record) -> None:
         check = ", ".join(f"{k}={r[k]}" for k in ("ref_ok", "ref_rel_err", "rel_err_vs_ours",
                                                    "overlap_with_ours", "cuda_ref_rel_err",
                                                    "cuda_rel_err_vs_ours", "cuda_error",
-                                                   "speedup_vs_triton")
+                                                   "speedup_vs_triton", "speedup_vs_before",
+                                                   "overlap_with_before", "tail_identical")
                           if k in r)
         impl = r["impl"] + (" [graph]" if r.get("timing") == "cuda graph" else "")
         print(f"{r['section']:8} {r['case']:24} {impl[:32]:32} {r['ms']:9.3f} "
@@ -555,11 +625,17 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=8192)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--decode-context", type=int, default=131072)
+    p.add_argument("--decode-widths", type=int, nargs="+", default=[2052, 16400],
+                   help="static selection widths (blocks) of the decode selection rows: a 128K "
+                        "and a 1M server's (max context / block size)")
+    p.add_argument("--decode-selection-only", action="store_true",
+                   help="only the decode selection rows (--batches x --decode-widths)")
     p.add_argument("--shared", type=float, default=0.5,
                    help="query direction shared across tokens for the correlated 128K case")
     p.add_argument("--baseline", type=Path, help="an older sparse.py to time beside ours")
     p.add_argument("--flashinfer-aot", type=Path, help="FlashInfer kernels built ahead")
-    p.add_argument("--sweep", action="store_true", help="launch-shape sweeps at 128K")
+    p.add_argument("--sweep", action="store_true",
+                   help="launch-shape sweeps at 128K, and of the decode selection")
     p.add_argument("--tag", default="kernels_sparse",
                    help="what the result file is named by, before device and date")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -570,6 +646,10 @@ def main() -> None:
     cfg = model.sparse
     hq, g, d = model.num_attention_heads, model.num_key_value_heads, model.head_dim
     scale = d**-0.5
+    blocks = -(-args.decode_context // cfg.block_size)
+    if min(args.decode_widths) < blocks:
+        raise ValueError(f"--decode-widths {args.decode_widths}: each must be at least the "
+                         f"{blocks} blocks of --decode-context {args.decode_context}")
     rec = Record(args, measured_peaks(), model)
     rec.log(f"peaks {rec.peaks}")
     baseline = None
@@ -579,6 +659,19 @@ def main() -> None:
         spec.loader.exec_module(baseline)
     anchors.use_prebuilt_flashinfer(args.flashinfer_aot)
     fi = ["fa2", "fa3"]
+    if args.decode_selection_only:
+        GRAPH_TIMING["on"] = True
+        for batch in args.batches:
+            rec.log(f"decode selection {args.decode_context // 1024}K b{batch}")
+            inp = decode_batch(cfg, args.decode_context, batch, hq, g, d, "cuda")
+            for width in args.decode_widths:
+                bench_decode_selection(rec, inp, f"decode {args.decode_context // 1024}K "
+                                       f"b{batch} width {width}", width, scale, 20, args.sweep)
+            rec.save()
+            del inp
+            torch.cuda.empty_cache()
+        print_table(rec)
+        return
 
     for ctx in args.contexts:
         case = f"prefill {ctx // 1024}K"
@@ -633,6 +726,9 @@ def main() -> None:
         rec.add(section="layer", case=case, impl="ours select+attend eager", ms=timed(both, 20))
         rec.add(section="layer", case=case, impl="ours select+attend CUDA graph",
                 ms=timed(graphed(both), 20))
+        for width in args.decode_widths:
+            bench_decode_selection(rec, inp, f"{case} width {width}", width, scale, 20,
+                                   args.sweep)
         rec.save()
         del inp, sel
         torch.cuda.empty_cache()

@@ -30,6 +30,7 @@ from sglang.srt.utils import add_prefix
 from torch import nn
 
 from sala_sglang.config import SPARSE_MIXER, MiniCPMSALAConfig
+from sala_sglang.ops.lightning_qk import lightning_qk_norm_rope
 
 
 class MiniCPMSALAMLP(nn.Module):
@@ -120,12 +121,15 @@ class MiniCPMSALALightningAttention(nn.Module):
             config, self.head_dim, config.lightning_nh, config.lightning_nkv, "z_proj",
             quant_config, prefix,
         )
+        # per-head weights [head_dim], the same on every TP rank; applied by lightning_qk_norm_rope
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         # One RMSNorm over all heads of the layer; each TP rank holds its heads' slice.
         self.o_norm = RMSNorm(self.inner_size, eps=config.rms_norm_eps)
         tp_rank = get_parallel().tp_rank
         self.o_norm.weight.weight_loader = _slice_loader(tp_rank * self.inner_size, self.inner_size)
+        # holds SGLang's RoPE table, `cos_sin_cache`; looked up at every forward, since SGLang may
+        # replace the tensor (moved, cast or lengthened)
         self.rotary_emb = get_rope(
             self.head_dim,
             rotary_dim=self.head_dim,
@@ -142,10 +146,13 @@ class MiniCPMSALALightningAttention(nn.Module):
     ) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.inner_size] * 3, dim=-1)
-        q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.inner_size)
-        k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.inner_size)
-        q, k = self.rotary_emb(positions, q, k)
-        o = self.attn(q, k, v, forward_batch)
+        # q and k are read from the projection's output and written once, normalised and
+        # rotated; v stays a slice of it, which the backend's kernels read in place
+        q, k = lightning_qk_norm_rope(
+            q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.variance_epsilon,
+            positions, self.rotary_emb.cos_sin_cache,
+        )
+        o = self.attn(q.view(-1, self.inner_size), k.view(-1, self.inner_size), v, forward_batch)
         o = self._output_norm(o.view(-1, self.inner_size))
         z, _ = self.z_proj(hidden_states)
         out, _ = self.o_proj(o * torch.sigmoid(z))

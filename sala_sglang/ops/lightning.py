@@ -39,7 +39,7 @@ from sala_sglang.ops.lightning_plan import (
 def _segment_kv_kernel(
     k_ptr, v_ptr, buf_ptr, cu_ptr, slopes_ptr,
     seg_len,
-    stride_t, stride_h,  # k/v: [T, H, D] contiguous in D
+    stride_kt, stride_kh, stride_vt, stride_vh,  # k, v: [T, H, D] contiguous in D
     stride_bb, stride_bs, stride_bh, stride_bk,  # buf: [B, segments, H, Dk, Dv] contiguous in Dv
     D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
 ):
@@ -60,10 +60,12 @@ def _segment_kv_kernel(
     chunk_decay = tl.exp(-slope * C)
     acc = tl.zeros((D, BV), dtype=tl.float32)
     first = start + seg * seg_len
+    h = head.to(tl.int64)  # a head stride may span every token (a head-major layout)
     for c0 in range(0, seg_len, C):
-        offs = (first + c0 + rows).to(tl.int64) * stride_t + head * stride_h
-        k_t = tl.load(k_ptr + offs[None, :] + dk[:, None])  # [D, C]: keys as columns
-        v = tl.load(v_ptr + offs[:, None] + dv[None, :])
+        tok = (first + c0 + rows).to(tl.int64)
+        k_offs = tok * stride_kt + h * stride_kh
+        k_t = tl.load(k_ptr + k_offs[None, :] + dk[:, None])  # [D, C]: keys as columns
+        v = tl.load(v_ptr + (tok * stride_vt + h * stride_vh)[:, None] + dv[None, :])
         # the decay goes on the rows of v (C x BV) rather than on k (C x D): fewer products
         acc = tl.dot(k_t, (v * k_decay[:, None]).to(v.dtype), acc * chunk_decay)
     b_ptrs = (buf_ptr + seq.to(tl.int64) * stride_bb + seg * stride_bs + head * stride_bh
@@ -106,7 +108,8 @@ def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, state_ptr, slots_ptr, cu_ptr, has_init_ptr, slopes_ptr, buf_ptr,
     track_slots_ptr, track_len_ptr,
     scale, seg_len,
-    stride_t, stride_h,  # q/k/v/o: [T, H, D] contiguous in D
+    stride_qt, stride_qh, stride_kt, stride_kh,  # q, k, v, o: [T, H, D] contiguous in D
+    stride_vt, stride_vh, stride_ot, stride_oh,
     stride_ss, stride_sh, stride_sk,  # state: [slots, H, Dk, Dv] contiguous in Dv
     stride_bb, stride_bs, stride_bh, stride_bk,  # buf (SPLIT): segment initial states
     D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, SPLIT: tl.constexpr,
@@ -153,22 +156,27 @@ def _prefill_kernel(
         track_live = (track_at >= 0) & (track_slot >= 0)
 
     first = start + seg_start
+    h = head.to(tl.int64)  # a head stride may span every token (a head-major layout)
     for c0 in range(0, length, C):
         if TRACK:
             tl.store(t_ptrs, state, mask=track_live & (seg_start + c0 == track_at))
         n = tl.minimum(length - c0, C)
         valid = rows < n
-        offs = (first + c0 + rows).to(tl.int64) * stride_t + head * stride_h
-        q = tl.load(q_ptr + offs[:, None] + dk[None, :], mask=valid[:, None], other=0.0)
-        k_t = tl.load(k_ptr + offs[None, :] + dk[:, None], mask=valid[None, :], other=0.0)
-        v = tl.load(v_ptr + offs[:, None] + dv[None, :], mask=valid[:, None], other=0.0)
+        tok = (first + c0 + rows).to(tl.int64)
+        q_offs = tok * stride_qt + h * stride_qh
+        k_offs = tok * stride_kt + h * stride_kh
+        v_offs = tok * stride_vt + h * stride_vh
+        q = tl.load(q_ptr + q_offs[:, None] + dk[None, :], mask=valid[:, None], other=0.0)
+        k_t = tl.load(k_ptr + k_offs[None, :] + dk[:, None], mask=valid[None, :], other=0.0)
+        v = tl.load(v_ptr + v_offs[:, None] + dv[None, :], mask=valid[:, None], other=0.0)
         # Tensor-core products in the input precision, accumulated in fp32 (the running state
         # stays fp32; its copy in the product is rounded once per chunk). Row decays are
         # applied to the smaller side of each product: q's to the output rows, k's to v's rows.
         out = tl.dot(q, state.to(q.dtype)) * q_decay[:, None]
         scores = tl.dot(q, k_t) * intra_decay
         out = tl.dot(scores.to(v.dtype), v, out)
-        tl.store(o_ptr + offs[:, None] + dv[None, :], (out * scale).to(o_ptr.dtype.element_ty),
+        o_offs = tok * stride_ot + h * stride_oh
+        tl.store(o_ptr + o_offs[:, None] + dv[None, :], (out * scale).to(o_ptr.dtype.element_ty),
                  mask=valid[:, None])
         # keys decay to the chunk's last valid row: exp(-slope * (n - 1 - j))
         k_decay = tl.where(valid, tl.exp(-slope * tl.maximum(n - 1 - rows, 0).to(tl.float32)), 0.0)
@@ -186,7 +194,8 @@ def _prefill_kernel(
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, state_ptr, slots_ptr, slopes_ptr, track_slots_ptr, track_mask_ptr,
     scale,
-    stride_b, stride_h,
+    stride_qb, stride_qh, stride_kb, stride_kh,  # q, k, v, o: [B, H, D] contiguous in D
+    stride_vb, stride_vh, stride_ob, stride_oh,
     stride_ss, stride_sh, stride_sk,
     D: tl.constexpr, BV: tl.constexpr, TRACK: tl.constexpr,
 ):
@@ -196,10 +205,10 @@ def _decode_kernel(
     slot = tl.load(slots_ptr + req).to(tl.int64)
     dk = tl.arange(0, D)
     dv = vb * BV + tl.arange(0, BV)
-    base = req.to(tl.int64) * stride_b + head * stride_h
-    q = tl.load(q_ptr + base + dk).to(tl.float32)
-    k = tl.load(k_ptr + base + dk).to(tl.float32)
-    v = tl.load(v_ptr + base + dv).to(tl.float32)
+    row, h = req.to(tl.int64), head.to(tl.int64)
+    q = tl.load(q_ptr + row * stride_qb + h * stride_qh + dk).to(tl.float32)
+    k = tl.load(k_ptr + row * stride_kb + h * stride_kh + dk).to(tl.float32)
+    v = tl.load(v_ptr + row * stride_vb + h * stride_vh + dv).to(tl.float32)
     live = slot >= 0  # CUDA-graph padding rows carry slot -1 and must touch no state
     s_ptrs = state_ptr + slot * stride_ss + head * stride_sh + dk[:, None] * stride_sk + dv[None, :]
     state = tl.load(s_ptrs, mask=live, other=0.0)
@@ -212,7 +221,7 @@ def _decode_kernel(
                   + dv[None, :])
         tl.store(t_ptrs, state, mask=tracked)
     out = tl.sum(q[:, None] * state, axis=0) * scale
-    tl.store(o_ptr + base + dv, out.to(o_ptr.dtype.element_ty))
+    tl.store(o_ptr + row * stride_ob + h * stride_oh + dv, out.to(o_ptr.dtype.element_ty))
 
 
 def _check(q: torch.Tensor, state: torch.Tensor) -> int:
@@ -243,15 +252,16 @@ def lightning_prefill(
     track_slots: torch.Tensor | None = None,
     track_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Varlen prefill. q,k,v [T, H, D]; state [slots, H, D, D] fp32, updated in place at
-    `state_slots` [B] (-1: no state kept); cu_seqlens [B+1] int32; has_initial_state [B]
+    """Varlen prefill. q,k,v [T, H, D], each with its own row and head strides (unit stride along D:
+    the layer passes v as a slice of its qkv projection); state [slots, H, D, D] fp32, updated in
+    place at `state_slots` [B] (-1: no state kept); cu_seqlens [B+1] int32; has_initial_state [B]
     (False: start from zero). segment_len: tokens per parallel segment, a multiple of the chunk
     (`LightningPlan.segment_len`; default: `prefill_segment_len` on q's device). launch: entries
     replacing PREFILL_LAUNCH's (the chunk size in tests; the benchmark sweeps all four). impl:
-    "triton" or None (there is no CUDA prefill kernel). track_slots [B] and track_len [B]
-    (together or neither): sequence b also writes its state after its first track_len[b] tokens
-    into slot track_slots[b] (the prefix cache's snapshot); track_len a multiple of the chunk or
-    equal to the sequence's length, -1 (or slot -1) for none. Returns o [T, H, D]."""
+    "triton" or None (there is no CUDA prefill kernel). track_slots [B] and track_len [B] (together
+    or neither): sequence b also writes its state after its first track_len[b] tokens into slot
+    track_slots[b] (the prefix cache's snapshot); track_len a multiple of the chunk or equal to the
+    sequence's length, -1 (or slot -1) for none. Returns o [T, H, D]."""
     if impl not in (None, "triton"):
         raise ValueError(f"lightning_prefill: impl={impl!r}; expected 'triton' or None (there is "
                          "no CUDA prefill kernel)")
@@ -266,8 +276,8 @@ def lightning_prefill(
         raise ValueError(f"lightning_prefill: segment_len = {segment_len}: expected a positive "
                          f"multiple of the chunk size {chunk}")
     track = _track_pair("lightning_prefill", track_slots, track_len, "track_len")
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty_like(q)
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     tokens, heads = q.shape[0], q.shape[1]
     batch = cu_seqlens.numel() - 1
     cu_seqlens = _per_request("lightning_prefill", "cu_seqlens", cu_seqlens, batch + 1)
@@ -286,7 +296,7 @@ def lightning_prefill(
         _segment_kv_kernel[(heads * nv, segments - 1, batch)](
             k, v, buf, cu_seqlens, slopes,
             seg,
-            k.stride(0), k.stride(1),
+            *k.stride()[:2], *v.stride()[:2],
             *buf.stride()[:4],
             D=dim, C=chunk, BV=block_v, NV=nv, **tuning,
         )
@@ -301,7 +311,7 @@ def lightning_prefill(
         q, k, v, out, state, state_slots, cu_seqlens, has_initial_state, slopes, buf,
         *(track or (state_slots, state_slots)),  # unread unless tracking
         scale, seg,
-        q.stride(0), q.stride(1),
+        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
         state.stride(0), state.stride(1), state.stride(2),
         *buf.stride()[:4],  # unused unless split (then buf is [B, segments, H, D, D])
         D=dim, C=chunk, BV=block_v, NV=nv, SPLIT=split, TRACK=track is not None, **tuning,
@@ -321,33 +331,40 @@ def lightning_decode(
     track_slots: torch.Tensor | None = None,
     track_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One token per request. q,k,v [B, H, D]; state [slots, H, D, D] fp32 updated in place at
-    `state_slots` [B] (-1: padding, left alone). impl: "cuda" (csrc/lightning.cu; ValueError where
-    it cannot run), "triton", or None (the faster one that can run; see `_cuda.choose_cuda`); the
-    serving backend passes `LightningPlan.decode_impl`. track_slots [B] int and track_mask [B]
-    bool (together or neither): where the mask is set, the new state is also written to the track
-    slot (the prefix cache's decode snapshot). Returns o [B, H, D]."""
+    """One token per request. q,k,v [B, H, D], each with its own row and head strides (unit stride
+    along D); state [slots, H, D, D] fp32 updated in place at `state_slots` [B] (-1: padding, left
+    alone). impl: "cuda" (csrc/lightning.cu; ValueError where it cannot run), "triton", or None (the
+    faster one that can run; see `_cuda.choose_cuda`); the serving backend passes
+    `LightningPlan.decode_impl`. track_slots [B] int and track_mask [B] bool (together or neither):
+    where the mask is set, the new state is also written to the track slot (the prefix cache's
+    decode snapshot). Returns o [B, H, D]."""
     dim = _check(q, state)
     track = _track_pair("lightning_decode", track_slots, track_mask, "track_mask")
     state_slots = _per_request("lightning_decode", "state_slots", state_slots, q.shape[0])
     if _cuda.choose_cuda("lightning_decode", impl, q, CUDA_DECODE_FASTER,
                          lambda: decode_cuda_unsupported(dim)):
-        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        q, k, v = _rows(q), _rows(k), _rows(v)
         return torch.ops.sala_sglang.lightning_decode(q, k, v, state, state_slots, slopes, scale,
                                                       *(track or (None, None)))
     block_v = min(dim, STEP_BLOCK_V)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty_like(q)
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     grid = (q.shape[0], q.shape[1], dim // block_v)
     _decode_kernel[grid](
         q, k, v, out, state, state_slots, slopes,
         *(track or (state_slots, state_slots)),  # unread unless tracking
         scale,
-        q.stride(0), q.stride(1),
+        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
         state.stride(0), state.stride(1), state.stride(2),
         D=dim, BV=block_v, TRACK=track is not None,
     )
     return out
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, H, D] as the kernels read it: any row and head strides, unit stride along D (a
+    tensor without one is copied)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _track_pair(op: str, slots: torch.Tensor | None, where: torch.Tensor | None,

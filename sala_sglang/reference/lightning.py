@@ -5,6 +5,7 @@ Per head h, with state S [Dk, Dv]:
 `lightning_recurrent` is that loop, token by token; `lightning_chunked` is the same sum in the
 chunked form fast kernels use, with only decay factors exp(-slope * d), d >= 0 (finite for any slope
 and chunk size). One sequence per call; the state is accumulated in fp32 (fp64 for fp64 inputs).
+`lightning_qk_reference` is the layer's q and k before the recurrence (per-head norm, RoPE).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import math
 
 import torch
 
-from sala_sglang.reference.norms import compute_dtype
+from sala_sglang.reference.norms import compute_dtype, rms_norm
+from sala_sglang.reference.rope import apply_rope
 
 
 def _alibi_power_of_two(n: int) -> list[float]:
@@ -117,6 +119,22 @@ def lightning_chunked(
         k_decay = torch.exp(-s[:, None] * (n - 1 - i))[..., None]  # token j decays to the chunk end
         state = torch.exp(-s * n)[:, None, None] * state + (kc * k_decay).transpose(1, 2) @ vc
     return out.transpose(0, 1).to(q.dtype), state
+
+
+def lightning_qk_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    positions: torch.Tensor,
+    theta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Lightning layer's q and k before the recurrence (SPEC 2.1 step 2; ops/lightning_qk.py):
+    q, k [T, H*D] -> per-head RMSNorm (weights [D]), then RoPE at positions [T] -> [T, H, D]."""
+    dim = q_weight.shape[-1]
+    return tuple(apply_rope(rms_norm(x.unflatten(-1, (-1, dim)), w, eps), positions, theta)
+                 for x, w in ((q, q_weight), (k, k_weight)))
 
 
 def lightning_verify_reference(

@@ -19,9 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sala_sglang.config import LINEAR_MIXER, SPARSE_MIXER, MiniCPMSALAConfig, SparseConfig
-from sala_sglang.reference.lightning import lightning_chunked, lightning_slopes
+from sala_sglang.reference.lightning import (
+    lightning_chunked,
+    lightning_qk_reference,
+    lightning_slopes,
+)
 from sala_sglang.reference.norms import accumulation_dtype, compute_dtype, rms_norm
-from sala_sglang.reference.rope import apply_rope
 from sala_sglang.reference.sparse import (
     BlockScorer,
     block_scores,
@@ -213,11 +216,10 @@ class LightningAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] at positions [T], state [H, D, D] -> (out [T, hidden], new state)."""
         t = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(t, self.num_heads, self.head_dim))
+        q, k = lightning_qk_reference(self.q_proj(x), self.k_proj(x), self.q_norm.weight,
+                                      self.k_norm.weight, self.q_norm.eps, positions,
+                                      self.rope_theta)
         v = self.v_proj(x).view(t, self.num_heads, self.head_dim)
-        q = apply_rope(q, positions, self.rope_theta)
-        k = apply_rope(k, positions, self.rope_theta)
         o, state = lightning_chunked(
             q, k, v, self.slopes, 1.0 / math.sqrt(self.head_dim), initial_state=state
         )

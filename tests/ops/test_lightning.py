@@ -511,3 +511,45 @@ def test_per_request_arrays_may_be_strided_views(impl: str, device: str) -> None
                                 launch={"chunk": 16}, track_slots=args[3], track_len=args[4])
         runs.append((out, pool))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def other_layouts(q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [T, H, D]'s values as three differently strided views: q stored head-major
+    ([H, T, D]), k with its heads 2D apart, v the third of a fused [T, 3 * H * D] projection (how
+    the layer passes v)."""
+    q_view = q.transpose(0, 1).contiguous().transpose(0, 1)
+    k_view = torch.cat([k, torch.full_like(k, float("nan"))], -1)[..., : k.shape[-1]]
+    v_view = torch.stack([torch.full_like(v, float("nan")), v.neg(), v], 1)[:, 2]
+    assert not any(x.is_contiguous() for x in (q_view, k_view, v_view))
+    return q_view, k_view, v_view
+
+
+def test_prefill_and_decode_read_q_k_v_with_their_own_strides(impl: str, device: str) -> None:
+    # the same outputs and states, bit for bit, as from contiguous copies; a kernel that read one
+    # tensor with another's strides would read NaN filler or another tensor's values
+    dtype = small_dtype(device)
+    heads, dim = SMALL_HEADS, SMALL_DIM
+    slopes = torch.tensor(SMALL_SLOPES, device=device)
+    gen = torch.Generator().manual_seed(9)
+    state = torch.randn(4, heads, dim, dim, generator=gen).to(device)
+    slots = torch.tensor([2, -1, 0], device=device, dtype=torch.int32)
+    q, k, v = (torch.randn(3, heads, dim, generator=gen).to(device, dtype) for _ in range(3))
+    runs = []
+    for qkv in ((q, k, v), other_layouts(q, k, v)):
+        pool = state.clone()
+        runs.append((lightning_decode(*qkv, pool, slots, slopes, 0.1, impl=impl), pool))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+    if impl != "triton":
+        return  # prefill has one implementation
+    q, k, v = (torch.randn(58, heads, dim, generator=gen).to(device, dtype) for _ in range(3))
+    for segment_len in (None, 16):  # one segment; three of the 37-token sequence's
+        runs = []
+        for qkv in ((q, k, v), other_layouts(q, k, v)):
+            pool = state.clone()
+            out = lightning_prefill(*qkv, pool, slots, cumulative([5, 37, 16], device),
+                                    torch.tensor([1, 0, 1], device=device, dtype=torch.int32),
+                                    slopes, 0.1, segment_len=segment_len, launch={"chunk": 16})
+            runs.append((out, pool))
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), f"segment_len {segment_len}"

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from test_lightning import OUT_TOL, SMALL_DIM, SMALL_HEADS, SMALL_SLOPES, small_dtype, strided
+from test_lightning import (
+    OUT_TOL,
+    SMALL_DIM,
+    SMALL_HEADS,
+    SMALL_SLOPES,
+    other_layouts,
+    small_dtype,
+    strided,
+)
 
 from sala_sglang.ops.lightning_verify import lightning_verify
 from sala_sglang.reference.lightning import (
@@ -167,4 +175,13 @@ def test_verify_reads_a_strided_slot_array_as_its_values(device: str) -> None:
     slots = strided(torch.tensor([2, 0], device=device, dtype=torch.int32),
                     torch.tensor([3, 3], device=device, dtype=torch.int32))
     out = lightning_verify(q, k, v, before, slots, slopes.to(device), SMALL_DIM**-0.5, 3)
+    assert torch.equal(out, dense)
+
+
+def test_verify_reads_strided_q_k_v_as_their_values(device: str) -> None:
+    # v as the layer passes it (a slice of the fused qkv projection), q and k in other layouts
+    (q, k, v), slopes, before, dense, _ = run_verify(VerifyCase([2, 0], pool=4, draft_len=3),
+                                                     "triton", device)
+    out = lightning_verify(*other_layouts(q, k, v), before, torch.tensor([2, 0], device=device),
+                           slopes.to(device), SMALL_DIM**-0.5, 3)
     assert torch.equal(out, dense)

@@ -168,6 +168,46 @@ def test_decode_splits_and_cuda_attention_fills_the_sms(smem) -> None:
     assert released_plan(1, decode=True, device=DeviceFacts.of("cpu")).cuda_attention_splits == 8
 
 
+@pytest.mark.parametrize("batch,width,splits", [
+    (1, 2052, 128),  # a 128K server: 264 programs per 2 kv heads wanted, 129 window tiles
+    (1, 16400, 128),  # a 1M server
+    (2, 2052, 64), (4, 2052, 32), (8, 2052, 16), (8, 16400, 16),
+    (16, 2052, 8), (32, 2052, 8), (32, 16400, 8),  # enough programs: DECODE_SPLITS
+    (1, 1024, 64), (1, 1000, 32),  # 64 window tiles; 63
+    (1, 200, 8),  # 13 window tiles: DECODE_SPLITS all the same
+])
+def test_decode_selection_splits_fill_the_sms(smem, batch: int, width: int, splits: int) -> None:
+    """Triton stage-1 in decode splits the windows into the largest power of two that keeps
+    tokens x kv heads x splits within 2 programs per SM and every split within the widest row's
+    window tiles, never below DECODE_SPLITS; attention keeps the decode split count."""
+    p = released_plan(batch, decode=True, width=width)
+    assert p.triton_select_splits == splits
+    assert (p.attention_splits, p.triton_token_tile) == (sparse_plan.DECODE_SPLITS, 1)
+
+
+def test_decode_selection_splits_are_capped(smem) -> None:
+    huge = DeviceFacts(name="cuda:0", multiprocessors=1024, compiled=True, max_smem=232448)
+    p = released_plan(1, decode=True, width=16400, device=huge)
+    assert p.triton_select_splits == sparse_plan.SELECT_MAX_SPLITS == 128
+    # the same rule wherever splits are asked for; extend runs unsplit, a CPU plan at the floor
+    assert released_plan(1, splits=2, width=2052).triton_select_splits == 128
+    assert released_plan(1, width=2052).triton_select_splits == 1
+    assert released_plan(0, decode=True).triton_select_splits == sparse_plan.DECODE_SPLITS
+    cpu = released_plan(1, decode=True, width=16400, device=DeviceFacts.of("cpu"))
+    assert cpu.triton_select_splits == sparse_plan.DECODE_SPLITS
+
+
+@pytest.mark.parametrize("width,chunk", [(16400, 1024), (2052, 1024), (1024, 1024), (700, 1024),
+                                         (300, 512), (100, 256), (10, 256)])
+def test_top_k_chunk_is_the_width_as_a_power_of_two_up_to_1024(smem, width: int,
+                                                               chunk: int) -> None:
+    """At least twice the 128 candidates a chunk keeps of the released 96 selected blocks."""
+    assert released_plan(1, decode=True, width=width).triton_key_chunk == chunk
+    tiny = make_plan(TINY_SPARSE, tokens=1, groups=2, head_dim=64, width=20, decode=True,
+                     device=H100)
+    assert tiny.triton_key_chunk == 32  # twice the 16 candidates of 10 selected blocks
+
+
 def test_triton_selection_pieces_bound_the_scratch(smem, monkeypatch) -> None:
     per_token = 2 * 2048 * (4 * RELEASED.windows_per_block + 8)
     rows = sparse_plan.SELECTION_SCRATCH_BYTES // per_token // 16 * 16

@@ -6,7 +6,9 @@ n_sel-th block score, up to a near-tie; the -1 padding, the forced blocks first 
 and the absence of repeated or future blocks are exact. The fused CUDA kernel is also held to its
 Triton twin: the two sum a window's head probabilities in different orders, so blocks whose
 scores (nearly) tie may swap, nothing else; its variants (per-token or 4 / 8 tokens per CTA,
-segments of block scores) come from the plan and must give bit-identical blocks. Each check
+segments of block scores) come from the plan and must give bit-identical blocks. The Triton
+top-k is exact: its blocks are those one top-k over the whole width takes from the same window
+probabilities (the tail the Triton path had before its chunked top-k), bit for bit. Each check
 prints the rows it disagrees on with their reference scores, so one GPU run is enough to
 diagnose a failure. Without a GPU the Triton kernels run in the CPU interpreter on short batches.
 """
@@ -22,7 +24,7 @@ from conftest import TINY_SPARSE, needs_extension
 from sala_sglang.config import MiniCPMSALAConfig, SparseConfig
 from sala_sglang.ops._cuda import DeviceFacts
 from sala_sglang.ops.infllm_v2 import make_plan, select
-from sala_sglang.ops.infllm_v2.plan import SparsePlan
+from sala_sglang.ops.infllm_v2.plan import DECODE_SPLITS, SparsePlan
 from sala_sglang.ops.overrides import KernelOverrides
 from sala_sglang.reference import sparse as ref
 from sala_sglang.testing.paged_inputs import paged_batch, paged_cache, paged_k1, request_k1
@@ -40,6 +42,8 @@ FP32_POSITIONS = [0, 15, 31, 100, 127, 128, 200, 255, 299]
 # (sparse config, query heads, kv heads, head dim)
 SHAPES = {"released": (MiniCPMSALAConfig().sparse, 32, 2, 128), "tiny": (TINY, 8, 2, 64)}
 GEOMETRIES = [pytest.param("released", marks=pytest.mark.gpu), "tiny"]
+# What make_plan reads of an H100 (the plan's split counts follow its 132 SMs)
+H100_FACTS = DeviceFacts(name="cuda:0", multiprocessors=132, compiled=False)
 # The CPU interpreter has no bf16 matmul (it multiplies the raw bits): fp16 runs there.
 DTYPES = [pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.gpu),
           pytest.param(torch.float16, id="fp16")]
@@ -107,13 +111,40 @@ def _near(a: float, b: float) -> bool:
     return abs(a - b) <= REL_TOL * max(abs(a), abs(b)) + ABS_TOL
 
 
+def top_before(probs: torch.Tensor, token_pos: torch.Tensor, cfg: SparseConfig,
+               width: int) -> torch.Tensor:
+    """The Triton path's tail as it was before the chunked top-k: one int64 key per block (pooled
+    score bits + 1 above the inverted block index; forced blocks +inf; blocks after the query's
+    own without score bits), torch.topk over the whole width, -1 where a key has no score bits.
+    The expectation, bit for bit."""
+    r, n_windows = cfg.windows_per_block, probs.shape[-1]
+    b = torch.arange(width)
+    c = r * b[:, None] - 1 + torch.arange(r + 1)  # [width, r + 1]
+    w = probs[..., c.clamp(0, n_windows - 1)]
+    score = torch.where((c >= 0) & (c < n_windows), w, torch.zeros_like(w)).amax(-1)
+    qb = (token_pos.long() // cfg.block_size)[:, None, None]
+    forced = (b < cfg.init_blocks) | ((b >= qb - cfg.local_blocks) & (b <= qb))
+    score = torch.where(forced, float("inf"), score)
+    inverted = 0xFFFFFFFF - b
+    key = torch.where(b <= qb, ((score.view(torch.int32).long() + 1) << 32) | inverted, inverted)
+    top, idx = key.topk(cfg.num_selected_blocks, dim=-1)
+    return torch.where((top >> 32) > 0, idx, -1).int()
+
+
 def check_selection(case: Case, q, treq, pos, width: int, impl: str, label: str,
                     decode: bool = False, **plan) -> None:
-    """`impl`'s selection under `plan`'s keywords against the reference; CUDA also against Triton
+    """`impl`'s selection under `plan`'s keywords against the reference; Triton also bit for bit
+    against the whole-width top-k of its own window probabilities; CUDA also against Triton
     (split as the plan of the same batch splits it)."""
     cfg, n_sel = case.cfg, case.cfg.num_selected_blocks
     got = case.select(q, treq, pos, width, impl, decode=decode, **plan)
     assert got.shape == (q.shape[0], case.groups, n_sel) and got.dtype == torch.int32
+    if impl == "triton":
+        wide = max(width, n_sel)
+        probs = select._window_probabilities(
+            q, case.k1, case.rt, treq, pos, cfg, wide, case.dim**-0.5,
+            case.plan(q.shape[0], width, impl, decode=decode, **plan))
+        assert torch.equal(got.cpu(), top_before(probs.cpu(), pos.cpu(), cfg, wide)), label
     twin = case.select(q, treq, pos, width, "triton", decode=decode) if impl == "cuda" else None
     scores = case.reference_scores(q, treq, pos)
     got_l = got.cpu().tolist()
@@ -204,6 +235,27 @@ def test_triton_selection_equals_the_reference_in_fp32(device: str, splits: int)
         ref.block_scores(inp.q.double().cpu(), ref.compress_keys(keys, 16, 8),
                          inp.token_pos.long().cpu(), cfg), cfg.num_selected_blocks)
     assert torch.equal(sel.long().cpu(), expect)
+
+
+def test_decode_with_many_splits_equals_the_reference_in_fp32(device: str) -> None:
+    """Decode on a GPU of 132 SMs splits stage-1 until there are about 2 programs per SM: 32
+    splits for 4 tokens of 2 kv heads over a static width of 1024 blocks, the requests' windows
+    in the first 8 of them. fp32 leaves no near-tie to excuse."""
+    torch.manual_seed(0)
+    cfg, width = FP32_CASE, 1024
+    lengths, treq, pos = [4100, 2500], [1, 2, 1, 2], [4099, 2499, 1000, 63]
+    inp = paged_batch(cfg, lengths, treq, pos, 8, 2, 32, device, torch.float32)
+    plan = make_plan(cfg, tokens=4, groups=2, head_dim=32, width=width, decode=True,
+                     device=H100_FACTS, impl="triton")
+    assert (plan.triton_select_splits, plan.attention_splits) == (32, DECODE_SPLITS)
+    sel = select.select_blocks(inp.q, inp.k1, inp.rt, inp.token_req, inp.token_pos, cfg, width,
+                               32**-0.5, plan)
+    for t, r in enumerate(treq):
+        keys = ref.compress_keys(inp.request_keys(r - 1)[0].double().cpu(), 16, 8)
+        scores = ref.block_scores(inp.q[t : t + 1].double().cpu(), keys,
+                                  inp.token_pos[t : t + 1].long().cpu(), cfg)
+        expect = ref.select_blocks(scores, cfg.num_selected_blocks)
+        assert torch.equal(sel[t : t + 1].long().cpu(), expect), t
 
 
 @pytest.mark.parametrize("impl,tile", IMPL_TILES, indirect=["impl"])
@@ -371,11 +423,100 @@ def test_selection_kernels_are_not_specialized_on_per_batch_counts() -> None:
     # long prefill (seconds of TTFT at 128K on an H100).
     for kernel, counts in ((select._stage1_stats_kernel, {"n_tokens"}),
                            (select._window_probs_kernel, {"n_tokens", "n_windows"}),
-                           (select._block_keys_kernel, {"n_windows", "width"})):
+                           (select._block_topk_kernel, {"n_windows", "width"}),
+                           (select._merge_topk_kernel, {"n_chunks"})):
         # the CPU interpreter's kernels keep the decorator's arguments in kwargs
         names = getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"]
         names = {kernel.arg_names[i] if isinstance(i, int) else i for i in names}
         assert counts <= names, (kernel.fn.__name__, names)
+
+
+# ---- the Triton top-k over window probabilities ------------------------------------------------
+def top_reference(probs: torch.Tensor, token_pos: torch.Tensor, cfg: SparseConfig,
+                  width: int) -> torch.Tensor:
+    """The reference's pooling, forced blocks and selection over the same probabilities."""
+    scores = ref.pool_block_scores(probs.double(), width, cfg.windows_per_block)
+    b = torch.arange(width)[None, :]
+    qb = (token_pos.long() // cfg.block_size)[:, None]
+    forced = (b < cfg.init_blocks) | ((b >= qb - cfg.local_blocks) & (b <= qb))
+    scores = scores.masked_fill(forced[:, None, :], float("inf"))
+    scores = scores.masked_fill((b > qb)[:, None, :], float("-inf"))
+    return ref.select_blocks(scores, cfg.num_selected_blocks).int()
+
+
+def tied_probabilities(cfg: SparseConfig, width: int, positions: list[int],
+                       seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window probabilities of 2 kv heads on 4 levels, half of them 0, so that many blocks tie
+    exactly (and many of a token's visible blocks score 0), with the tokens' positions."""
+    gen = torch.Generator().manual_seed(seed)
+    levels = torch.randint(0, 8, (len(positions), 2, width * cfg.windows_per_block), generator=gen)
+    probs = torch.where(levels < 4, 0.0, (levels - 3) / 4.0).float()
+    return probs, torch.tensor(positions, dtype=torch.int32)
+
+
+def _positions(cfg: SparseConfig, width: int) -> list[int]:
+    """Tokens near the start (fewer eligible blocks than n_sel: -1 padding), on block edges, past
+    n_sel blocks, and in the last block of the width."""
+    bs, last = cfg.block_size, width * cfg.block_size - 1
+    n_sel_span = cfg.num_selected_blocks * bs
+    wanted = [0, bs, 3 * bs + 5, n_sel_span - 1, n_sel_span + bs // 2, last]
+    return sorted({p for p in wanted if p <= last})
+
+
+# (geometry, width, chunk): widths below, equal to and above one chunk, several chunks with the
+# last one partial; n_sel = 10 (tiny, the best 16 per chunk) and 96 (released, 128 per chunk:
+# at width 96 fewer blocks than a chunk keeps)
+TOPK_CASES = [("tiny", 10, 32), ("tiny", 20, 32), ("tiny", 32, 32), ("tiny", 96, 32),
+              ("tiny", 139, 32), ("released", 96, 256), ("released", 700, 256),
+              pytest.param("released", 2052, 1024, id="released-128K-server",
+                           marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("geometry,width,chunk", TOPK_CASES)
+def test_chunked_top_k_equals_the_whole_width_top_k(geometry: str, width: int, chunk: int,
+                                                    device: str) -> None:
+    """The chunks' top-k and their merge give exactly the blocks one top-k over the whole width
+    gave, in its order: exact ties to the lower block, forced blocks first, -1 padding where
+    fewer than n_sel blocks are eligible; and the reference's selection."""
+    cfg = SHAPES[geometry][0]
+    probs, pos = tied_probabilities(cfg, width, _positions(cfg, width), seed=width)
+    got = select._top_blocks(probs.to(device), pos.to(device), cfg, width, chunk).cpu()
+    want = top_before(probs, pos, cfg, width)
+    assert got.dtype == torch.int32 and got.shape == want.shape
+    assert torch.equal(got, want), (got - want).abs().sum(-1)
+    assert torch.equal(got, top_reference(probs, pos, cfg, width))
+    assert (want == -1).any() and (want[-1] >= 0).all()  # the case has -1 padding and full rows
+
+
+def test_top_k_ties_go_to_the_lower_block(device: str) -> None:
+    """Every window equal: the order is forced blocks, then the others by index, in every chunk."""
+    cfg = TINY
+    width, chunk = 150, 32
+    pos = torch.tensor([width * cfg.block_size - 1, 40 * cfg.block_size], dtype=torch.int32)
+    probs = torch.full((2, 2, width * cfg.windows_per_block), 0.5)
+    got = select._top_blocks(probs.to(device), pos.to(device), cfg, width, chunk).cpu()
+    for t, p in enumerate(pos.tolist()):
+        forced = _forced(cfg, p, width)
+        rest = [b for b in range(width) if b not in forced]
+        assert got[t].tolist() == [(forced + rest)[: cfg.num_selected_blocks]] * 2
+
+
+def test_key_chunks_give_the_blocks_of_one_chunk(device: str) -> None:
+    """Selection through the whole Triton path over a static width beyond every request (decode),
+    its top-k in one chunk or in chunks of 32 or 64 blocks (the last partial): bit-identical, and
+    the whole-width top-k's."""
+    case = Case("tiny", torch.float32, [700, 300, 90], seed=13, device=device)
+    q, treq, pos = case.queries([1, 2, 3, 1], [699, 299, 89, 250])
+    width = 200
+    plan = case.plan(4, width, "triton", decode=True)
+    assert plan.triton_key_chunk == 256
+    args = (q, case.k1, case.rt, treq, pos, case.cfg, width, case.dim**-0.5)
+    whole = select.select_blocks(*args, plan)
+    probs = select._window_probabilities(*args, plan)
+    assert torch.equal(whole.cpu(), top_before(probs.cpu(), pos.cpu(), case.cfg, width))
+    for chunk in (32, 64):
+        got = select.select_blocks(*args, dataclasses.replace(plan, triton_key_chunk=chunk))
+        assert torch.equal(got, whole), chunk
 
 
 # ---- the CUDA kernel's variants and dispatch ---------------------------------------------------

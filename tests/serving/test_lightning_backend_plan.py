@@ -159,13 +159,15 @@ def test_verify_then_commit_is_decoding_the_accepted_drafts(monkeypatch,
                                                             make_tiny_config) -> None:
     """Two requests verify chains of 4 on every lightning layer: the pool is left as it was;
     the commit (3 and 1 accepted tokens, a snapshot after the first token of the second) leaves
-    the states, and the verify the outputs, that decoding those tokens one by one gives."""
+    the states, and the verify the outputs, that decoding those tokens one by one gives. q, k
+    and v are slices of one fused projection, as the layer passes v."""
     draft_len, requests = 4, 2
     backend = build(monkeypatch, make_tiny_config, draft_len=draft_len)
     layers = [SimpleNamespace(layer_id=i) for i in backend.layer_index]
     width = backend.num_heads * backend.head_dim
     torch.manual_seed(0)
-    qkv = {i: torch.randn(3, requests * draft_len, width) / 4 for i in backend.layer_index}
+    qkv = {i: (torch.randn(requests * draft_len, 3 * width) / 4).split(width, -1)
+           for i in backend.layer_index}
     pool = backend.req_to_token_pool.mamba_pool.mamba_cache.temporal
     before = pool.clone()
 

@@ -3,11 +3,11 @@ the reference model.
 
 The attention itself is delegated to a stand-in backend that runs the reference's attention
 functions (the real backends have their own tests), so any difference left is in the model's own
-code: fused projection splits, norms, RoPE, gates, residual and embedding scales, the logit
-divisor. The prompt crosses the tiny checkpoint's dense_len and is fed in two uneven chunks, then
-decoded token by token, so positions run on from an offset. With tensor parallelism (gloo on the
-CPU) each rank attends over its own heads, and the logits gathered from the vocabulary shards
-must be the same.
+code: fused projection splits, norms, RoPE (the Lightning layers' fused q/k op, in Triton's CPU
+interpreter), gates, residual and embedding scales, the logit divisor. The prompt crosses the tiny
+checkpoint's dense_len and is fed in two uneven chunks, then decoded token by token, so positions
+run on from an offset. With tensor parallelism (gloo on the CPU) each rank attends over its own
+heads, and the logits gathered from the vocabulary shards must be the same.
 """
 
 from __future__ import annotations
@@ -24,12 +24,17 @@ pytest.importorskip("sglang")
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     from pathlib import Path
+
+    # The model runs on the CPU, so its Triton kernels (q/k norm and RoPE) are interpreted, on a
+    # GPU machine too; Triton reads this when a kernel is defined.
+    os.environ["TRITON_INTERPRET"] = "1"
     from types import SimpleNamespace
     import torch
 
-    # SGLang picks a CUDA-only RoPE kernel on a machine that is neither CUDA nor its CPU engine.
+    # SGLang's RoPE module (the holder of the RoPE table) imports a CUDA-only kernel when built
+    # on a machine that is neither CUDA nor its CPU engine.
     import sglang.srt.layers.rotary_embedding.base as rope_base
     rope_base._is_cpu = True
     import sglang.srt.layers.radix_attention as radix_attention

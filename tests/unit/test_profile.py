@@ -35,11 +35,9 @@ NAMES = {
     "compression": ["_compress_kernel",
                     "void (anonymous namespace)::compress_kernel<__nv_bfloat16, 128>("
                     "(anonymous namespace)::Args<__nv_bfloat16>)"],
-    "selection": ["_stage1_stats_kernel", "_window_probs_kernel", "_block_keys_kernel",
-                  "void (anonymous namespace)::select_blocks_tiled_kernel<__nv_bfloat16, 8>()",
-                  "void at::native::sbtopk::gatherTopK<long, unsigned int, 2, false>()",
-                  "void at::native::mbtopk::radixFindKthValues<long, unsigned int, 2>()",
-                  "void at::native::radixSortKVInPlace<2, -1, 32, 4, long, long, unsigned>()"],
+    "selection": ["_stage1_stats_kernel", "_window_probs_kernel", "_block_topk_kernel",
+                  "_merge_topk_kernel",
+                  "void (anonymous namespace)::select_blocks_tiled_kernel<__nv_bfloat16, 8>()"],
     "sparse_attention": ["_block_attention_kernel",
                          "void (anonymous namespace)::block_sparse_attention_kernel<128>("
                          "const Params)",
@@ -48,6 +46,7 @@ NAMES = {
         "void flashinfer::norm::FusedAddRMSNormKernel<8u, __nv_bfloat16>(__nv_bfloat16*)",
         "void flashinfer::norm::RMSNormKernel<8u, __nv_bfloat16>(__nv_bfloat16*)",
         "void (anonymous namespace)::fused_rope_kernel<true, 128l, true, __nv_bfloat16>()",
+        "_qk_norm_rope_kernel",
         "void (anonymous namespace)::act_and_mul_kernel<__nv_bfloat16, 0, true, false>()",
         "void at::native::vectorized_elementwise_kernel<8, at::native::sigmoid_kernel_cuda>()",
         "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float>>()",

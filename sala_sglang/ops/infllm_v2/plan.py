@@ -20,7 +20,8 @@ from sala_sglang.ops import _cuda
 from sala_sglang.ops._cuda import DeviceFacts
 from sala_sglang.ops.overrides import IMPLS, KernelOverrides
 
-# Split-K count of decode (one token per request leaves most SMs idle); extend runs unsplit.
+# Split-K count of decode (one token per request leaves most SMs idle), a floor the Triton stage-1
+# and the CUDA attention raise to fill the SMs; extend runs unsplit.
 DECODE_SPLITS = 8
 # Which kernel serves compression and attention when both can, measured on an H100 (see
 # benchmarks/NOTES.md): CUDA compression is ~3-5x faster, Triton attention faster in prefill.
@@ -35,9 +36,22 @@ CUDA_SELECT_SEGMENT = 2048
 # Tokens per Triton stage-1 program in extend (one K1 tile read for 4 tokens); decode splits K
 # instead. See benchmarks/NOTES.md.
 TRITON_TOKEN_TILE = 4
-# Bytes of Triton selection scratch (window probabilities + block keys) one launch may use;
+# Bytes of Triton selection scratch (window probabilities + top-k candidates) one launch may use;
 # longer batches are selected in pieces of a multiple of 16 tokens.
 SELECTION_SCRATCH_BYTES = 512 << 20
+# Windows per stage-1 tile of the Triton selection (select.py's kernels).
+WINDOW_TILE = 64
+# Most blocks per top-k program of the Triton selection (it keeps the best next_power_of_2(n_sel)
+# of them; a wider row is cut in chunks whose best a second kernel merges). 1024: compiled for
+# sm_90 it takes 56 registers at 4 warps without spills (2048 would need 95, or 8 warps); a 128K
+# server's 2052 blocks make 3 chunks a row, 6 programs at batch 1, then a merge of 3 lists.
+# `sparse_attention.py --decode-selection-only --sweep` times chunks of 256 to 4096 on a GPU.
+TRITON_KEY_CHUNK = 1024
+# Triton stage-1 in decode splits the windows further, up to this many programs per SM, at most
+# SELECT_MAX_SPLITS: the probability kernel reads every split's (max, sum) of its 16 padded heads,
+# 16 KiB per program at 128 splits, as much as the K1 tile it scores.
+SELECT_PROGRAMS_PER_SM = 2
+SELECT_MAX_SPLITS = 128
 # CUDA attention in decode splits further, up to this many CTAs per SM (a second, mostly empty
 # wave would cost a whole CTA time), each split keeping at least this many selected blocks.
 ATTENTION_CTAS_PER_SM = 2
@@ -57,8 +71,9 @@ class SparsePlan:
     select_segment: int  # CUDA token-tiled selection: blocks of scores kept at a time
     select_unfit: str | None  # why no CUDA selection variant fits shared memory, or None
     triton_token_tile: int  # Triton stage-1: tokens per program
-    triton_select_splits: int  # Triton stage-1: split-K over the windows
+    triton_select_splits: int  # Triton stage-1: split-K over the windows (raised to fill SMs)
     triton_piece_rows: int  # Triton selection: most tokens per launch (scratch bound)
+    triton_key_chunk: int  # Triton selection: blocks per top-k program (a power of two)
     attention_splits: int  # Triton attention: split-K over the selected blocks
     cuda_attention_splits: int  # CUDA attention: the same, raised to fill the SMs
 
@@ -109,7 +124,8 @@ def make_plan(
         fit=select == "cuda" and device.compiled)
     if unfit is not None and impl is None:
         select = "triton"
-    # fp32 window probabilities plus one int64 key per block, per token and kv head
+    # fp32 window probabilities plus at most one int64 top-k candidate per block, per token and
+    # kv head
     per_token = groups * width * (4 * cfg.windows_per_block + 8)
     return SparsePlan(
         compress=choose("compress_new_windows", CUDA_FASTER["compress"]),
@@ -121,8 +137,9 @@ def make_plan(
         select_segment=segment,
         select_unfit=unfit,
         triton_token_tile=1 if splits > 1 else TRITON_TOKEN_TILE,
-        triton_select_splits=splits,
+        triton_select_splits=_triton_select_splits(cfg, splits, tokens, groups, width, device),
         triton_piece_rows=max(16, SELECTION_SCRATCH_BYTES // per_token // 16 * 16),
+        triton_key_chunk=_triton_key_chunk(cfg, width),
         attention_splits=splits,
         cuda_attention_splits=_cuda_attention_splits(splits, tokens, groups, n_sel, device),
     )
@@ -181,6 +198,28 @@ def _cuda_attention_splits(splits: int, tokens: int, groups: int, n_sel: int,
     want = ATTENTION_CTAS_PER_SM * device.multiprocessors // (tokens * groups)
     most = max(1, n_sel // ATTENTION_MIN_BLOCKS_PER_SPLIT)
     return max(splits, min(want, most))
+
+
+def _triton_select_splits(cfg: SparseConfig, splits: int, tokens: int, groups: int, width: int,
+                          device: DeviceFacts) -> int:
+    """A split-K count above 1 is a floor: the Triton stage-1 splits further, in powers of two
+    (its probability kernel merges the splits over tl.arange), while there are fewer programs than
+    SELECT_PROGRAMS_PER_SM per SM, every split of a row `width` blocks long keeps a tile of
+    windows, and at most SELECT_MAX_SPLITS."""
+    if splits <= 1 or tokens * groups == 0:
+        return splits
+    want = SELECT_PROGRAMS_PER_SM * device.multiprocessors // (tokens * groups)
+    tiles = -(-width * cfg.windows_per_block // WINDOW_TILE)
+    most = min(want, tiles, SELECT_MAX_SPLITS)
+    return max(splits, 1 << (most.bit_length() - 1)) if most > 0 else splits
+
+
+def _triton_key_chunk(cfg: SparseConfig, width: int) -> int:
+    """Blocks per Triton top-k program: the width's next power of two (a narrow width sorts no
+    padding), at least twice the candidates a chunk keeps (so chunks' candidates take less
+    scratch than one per block) and at most TRITON_KEY_CHUNK (or that floor)."""
+    kept = 1 << (cfg.num_selected_blocks - 1).bit_length()
+    return max(2 * kept, min(TRITON_KEY_CHUNK, 1 << (width - 1).bit_length()))
 
 
 def plan_for_call(op: str, plan: SparsePlan | None, impl: str | None, cfg: SparseConfig,

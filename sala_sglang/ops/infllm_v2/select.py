@@ -4,7 +4,8 @@
 Queries are given per token: `token_req` (request slot, i.e. row of req_to_token) and
 `token_pos` (absolute position); one program handles the query heads of one kv head together.
 K1 lives beside the KV pages (see `compress`). The CUDA kernel is csrc/sparse_selection.cu
-(fused, one launch); the Triton path below is three kernels plus a top-k.
+(fused, one launch); the Triton path below is stage-1 in two kernels, then a top-k per chunk of
+blocks and a merge of the chunks'.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import triton.language as tl
 
 from sala_sglang.config import SparseConfig
 from sala_sglang.ops.infllm_v2._triton import dense_token_arrays, group_heads, page_of_window
-from sala_sglang.ops.infllm_v2.plan import SparsePlan, plan_for_call
+from sala_sglang.ops.infllm_v2.plan import WINDOW_TILE, SparsePlan, plan_for_call
 
 OP = "select_blocks"
 
@@ -102,11 +103,6 @@ def cuda_unsupported(tensors: tuple[torch.Tensor, ...], cfg: SparseConfig,
     if not (token_req.is_contiguous() and token_pos.is_contiguous()):
         return "token_req and token_pos must be contiguous"
     return None
-
-
-# Launch shape of the Triton path: windows per scoring tile, blocks per key program.
-WINDOW_TILE = 64
-KEY_BLOCKS = 128
 
 
 @triton.jit
@@ -236,32 +232,74 @@ def _window_probs_kernel(
              mask=(tok < n_tokens)[:, None] & (c < n_windows)[None, :])
 
 
+@triton.jit
+def _store_blocks(out_row, top, KP: tl.constexpr, NSEL: tl.constexpr):
+    """The first NSEL of the keys `top` (sorted, best first) as blocks: the block index where the
+    key holds score bits, -1 where it does not (a block after the query's own)."""
+    i = tl.arange(0, KP)
+    low = tl.full([KP], 0xFFFFFFFF, tl.int64)
+    block = tl.where((top >> 32) > 0, low - (top & low), -1)
+    tl.store(out_row + i, block.to(tl.int32), mask=i < NSEL)
+
+
 @triton.jit(do_not_specialize=["n_windows", "width"])
-def _block_keys_kernel(
-    w_ptr, tpos_ptr, key_ptr, n_windows, width,
-    stride_wt, stride_wg, stride_kt, stride_kg,
-    BS: tl.constexpr, RATIO: tl.constexpr, POOLP: tl.constexpr, INIT: tl.constexpr,
-    LOCAL: tl.constexpr, BB: tl.constexpr,
+def _block_topk_kernel(
+    w_ptr, tpos_ptr, out_ptr, n_windows, width,
+    stride_wt, stride_wg, stride_ot, stride_og,
+    BS: tl.constexpr, RATIO: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+    CHUNK: tl.constexpr, KP: tl.constexpr, NSEL: tl.constexpr, FINAL: tl.constexpr,
 ):
-    """Sortable block keys: the pooled score's bits (non-negative floats order like their bits)
-    above the inverted block index, so one descending top-k yields the best blocks with ties
-    going to the lower index. Block b pools windows [RATIO * b - 1, RATIO * b + RATIO) (missing
-    ones count 0); forced blocks score +inf; blocks after the query's own get no score bits."""
+    """The best KP blocks of one chunk of CHUNK blocks, as sortable keys: the pooled score's bits
+    (non-negative floats order like their bits) plus 1 above the inverted block index, so one
+    descending top-k yields the best blocks with ties going to the lower index, and each key
+    names its block. Block b pools windows [RATIO * b - 1, RATIO * b + RATIO) (missing ones count
+    0); forced blocks score +inf; blocks after the query's own get no score bits (key = inverted
+    index >= 1), blocks past the width key 0, below every block. FINAL (the width is one chunk):
+    the blocks themselves, else the chunk's keys best first for `_merge_topk_kernel`."""
     t = tl.program_id(0)
     g = tl.program_id(1)
-    b = tl.program_id(2) * BB + tl.arange(0, BB)
-    j = tl.arange(0, POOLP)
-    c = b[:, None] * RATIO - 1 + j[None, :]
-    pooled = (j[None, :] <= RATIO) & (c >= 0) & (c < n_windows)
-    w = tl.load(w_ptr + t.to(tl.int64) * stride_wt + g * stride_wg + c, mask=pooled, other=0.0)
-    score = tl.max(w, axis=1)
+    chunk = tl.program_id(2)
+    b = chunk * CHUNK + tl.arange(0, CHUNK)
+    w_row = w_ptr + t.to(tl.int64) * stride_wt + g * stride_wg
+    score = tl.zeros([CHUNK], tl.float32)
+    for j in tl.static_range(RATIO + 1):
+        c = b * RATIO - 1 + j
+        score = tl.maximum(score, tl.load(w_row + c, mask=(c >= 0) & (c < n_windows), other=0.0))
     qb = tl.load(tpos_ptr + t) // BS
     forced = (b < INIT) | ((b >= qb - LOCAL) & (b <= qb))
     score = tl.where(forced, float("inf"), score)
-    inverted = tl.full([BB], 0xFFFFFFFF, tl.int64) - b.to(tl.int64)
+    inverted = tl.full([CHUNK], 0xFFFFFFFF, tl.int64) - b.to(tl.int64)
     bits = score.to(tl.int32, bitcast=True).to(tl.int64)
     key = tl.where(b <= qb, ((bits + 1) << 32) | inverted, inverted)
-    tl.store(key_ptr + t.to(tl.int64) * stride_kt + g * stride_kg + b, key, mask=b < width)
+    top = tl.topk(tl.where(b < width, key, 0), KP)
+    out_row = out_ptr + t.to(tl.int64) * stride_ot + g * stride_og
+    if FINAL:
+        _store_blocks(out_row, top, KP, NSEL)
+    else:
+        tl.store(out_row + chunk * KP + tl.arange(0, KP), top)
+
+
+@triton.jit(do_not_specialize=["n_chunks"])
+def _merge_topk_kernel(
+    cand_ptr, out_ptr, n_chunks, stride_ct, stride_cg, stride_ot, stride_og,
+    KP: tl.constexpr, NSEL: tl.constexpr,
+):
+    """The best KP of every chunk's best KP keys (each list sorted, best first): the best KP of
+    two sorted lists are the elementwise max of one and the other reversed, a bitonic sequence
+    that one bitonic merge sorts."""
+    t = tl.program_id(0)
+    g = tl.program_id(1)
+    row = cand_ptr + t.to(tl.int64) * stride_ct + g * stride_cg
+    i = tl.arange(0, KP)
+    best = tl.load(row + i)
+    # each next list is loaded a merge ahead, its latency hidden behind the merge (launched for 2
+    # chunks or more, so the second list is there)
+    nxt = tl.load(row + KP + (KP - 1 - i))
+    for c in range(1, n_chunks):
+        rising = nxt
+        nxt = tl.load(row + (c + 1) * KP + (KP - 1 - i), mask=c + 1 < n_chunks, other=0)
+        best = tl.bitonic_merge(tl.maximum(best, rising), descending=True)
+    _store_blocks(out_ptr + t.to(tl.int64) * stride_ot + g * stride_og, best, KP, NSEL)
 
 
 def _select_piece(
@@ -269,10 +307,21 @@ def _select_piece(
     token_pos: torch.Tensor, cfg: SparseConfig, width: int, scale: float, plan: SparsePlan,
 ) -> torch.Tensor:
     """The Triton path on one piece of the batch (its scratch within the plan's bound)."""
+    probs = _window_probabilities(q, k1, req_to_token, token_req, token_pos, cfg, width, scale,
+                                 plan)
+    return _top_blocks(probs, token_pos, cfg, width, plan.triton_key_chunk)
+
+
+def _window_probabilities(
+    q: torch.Tensor, k1: torch.Tensor, req_to_token: torch.Tensor, token_req: torch.Tensor,
+    token_pos: torch.Tensor, cfg: SparseConfig, width: int, scale: float, plan: SparsePlan,
+) -> torch.Tensor:
+    """Stage-1 of the Triton path (`select_blocks`' arguments, token arrays dense): each window's
+    softmax probability summed over the kv head's query heads -> [T, G, width * r] float32, 0
+    for windows a token does not see."""
     tokens, hq, dim = q.shape
     groups = k1.shape[2]
     hg, hgp = group_heads(hq, groups)
-    ratio = cfg.windows_per_block
     tm, num_splits = plan.triton_token_tile, plan.triton_select_splits
     warps = 8 if tm * hgp >= 128 else 4
     m = torch.empty(tokens, groups, num_splits, hgp, device=q.device, dtype=torch.float32)
@@ -285,18 +334,39 @@ def _select_piece(
     _stage1_stats_kernel[(tiles, groups, num_splits)](
         q, k1, req_to_token, token_req, token_pos, m, l, tokens, *common, scale, **geometry
     )
-    n_windows = width * ratio
+    n_windows = width * cfg.windows_per_block
     probs = torch.empty(tokens, groups, n_windows, device=q.device, dtype=torch.float32)
     _window_probs_kernel[(tiles, groups, triton.cdiv(n_windows, WINDOW_TILE))](
         q, k1, req_to_token, token_req, token_pos, m, l, probs, tokens, *common,
         probs.stride(0), probs.stride(1), scale, n_windows, **geometry
     )
-    keys = torch.empty(tokens, groups, width, device=q.device, dtype=torch.int64)
-    _block_keys_kernel[(tokens, groups, triton.cdiv(width, KEY_BLOCKS))](
-        probs, token_pos, keys, n_windows, width, probs.stride(0), probs.stride(1),
-        keys.stride(0), keys.stride(1), BS=cfg.block_size, RATIO=ratio,
-        POOLP=triton.next_power_of_2(ratio + 1), INIT=cfg.init_blocks, LOCAL=cfg.local_blocks,
-        BB=KEY_BLOCKS,
+    return probs
+
+
+def _top_blocks(probs: torch.Tensor, token_pos: torch.Tensor, cfg: SparseConfig, width: int,
+                chunk: int) -> torch.Tensor:
+    """The best blocks of each token and kv head from its window probabilities [T, G, width * r]
+    -> [T, G, num_selected_blocks] int32 (`select_blocks`' order and -1 padding; width >= n_sel):
+    each chunk of `chunk` blocks (a power of two, at least next_power_of_2(n_sel)) keeps its best,
+    a second kernel merges the chunks' where there are several."""
+    tokens, groups, n_windows = probs.shape
+    n_sel = cfg.num_selected_blocks
+    kp = triton.next_power_of_2(n_sel)
+    chunks = triton.cdiv(width, chunk)
+    # compiled for sm_90: 1024 keys at 4 warps take 56 registers, 2048 at 8 warps 48, no spills
+    warps = 4 if chunk <= 1024 else 8
+    out = torch.empty(tokens, groups, n_sel, device=probs.device, dtype=torch.int32)
+    cand = out if chunks == 1 else torch.empty(tokens, groups, chunks * kp, device=probs.device,
+                                               dtype=torch.int64)
+    _block_topk_kernel[(tokens, groups, chunks)](
+        probs, token_pos, cand, n_windows, width, probs.stride(0), probs.stride(1),
+        cand.stride(0), cand.stride(1), BS=cfg.block_size, RATIO=cfg.windows_per_block,
+        INIT=cfg.init_blocks, LOCAL=cfg.local_blocks, CHUNK=chunk, KP=kp, NSEL=n_sel,
+        FINAL=chunks == 1, num_warps=warps,
     )
-    top, idx = keys.topk(cfg.num_selected_blocks, dim=-1)
-    return torch.where((top >> 32) > 0, idx, -1).to(torch.int32)
+    if chunks > 1:
+        _merge_topk_kernel[(tokens, groups)](
+            cand, out, chunks, cand.stride(0), cand.stride(1), out.stride(0), out.stride(1),
+            KP=kp, NSEL=n_sel, num_warps=1,
+        )
+    return out
