@@ -24,6 +24,7 @@ import requests
 from sala_sglang.bench import (
     COMMON_FLAGS,
     MODELS,
+    SAMPLED,
     header,
     prepare_model_dir,
     random_ids,
@@ -113,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=32768, help="prompt tokens before decoding")
     p.add_argument("--steps", type=int, default=32, help="decode steps profiled")
     p.add_argument("--server-args", default="", help="extra flags for sglang.launch_server")
+    p.add_argument("--sampled", action="store_true",
+                   help="sample the profiled request at temperature 1 over the whole vocabulary "
+                        "(greedy otherwise): with --speculative-algorithm NGRAM among the server "
+                        "args, drafts then almost never match, so each step is one verify")
     p.add_argument("--tag", default="profile_decode_sala")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
@@ -124,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     flags = [*COMMON_FLAGS, *shape.server_flags, "--context-length",
              str(args.context + new_tokens + 64), "--tokenizer-path", str(tok_dir),
              *args.server_args.split()]
-    record = {**header("profile_decode", args.tag), "context": args.context, "server_flags": flags}
+    sampling = SAMPLED if args.sampled else None
+    record = {**header("profile_decode", args.tag), "context": args.context, "server_flags": flags,
+              "sampling": sampling or "greedy"}
     server = Server(model_dir, work / "server.log", *flags)
     try:
         server.wait_ready()
@@ -133,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         decoding = threading.Event()
         request = threading.Thread(target=lambda: result.update(stream_one(
             server.url, random_ids(args.context, TINY_VOCAB_SIZE, 1), new_tokens,
+            sampling=sampling, speculative="--speculative-algorithm" in flags,
             first_token=decoding)))
         request.start()
         if not decoding.wait(timeout=TRACE_WAIT_S):

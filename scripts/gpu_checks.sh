@@ -21,6 +21,7 @@
 #                                               # 4.5 minutes, 10% dropped, a forced retraction
 #                                               # every 100 steps, pools free after
 #   bash scripts/gpu_checks.sh profile          # where a decode step's time goes (real config)
+#   bash scripts/gpu_checks.sh profile-verify   # the same, sampled, plain and NGRAM T=4 (128K)
 #   bash scripts/gpu_checks.sh profile-prefill  # where one 8192-token prefill chunk's time goes
 #                                               # at 128K, 512K and 1M of context (real config)
 # The long-context benchmark (real configs) in parts that each fit one call; results merge by
@@ -137,6 +138,15 @@ for part in "$@"; do
         soak-real) run "$part" python benchmarks/soak.py --model sala --minutes 4.5 \
                        --force-retract-every 100 --out "$out" ;;
         profile) run profile python benchmarks/profile_decode.py --out "$out" ;;
+        # Where an NGRAM verify's extra time goes (issue 18: 1.62x a decode step at 128K when no
+        # draft matches): the same sampled request profiled without speculation, then with
+        # NGRAM T=4, two server starts, ~7 minutes.
+        profile-verify)
+            run "$part-plain" python benchmarks/profile_decode.py --context 131072 --sampled \
+                --tag profile_decode_sampled_sala_128k --out "$out"
+            run "$part-ngram4" python benchmarks/profile_decode.py --context 131072 --sampled \
+                --server-args "--speculative-algorithm NGRAM --speculative-num-draft-tokens 4" \
+                --tag profile_verify_ngram4_sala_128k --out "$out" ;;
         # One server start (160-185 s on a fresh machine), each context's cold prefill (8.7,
         # 31.6 and 75-88 s at 128K, 512K and 1M by the long-context sweeps), then per context one
         # 8192-token chunk over the cached prefix (under 2 s) and its trace (a few seconds):
@@ -228,7 +238,7 @@ for part in "$@"; do
         # minutes with machine setup.
         two-gpus-bench-dp) run "$part" python benchmarks/two_gpus.py --parts dp --out "$out" \
                                --server-args=--disable-prefill-cuda-graph ;;
-        *) echo "unknown part: $part (ops, http, serving-graph, serving-other, prefix-cache, retraction, aborts, soak, soak-real, profile," \
+        *) echo "unknown part: $part (ops, http, serving-graph, serving-other, prefix-cache, retraction, aborts, soak, soak-real, profile, profile-verify," \
                 "profile-prefill," \
                 "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare-sala," \
                 "compare-dense, serving-cuda, serving-segments, prefix-bench-a, prefix-bench-b, spec-bench," \

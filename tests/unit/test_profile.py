@@ -295,3 +295,51 @@ def test_a_warm_up_miss_stops_before_any_context(monkeypatch: pytest.MonkeyPatch
     assert len(sent) == 1
     [path] = tmp_path.glob("profile_prefill_sala_*.json")
     assert json.loads(path.read_text())["warmup"]["error"] == "cached_tokens 0, expected 16384"
+
+
+@pytest.mark.parametrize("argv, sampling, speculative", [
+    ([], None, False),
+    (["--sampled", "--server-args",
+      "--speculative-algorithm NGRAM --speculative-num-draft-tokens 4"],
+     {"temperature": 1.0, "top_k": -1, "top_p": 1.0}, True),
+], ids=["greedy_plain", "sampled_ngram"])
+def test_profile_decode_sends_the_profiled_request_as_asked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: list[str], sampling: dict | None,
+    speculative: bool,
+) -> None:
+    """--sampled samples the profiled request at temperature 1 (the warm-up stays greedy), and a
+    server with speculation counts its decode rate in tokens; the record says which."""
+    sent: list[tuple[int, dict | None, bool]] = []
+
+    class FakeServer:
+        url = "http://x"
+
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def wait_ready(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            pass
+
+        def tail(self, n: int) -> str:
+            return ""
+
+    def stream_one(url, ids, new_tokens, sampling=None, speculative=False, first_token=None):
+        sent.append((len(ids), sampling, speculative))
+        if first_token is not None:
+            first_token.set()
+        return {"decode_tok_per_s": 1.0}
+
+    monkeypatch.setattr(profile_decode, "Server", FakeServer)
+    monkeypatch.setattr(profile_decode, "prepare_model_dir", lambda shape, work: (work, work))
+    monkeypatch.setattr(profile_decode, "stream_one", stream_one)
+    monkeypatch.setattr(profile_decode, "start_profile", lambda *a, **k: None)
+    monkeypatch.setattr(profile_decode, "wait_for_trace", lambda traces: traces)
+    monkeypatch.setattr(profile_decode, "load_events", lambda path: [])
+    monkeypatch.setattr(profile_decode, "kernel_summary", lambda events: {"steps": 1})
+    assert profile_decode.main(["--context", "8192", "--out", str(tmp_path), *argv]) == 0
+    assert sent == [(4096, None, False), (8192, sampling, speculative)]
+    record = json.loads(next(tmp_path.glob("profile_decode_sala_*.json")).read_text())
+    assert record["sampling"] == (sampling or "greedy")
