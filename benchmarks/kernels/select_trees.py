@@ -11,32 +11,15 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-
-import torch
 
 import sala_sglang
+from sala_sglang.bench import gpu_time_ms
 from sala_sglang.config import MiniCPMSALAConfig
 from sala_sglang.ops.infllm_v2 import select_blocks
 from sala_sglang.testing.paged_inputs import prefill_chunk
 
 CONTEXTS = (131072, 524288)
 CHUNK = 8192
-
-
-def median_ms(run: Callable[[], object], reps: int = 7) -> float:
-    """run's median time in ms over reps CUDA-event-timed calls, after 2 warm-ups."""
-    run()
-    run()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[reps // 2]
 
 
 def time_tree(name: str) -> dict:
@@ -49,7 +32,8 @@ def time_tree(name: str) -> dict:
                             model.num_key_value_heads, model.head_dim, "cuda")
         args = (inp.q, inp.k1, inp.rt, inp.token_req, inp.token_pos, cfg,
                 ctx // cfg.block_size + 1, model.head_dim ** -0.5)
-        out[ctx] = {"ms": median_ms(lambda: select_blocks(*args, impl="cuda"))}
+        out[ctx] = {"ms": gpu_time_ms(lambda: select_blocks(*args, impl="cuda"), warmup=2,
+                                       iters=7)}
     return out
 
 
