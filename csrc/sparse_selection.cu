@@ -131,17 +131,19 @@ struct K1RowLocator {
   }
 };
 
-// Start the copies of a located tile into its ring slot (rows of kRow elements).
-template <int kWT, int kRow, int kChunks, int kThreads, typename T>
+// Start the copies of a located tile into its ring slot: 16-byte chunk `chunk` of staged row
+// `row` goes to element dst_offset(row, chunk) of dst (the per-token kernel's padded rows, the
+// token-tiled kernel's swizzled_offset).
+template <int kWT, int kChunks, int kThreads, typename T, typename DstOffset>
 __device__ __forceinline__ void stage_k1_rows(T* dst, const int64_t* offsets, const T* k1_group,
-                                              int tid) {
+                                              int tid, DstOffset&& dst_offset) {
   for (int i = tid; i < kWT * kChunks; i += kThreads) {
     const int row = i / kChunks;
     const int chunk = i % kChunks;
     const int64_t offset = offsets[row];
     // src_bytes 0 zero-fills the row; the source must still be a valid address
     const T* src = offset >= 0 ? k1_group + offset + chunk * 8 : k1_group;
-    ptx::cp_async_16_zfill(dst + row * kRow + chunk * 8, src, offset >= 0 ? 16 : 0);
+    ptx::cp_async_16_zfill(dst + dst_offset(row, chunk), src, offset >= 0 ? 16 : 0);
   }
 }
 
@@ -154,25 +156,13 @@ __device__ __forceinline__ int swizzled_offset(int row, int chunk) {
   return (chunk / 8) * kWT * 64 + row * 64 + (((chunk % 8) ^ (row % 8)) * 8);
 }
 
-// stage_k1_rows into the swizzled layout of swizzled_offset.
-template <int kWT, int kChunks, int kThreads, typename T>
-__device__ __forceinline__ void stage_k1_rows_swizzled(T* dst, const int64_t* offsets,
-                                                       const T* k1_group, int tid) {
-  for (int i = tid; i < kWT * kChunks; i += kThreads) {
-    const int row = i / kChunks;
-    const int chunk = i % kChunks;
-    const int64_t offset = offsets[row];
-    const T* src = offset >= 0 ? k1_group + offset + chunk * 8 : k1_group;
-    ptx::cp_async_16_zfill(dst + swizzled_offset<kWT>(row, chunk), src, offset >= 0 ? 16 : 0);
-  }
-}
-
 // Streams K1 tiles [first, end) through a kStages-deep cp.async ring and calls body(tile) once
 // each tile is in shared memory (when score; a CTA's idle warps still copy and meet the
-// barriers). rows (a K1RowLocator) places a tile's row offsets one barrier before load(tile)
-// reads them, from the lookup it fetched an iteration earlier; one barrier per tile. Nothing is
-// in flight on return.
-template <int kStages, typename Rows, typename Load, typename Body>
+// barriers); kAsyncReads: body reads the ring through the async proxy (wgmma), so each tile's
+// copies are fenced for it before the barrier. rows (a K1RowLocator) places a tile's row offsets
+// one barrier before load(tile) reads them, from the lookup it fetched an iteration earlier; one
+// barrier per tile. Nothing is in flight on return.
+template <int kStages, bool kAsyncReads, typename Rows, typename Load, typename Body>
 __device__ __forceinline__ void ring_sweep(int first, int end, bool score, Rows& rows, Load&& load,
                                            Body&& body) {
 #pragma unroll
@@ -196,8 +186,8 @@ __device__ __forceinline__ void ring_sweep(int first, int end, bool score, Rows&
       if (next + 1 < end) rows.fetch(next + 1);
     }
     ptx::cp_async_wait<kStages - 2>();
-    ptx::fence_proxy_async_shared();  // the copies are visible to wgmma's reads (sm_90a)
-    __syncthreads();                  // tile is in; every warp is done with the slot refilled next
+    if constexpr (kAsyncReads) ptx::fence_proxy_async_shared();
+    __syncthreads();  // tile is in; every warp is done with the slot refilled next
     if (next < end) load(next);
     ptx::cp_async_commit();
     if (score) body(tile);
@@ -287,8 +277,9 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
   const int n_tiles = (n_vis + kWT - 1) / kWT;
 
   auto load_tile = [&](int tile) {
-    stage_k1_rows<kWT, kRow, kChunks, kThreads>(ring + (tile % kStages) * kWT * kRow,
-                                                row_offset + (tile % kStages) * kWT, k1_group, tid);
+    stage_k1_rows<kWT, kChunks, kThreads>(
+        ring + (tile % kStages) * kWT * kRow, row_offset + (tile % kStages) * kWT, k1_group, tid,
+        [](int row, int chunk) { return row * kRow + chunk * 8; });
   };
 
   // This warp's 16 windows of the tile in shared memory -> logits (log2 units) of rows
@@ -320,7 +311,7 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
 
   auto sweep = [&](auto&& body) {
     K1RowLocator<kWT, kStages> rows{row_offset, rt_row, geo, n_vis, ratio, tid};
-    ring_sweep<kStages>(0, n_tiles, true, rows, load_tile, body);
+    ring_sweep<kStages, false>(0, n_tiles, true, rows, load_tile, body);
   };
 
   // ---- pass 1: per-head softmax max and sum (log2 units) ----
@@ -527,7 +518,7 @@ constexpr int kTiledWindows = 32;  // windows per staged tile: 4 n8 tiles per wa
 constexpr int kTiledStages = 4;
 
 // A stage holds kTiledWindows K1 rows in 128-byte-swizzled atoms of 64 elements (the layout
-// wgmma reads; see stage_k1_rows_swizzled), 1024-byte aligned: 1024 bytes of slack let the ring
+// wgmma reads; see swizzled_offset), 1024-byte aligned: 1024 bytes of slack let the ring
 // start at the first aligned address of the dynamic shared memory.
 template <int D>
 __host__ __device__ constexpr int64_t tiled_ring_bytes() {
@@ -679,8 +670,9 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
     const int n_tiles = (sweep_vis + kWT - 1) / kWT;
 
     auto load_tile = [&](int tile) {
-      stage_k1_rows_swizzled<kWT, kChunks, kThreads>(
-          ring + (tile % kStages) * kStage, row_offset + (tile % kStages) * kWT, k1_group, tid);
+      stage_k1_rows<kWT, kChunks, kThreads>(ring + (tile % kStages) * kStage,
+                                            row_offset + (tile % kStages) * kWT, k1_group, tid,
+                                            swizzled_offset<kWT>);
     };
     // the staged tile's kWT windows -> this token's raw q.k (times scale_log2 where used, fused
     // into the exp2 argument; the tile max is taken before scaling, which commutes with a
@@ -721,15 +713,15 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
 #endif
     };
 #ifdef SALA_PTX_SM90A
-    constexpr bool kEveryWarpScores = true;
+    constexpr bool kWgmma = true;
 #else
-    constexpr bool kEveryWarpScores = false;
+    constexpr bool kWgmma = false;
 #endif
     // warps not in this sweep copy and wait and (but for wgmma's warpgroups) score nothing;
     // bodies return after scoring for them
     auto sweep = [&](int first, int end, auto&& body) {
       K1RowLocator<kWT, kStages> rows{row_offset, rt_row, geo, sweep_vis, ratio, tid};
-      ring_sweep<kStages>(first, end, active || kEveryWarpScores, rows, load_tile, body);
+      ring_sweep<kStages, kWgmma>(first, end, active || kWgmma, rows, load_tile, body);
     };
 
     // ---- pass 1: this token's per-head softmax max and sum (log2 units) ----
