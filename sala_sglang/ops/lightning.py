@@ -341,13 +341,12 @@ def lightning_decode(
     dim = _check(q, state)
     track = _track_pair("lightning_decode", track_slots, track_mask, "track_mask")
     state_slots = _per_request("lightning_decode", "state_slots", state_slots, q.shape[0])
+    q, k, v = _rows(q), _rows(k), _rows(v)
     if _cuda.choose_cuda("lightning_decode", impl, q, CUDA_DECODE_FASTER,
                          lambda: decode_cuda_unsupported(dim)):
-        q, k, v = _rows(q), _rows(k), _rows(v)
         return torch.ops.sala_sglang.lightning_decode(q, k, v, state, state_slots, slopes, scale,
                                                       *(track or (None, None)))
     block_v = min(dim, STEP_BLOCK_V)
-    q, k, v = _rows(q), _rows(k), _rows(v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     grid = (q.shape[0], q.shape[1], dim // block_v)
     _decode_kernel[grid](
