@@ -34,7 +34,7 @@
 #   prefix-bench-a (4-turn conversations about 128K and 512K-token documents, then
 #   bench_serving's generated-shared-prefix set)  prefix-bench-b (the same conversation at 1M)
 # The SOAR-style score: soar-sala-a, soar-sala-b (the whole set, concurrency 1, then 8 and
-#   unlimited); soar-cmp-sala, soar-cmp-dense-1, -8, -unlimited (inputs capped at 256K, half the
+#   unlimited); soar-cmp-sala, soar-cmp-dense-a, -b (inputs capped at 256K, a quarter of the
 #   set, SALA and the dense shape on the same machine)
 # NGRAM speculative decoding, a server without speculation and one per draft depth, one after the
 # other on the same GPU, one result file:
@@ -174,18 +174,21 @@ for part in "$@"; do
         # decode rates (benchmarks/NOTES.md, 2026-12-07): SALA's whole set is ~130 s of prefill
         # and ~80 s of decode at concurrency 1, ~150 s at 8 and unlimited, so with a server start
         # (110-185 s) it takes two calls. The comparison with the dense shape caps inputs at
-        # 256K and halves the set (14 requests): the dense model's prefill alone is ~200 s at
-        # each level (62 s for one 256K prompt), so one call per level for it, one for SALA.
+        # 256K and takes a quarter of the set (8 requests, two of them 256K): the dense model's
+        # prefill is ~150 s at each level (61 s for one 256K prompt), so two levels in one call
+        # (one server start, ~60 s) and the third beside SALA's three in the next.
         soar-sala-a) run "$part" long_context --workload soar --soar-concurrency 1 \
                          --tag soar_sala_c1 ;;
         soar-sala-b) run "$part" long_context --workload soar --soar-concurrency 8 0 \
                          --tag soar_sala_c8_unlimited ;;
         soar-cmp-sala) run "$part" long_context --workload soar --soar-max-input 262144 \
-                           --soar-scale 0.5 --tag soar_cmp_sala ;;
-        soar-cmp-dense-1|soar-cmp-dense-8|soar-cmp-dense-unlimited)
-            level=${part#soar-cmp-dense-}; [ "$level" = unlimited ] && level=0
-            run "$part" long_context "${DENSE[@]}" --workload soar --soar-max-input 262144 \
-                --soar-scale 0.5 --soar-concurrency "$level" --tag "soar_cmp_qwen3-8b_c$level" ;;
+                           --soar-scale 0.25 --tag soar_cmp_sala ;;
+        soar-cmp-dense-a) run "$part" long_context "${DENSE[@]}" --workload soar \
+                              --soar-max-input 262144 --soar-scale 0.25 --soar-concurrency 1 8 \
+                              --tag soar_cmp_qwen3-8b_c1_c8 ;;
+        soar-cmp-dense-b) run "$part" long_context "${DENSE[@]}" --workload soar \
+                              --soar-max-input 262144 --soar-scale 0.25 --soar-concurrency 0 \
+                              --tag soar_cmp_qwen3-8b_unlimited ;;
         # Two server starts (the first 159-183 s on a fresh machine) leave each part ~5 minutes
         # of requests. The server without the cache gets turn 2 only, a cold prefill of the whole
         # conversation (75 s at 1M): turn 1 is a cold prefill with the cache too, and turns 3-4
@@ -243,8 +246,7 @@ for part in "$@"; do
                 "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare-sala," \
                 "compare-dense, serving-cuda, serving-segments, prefix-bench-a, prefix-bench-b, spec-bench," \
                 "spec-sweep-a, spec-sweep-b," \
-                "soar-sala-a, soar-sala-b, soar-cmp-sala, soar-cmp-dense-1, soar-cmp-dense-8," \
-                "soar-cmp-dense-unlimited," \
+                "soar-sala-a, soar-sala-b, soar-cmp-sala, soar-cmp-dense-a, soar-cmp-dense-b," \
                 "two-gpus, two-gpus-bench-tp, two-gpus-bench-dp)"
            exit 2 ;;
     esac
