@@ -529,6 +529,7 @@ def run(args: argparse.Namespace) -> Path:
         "peaks": args.peaks,
         "batch1": [],
         "bench_serving": [],
+        "bench_serving_from_empty_cache": True,  # /flush_cache before each run
     }
     if soar:
         record["workload"] = {"name": "soar", "seed": args.seed,
@@ -568,6 +569,10 @@ def run(args: argparse.Namespace) -> Path:
                 if not server.alive():
                     break
                 print(f"[bench] bench_serving, concurrency {conc or 'unlimited'}", flush=True)
+                # Each run starts from an empty prefix cache: the runs send the same prompts
+                # (SOAR's three levels do), and a later run would otherwise be served from what
+                # the earlier one cached, as much as the pool holds (all of it for SALA).
+                flush_cache(server.url)
                 res = bench_serving(server.url, tok_dir, dataset, prompts, conc, work)
                 _log({k: v for k, v in res.items() if k != "command"})
                 record["bench_serving"].append({"max_concurrency": conc, **res})

@@ -733,3 +733,36 @@ def test_a_depth_sweep_runs_only_the_never_matching_workload(
         (name, "never_matching") for name in ("plain", "ngram_2", "ngram_3")]
     assert all(r["verify_over_decode_step"] == pytest.approx(40 / 39, rel=1e-2)
                for r in record["rows"][1:])
+
+
+def test_each_bench_serving_run_starts_from_an_empty_prefix_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """The SOAR-style levels send the same prompts: without a flush between them, a later level
+    would be served from the prefix cache the earlier one filled."""
+    calls: list[str] = []
+    server = _FakeServer(cache=True)
+
+    def post(url: str, data: str | None = None, **kwargs) -> _Reply:
+        if url.endswith("/flush_cache"):
+            calls.append("flush")
+        return server.post(url, data, **kwargs)
+
+    @contextlib.contextmanager
+    def served(model_dir, log_path, flags, info, keep_log) -> Iterator[argparse.Namespace]:
+        info["startup_s"] = 1.0
+        yield argparse.Namespace(url="http://x", alive=lambda: True)
+
+    monkeypatch.setattr("sala_sglang.bench.requests.post", post)
+    monkeypatch.setattr(bench, "served", served)
+    monkeypatch.setattr(bench, "bench_serving", lambda url, tok, dataset, prompts, conc, work: (
+        calls.append(f"run {conc}") or {"command": ["bench_serving"], "duration": 1.0}))
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--workload", "soar", "--soar-scale", "0.1", "--soar-max-input", "8192",
+                         "--tag", "t", "--out", str(tmp_path)])
+    args.peaks = None  # what `bench` sets (no GPU to measure)
+    record = json.loads(bench.run(args).read_text())
+    assert calls == ["flush", "run 1", "flush", "run 8", "flush", "run 0"]
+    assert record["bench_serving_from_empty_cache"] is True
+    assert record["soar_total_s"] == 3.0
