@@ -2,7 +2,8 @@
 
 q and k are read where the qkv projection left them (row-strided slices of its output) and
 written once, contiguous [T, H, D], normalised and rotated (NeoX rotate-half over the whole head)
-in fp32, so the layer makes no copy, norm or rotation pass of its own.
+in fp32, the normalised value rounded to the model's dtype in between as a separate norm would
+leave it, so the layer makes no copy, norm or rotation pass of its own.
 
 The angles come from SGLang's RoPE table (`RotaryEmbedding.cos_sin_cache` [positions, D]: the
 cosines of the D/2 frequencies, then their sines), the table SGLang's own RoPE kernel reads. On
@@ -50,12 +51,16 @@ def _qk_norm_rope_kernel(
     x1 = tl.load(src + offs, mask=live, other=0.0).to(ACC)
     x2 = tl.load(src + offs + HALF, mask=live, other=0.0).to(ACC)
     inv_rms = 1.0 / tl.sqrt(tl.sum(x1 * x1 + x2 * x2, axis=1) / D + eps)
-    x1 = x1 * inv_rms[:, None] * tl.load(w_ptr + j).to(ACC)[None, :]
-    x2 = x2 * inv_rms[:, None] * tl.load(w_ptr + HALF + j).to(ACC)[None, :]
+    # the normalised head rounded to the output dtype before it turns, as the reference (SPEC
+    # 2.1 step 2: a norm, then RoPE, each returning the model's dtype) and SGLang's separate norm
+    # and RoPE kernels round it: skipped, a third of fp16 outputs differ from theirs by an ulp,
+    # which 24 layers' recurrences carry to every later position
+    out_ty = dst.dtype.element_ty
+    x1 = (x1 * inv_rms[:, None] * tl.load(w_ptr + j).to(ACC)[None, :]).to(out_ty).to(ACC)
+    x2 = (x2 * inv_rms[:, None] * tl.load(w_ptr + HALF + j).to(ACC)[None, :]).to(out_ty).to(ACC)
     row = cos_sin_ptr + tl.load(pos_ptr + token).to(tl.int64) * stride_cs
     cos = tl.load(row + j).to(ACC)[None, :]
     sin = tl.load(row + HALF + j).to(ACC)[None, :]
-    out_ty = dst.dtype.element_ty
     tl.store(dst + offs, (x1 * cos - x2 * sin).to(out_ty), mask=live)
     tl.store(dst + offs + HALF, (x2 * cos + x1 * sin).to(out_ty), mask=live)
 
