@@ -167,6 +167,16 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* p) {
          | (uint64_t{1} << 62);         // 128-byte swizzle
 }
 
+// 2^x by the SFU alone (MUFU.EX2), results below 2^-126 flushed to zero: exp2f adds a range check
+// and two predicated multiplies around the same MUFU.EX2 to produce those denormals, four
+// instructions per exponential where softmax-style loops, whose arguments are <= 0 and whose
+// sums a denormal cannot move, need one.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Orders this thread's earlier generic-proxy writes to shared memory (st.shared, cp.async) before
 // later async-proxy reads (wgmma operands); a barrier after it extends that to the CTA.
 __device__ __forceinline__ void fence_proxy_async_shared() {

@@ -280,7 +280,8 @@ __global__ void __launch_bounds__(kThreads) block_sparse_attention_kernel(const 
         if (__any_sync(0xffffffffu, m_new[0] != m[0] || m_new[1] != m[1])) {
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            const float alpha = exp2f(m[half] - m_new[half]);  // 0 on the first chunk (m = -inf)
+            const float alpha =
+                ptx::exp2_ftz(m[half] - m_new[half]);  // 0 on the first chunk (m = -inf)
             l[half] *= alpha;
 #pragma unroll
             for (int n = 0; n < 2 * kSteps; ++n) {
@@ -297,7 +298,7 @@ __global__ void __launch_bounds__(kThreads) block_sparse_attention_kernel(const 
           for (int n = 0; n < 2; ++n) {
 #pragma unroll
             for (int e = 2 * half; e < 2 * half + 2; ++e) {
-              s[n][e] = exp2f(s[n][e] - m_new[half]);
+              s[n][e] = ptx::exp2_ftz(s[n][e] - m_new[half]);
               sum += s[n][e];
             }
           }
@@ -363,7 +364,7 @@ __global__ void __launch_bounds__(kThreads) block_sparse_attention_kernel(const 
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) {
         if (warp_m[w][row] != kNegInf) {
-          const float f = exp2f(warp_m[w][row] - big);
+          const float f = ptx::exp2_ftz(warp_m[w][row] - big);
           sum += warp_l[w][row] * f;
           acc += so[(w * kRows + row) * D + d] * f;
         }
@@ -395,7 +396,7 @@ __global__ void __launch_bounds__(128) merge_splits_kernel(const float* __restri
     if (big != kNegInf) {
       for (int s = 0; s < splits; ++s) {
         if (lse[s] != kNegInf) {
-          const float w = exp2f(lse[s] - big);
+          const float w = ptx::exp2_ftz(lse[s] - big);
           sum += w;
           acc += w * part_o[(row * splits + s) * dim + d];
         }

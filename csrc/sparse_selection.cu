@@ -338,10 +338,10 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
       for (int n = 0; n < 2; ++n) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          if (c0 + 8 * n + e < n_vis) sum += exp2f(acc[n][2 * up + e] - m_safe);
+          if (c0 + 8 * n + e < n_vis) sum += ptx::exp2_ftz(acc[n][2 * up + e] - m_safe);
         }
       }
-      l[up] = l[up] * exp2f(m[up] - m_safe) + sum;
+      l[up] = l[up] * ptx::exp2_ftz(m[up] - m_safe) + sum;
       m[up] = m_new;
     }
   });
@@ -354,7 +354,7 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
       const float l_o = __shfl_xor_sync(0xffffffffu, l[up], off);
       const float m_new = fmaxf(m[up], m_o);
       const float m_safe = m_new == -INFINITY ? 0.f : m_new;
-      l[up] = l[up] * exp2f(m[up] - m_safe) + l_o * exp2f(m_o - m_safe);
+      l[up] = l[up] * ptx::exp2_ftz(m[up] - m_safe) + l_o * ptx::exp2_ftz(m_o - m_safe);
       m[up] = m_new;
     }
     if (quad_col == 0) {
@@ -369,7 +369,8 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
     const float m_safe = mm == -INFINITY ? 0.f : mm;
     float ll = 0.f;
     for (int w = 0; w < NW; ++w) {
-      ll += warp_l[w * kMaxGroupHeads + tid] * exp2f(warp_m[w * kMaxGroupHeads + tid] - m_safe);
+      ll += warp_l[w * kMaxGroupHeads + tid] *
+            ptx::exp2_ftz(warp_m[w * kMaxGroupHeads + tid] - m_safe);
     }
     row_m[tid] = m_safe;
     row_il[tid] = ll > 0.f ? 1.f / ll : 0.f;  // no visible window: every probability is 0
@@ -390,10 +391,11 @@ __global__ void __launch_bounds__(Tiling<NW>::kThreads) select_blocks_kernel(
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int c = c0 + 8 * n + e;
+        // a row past the group's heads has il 0 and a finite m (its q is 0): it adds 0
         float p = 0.f;
         if (c < n_vis) {
-          if (live_lo) p = exp2f(acc[n][e] - m_lo) * il_lo;
-          if (live_hi) p += exp2f(acc[n][2 + e] - m_hi) * il_hi;
+          p = fmaf(ptx::exp2_ftz(acc[n][2 + e] - m_hi), il_hi,
+                   ptx::exp2_ftz(acc[n][e] - m_lo) * il_lo);
         }
         p += __shfl_xor_sync(0xffffffffu, p, 4);
         p += __shfl_xor_sync(0xffffffffu, p, 8);
@@ -755,11 +757,11 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               if (kWhole || c0 + 8 * n + e < n_vis) {
-                sum += exp2f(fmaf(acc[n][2 * up + e], scale_log2, -m_safe));
+                sum += ptx::exp2_ftz(fmaf(acc[n][2 * up + e], scale_log2, -m_safe));
               }
             }
           }
-          l[up] = l[up] * exp2f(m[up] - m_safe) + sum;
+          l[up] = l[up] * ptx::exp2_ftz(m[up] - m_safe) + sum;
           m[up] = m_new;
         }
       };
@@ -779,7 +781,7 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
         const float l_o = __shfl_xor_sync(kFull, l[up], off);
         const float m_new = fmaxf(m[up], m_o);
         const float m_safe = m_new == -INFINITY ? 0.f : m_new;
-        l[up] = l[up] * exp2f(m[up] - m_safe) + l_o * exp2f(m_o - m_safe);
+        l[up] = l[up] * ptx::exp2_ftz(m[up] - m_safe) + l_o * ptx::exp2_ftz(m_o - m_safe);
         m[up] = m_new;
       }
       m_row[up] = m[up] == -INFINITY ? 0.f : m[up];
@@ -814,10 +816,11 @@ __global__ void __launch_bounds__(32 * TT, TT >= 8 ? 2 : 3) select_blocks_tiled_
           for (int n = 0; n < kN; ++n) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
+              // a row past the group's heads has il 0 and a finite m (its q is 0): it adds 0
               float p = 0.f;
               if (kWhole || c0 + 8 * n + e < n_vis) {
-                if (live_lo) p = exp2f(fmaf(acc[n][e], scale_log2, -m_lo)) * il_lo;
-                if (live_hi) p += exp2f(fmaf(acc[n][2 + e], scale_log2, -m_hi)) * il_hi;
+                p = fmaf(ptx::exp2_ftz(fmaf(acc[n][2 + e], scale_log2, -m_hi)), il_hi,
+                         ptx::exp2_ftz(fmaf(acc[n][e], scale_log2, -m_lo)) * il_lo);
               }
               v[2 * n + e] = p;
             }
