@@ -180,3 +180,24 @@ def test_a_miss_that_one_near_tie_taken_the_other_way_explains_is_excused(sparse
     report = served_vs_reference(reference, prompt, off, q_noise=1e-9, trials=1, tie_rel=1e-3)
     assert report["tie_excused"] == 0 and report["worst_rows"][0][0] == 184, report
     assert report["max_logprob_err"] > 2 * LOGPROB_TOL, report
+
+
+def test_a_failed_check_writes_the_served_answer_where_asked(setup, tmp_path, monkeypatch) -> None:
+    import json
+
+    from sala_sglang.testing.compare import FAILED_DUMP_ENV, check_served
+
+    reference, prompt, answer = setup
+    monkeypatch.setenv(FAILED_DUMP_ENV, str(tmp_path))
+    check_served(reference, prompt, answer, mode="exact")
+    assert not list(tmp_path.iterdir())
+    wrong = {**answer, "meta_info": {**answer["meta_info"]}}
+    entries = [list(e) for e in answer["meta_info"]["output_token_logprobs"]]
+    entries[1][0] -= 0.2
+    wrong["meta_info"]["output_token_logprobs"] = entries
+    with pytest.raises(AssertionError):
+        check_served(reference, prompt, wrong, mode="wrong")
+    [dumped] = tmp_path.iterdir()
+    saved = json.loads(dumped.read_text())
+    assert saved["label"] == {"mode": "wrong"} and saved["prompt"] == prompt
+    assert saved["result"]["output_ids"] == answer["output_ids"]
