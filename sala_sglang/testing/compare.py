@@ -99,7 +99,7 @@ MAX_TIE_ROWS = 8
 
 
 def served_vs_reference(reference: Any, prompt: list[int], result: dict,
-                        q_noise: float = 1e-3, trials: int = 16,
+                        q_noise: float = 1e-3, trials: int = 16, max_trials: int = 64,
                         tie_rel: float | None = None) -> dict:
     """Compare one served greedy generation with the reference, teacher-forced (SPEC section 4).
 
@@ -108,9 +108,15 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
     LOGPROB_TOL (or flips a confident token) is excused in two ways, both counted and left out
     of the maxima:
     - "selection_excused": the reference itself moves by more than LOGPROB_TOL / 2 there when its
-      stage-1 queries and compressed keys get rounding-sized noise (q_noise). How many positions
-      the noisy reference misses LOGPROB_TOL at, in its worst trial, is reported as
-      "noisy_reference_misses": the number of excuses that rounding alone accounts for.
+      stage-1 queries and compressed keys get rounding-sized noise (q_noise), in one of `trials`
+      trials, or of up to `max_trials` while a missed position is still unexplained (a flip that
+      one trial in ten makes is missed by 16 trials one time in five). How many positions the
+      noisy reference misses LOGPROB_TOL at, in its worst trial, is reported as
+      "noisy_reference_misses": the number of excuses that rounding alone accounts for, and the
+      trials run as "noise_trials". The worst trial's mean and 99th percentile of |dlogprob|
+      against the reference over every position are "noisy_mean_err" and "noisy_p99_err" (0
+      where no trial ran), beside the served run's own, excused positions included
+      ("all_mean_err", "all_p99_err").
     - "tie_excused": at that position the reference chose one block over another scoring within
       tie_rel (relative; default 2 * q_noise), and the reference with that one pair taken the
       other way agrees with the served logprob within LOGPROB_TOL, with no confident flip. Noise
@@ -166,15 +172,20 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
     tie_excused = torch.zeros_like(bad)
     near_ties = []
     noisy_misses = 0
+    noisy_mean = noisy_p99 = 0.0
+    seed = 0
     if bad.any():
         spread = torch.zeros_like(err)
-        for seed in range(trials):
+        while seed < trials or (seed < max_trials and (bad & ~excused).any()):
             _, noisy = _reference_logprobs(reference, sequence, len(prompt),
                                            _noisy_stage1(q_noise, seed))
             moved = (noisy[rows, tokens] - logprobs[rows, tokens]).abs()
             spread = torch.maximum(spread, moved)
             noisy_misses = max(noisy_misses, int((moved > LOGPROB_TOL).sum()))
-        excused = bad & (spread > LOGPROB_TOL / 2)
+            noisy_mean = max(noisy_mean, float(moved.mean()))
+            noisy_p99 = max(noisy_p99, float(moved.quantile(0.99)))
+            excused = bad & (spread > LOGPROB_TOL / 2)
+            seed += 1
     left = (bad & ~excused).nonzero().flatten().tolist()
     if 0 < len(left) <= MAX_TIE_ROWS:
         rel = 2 * q_noise if tie_rel is None else tie_rel
@@ -201,6 +212,11 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
         "positions": len(served),
         "selection_excused": int(excused.sum()),
         "noisy_reference_misses": noisy_misses,
+        "noise_trials": seed,
+        "all_mean_err": float(err.mean()),
+        "all_p99_err": float(err.quantile(0.99)),
+        "noisy_mean_err": noisy_mean,
+        "noisy_p99_err": noisy_p99,
         "excused_worst_err": float(err[excused].max()) if excused.any() else 0.0,
         "tie_excused": int(tie_excused.sum()),
         "near_ties": near_ties,
@@ -213,6 +229,15 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
 # to BF16_MAX_LOGPROB_ERR per position and BF16_MEAN_LOGPROB_ERR on average.
 BF16_MAX_LOGPROB_ERR = 0.15
 BF16_MEAN_LOGPROB_ERR = 0.02
+# SPEC section 4's fp16 distribution over each checked request's positions, excused ones included
+# (measured on the group-16, block-64 geometry). Where the noisy reference itself is spread wider
+# on the same sequence (the tiny checkpoint's 16-token blocks, 4 of them selected: over a
+# 2199-position decode, noise alone gave mean 0.010-0.018 and p99 0.14-0.22), its worst trial is
+# the bound. The 99th percentile is held only over P99_MIN_POSITIONS or more positions (below, it
+# is the maximum, which the per-position rule already holds).
+FP16_MEAN_LOGPROB_ERR = 0.01
+FP16_P99_LOGPROB_ERR = 0.08
+P99_MIN_POSITIONS = 100
 # Relative noise on the reference's stage-1 queries that stands for the served model's rounding
 # when deciding whether a missed position is a selection near tie (see served_vs_reference).
 FP16_Q_NOISE = 1e-3
@@ -252,6 +277,11 @@ def _assert_within_tolerances(report: dict, bf16: bool) -> None:
         assert report["mean_logprob_err"] <= BF16_MEAN_LOGPROB_ERR, report
     else:
         assert report["max_logprob_err"] <= LOGPROB_TOL, report
+        mean_bound = max(FP16_MEAN_LOGPROB_ERR, report["noisy_mean_err"])
+        assert report["all_mean_err"] <= mean_bound, report
+        if report["positions"] >= P99_MIN_POSITIONS:
+            p99_bound = max(FP16_P99_LOGPROB_ERR, report["noisy_p99_err"])
+            assert report["all_p99_err"] <= p99_bound, report
 
 
 def _dump_failed(label: dict, prompt: list[int], result: dict) -> None:
