@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import math
 import random
@@ -120,11 +121,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-args", default="", help="extra flags for sglang.launch_server")
     p.add_argument("--tag", default=None, help="the result file's name (default soak_<model>)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--part", action="store_true",
+                   help="one part of a soak spread over several runs (benchmarks/soak_parts.py "
+                        "adds them up): the tag gets the start time (UTC) and the seed is that "
+                        "time's, so parts neither overwrite each other nor repeat one plan")
     args = p.parse_args(argv)
     for key, value in MODE_DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.tag = args.tag or f"soak_{args.model}"
+    if args.part:
+        start = datetime.datetime.now(datetime.timezone.utc)
+        args.tag = f"{args.tag}_part_{start:%H%M%S}"
+        args.seed = int(start.timestamp())
     return args
 
 

@@ -135,8 +135,9 @@ for part in "$@"; do
             unset SALA_SGLANG_TEST_SERVER_FLAGS ;;
         soak) run soak python benchmarks/soak.py --out "$out" ;;
         # Startup 160-185 s on a fresh machine, 270 s of requests, ~40 s of checks: ~8.5 min.
+        # One part of the 30-minute soak (issue 20): its own tag and seed; soak_parts.py sums.
         soak-real) run "$part" python benchmarks/soak.py --model sala --minutes 4.5 \
-                       --force-retract-every 100 --out "$out" ;;
+                       --force-retract-every 100 --part --out "$out" ;;
         profile) run profile python benchmarks/profile_decode.py --out "$out" ;;
         # Where an NGRAM verify's extra time goes (issue 18: 1.62x a decode step at 128K when no
         # draft matches): the same sampled request profiled without speculation, then with

@@ -46,6 +46,28 @@ def test_the_gpu_checks_soak_real_part_runs_the_sala_mode_within_one_call() -> N
     args = soak.parse_args(shlex.split(flags))
     assert args.model == "sala" and args.force_retract_every > 0
     assert 185 + args.minutes * 60 + soak.IDLE_S + 60 <= 600
+    assert args.part and args.tag.startswith("soak_sala_part_") and args.seed > 0
+
+
+def test_parts_of_a_soak_get_their_own_tag_and_seed(monkeypatch) -> None:
+    import datetime
+
+    class At:  # the clock at two parts' starts
+        now_value = datetime.datetime(2026, 12, 8, 9, 30, 5, tzinfo=datetime.timezone.utc)
+
+        @classmethod
+        def now(cls, tz=None):
+            return cls.now_value
+
+    monkeypatch.setattr(soak.datetime, "datetime", At)
+    first = soak.parse_args(["--model", "sala", "--part"])
+    At.now_value += datetime.timedelta(minutes=12)
+    second = soak.parse_args(["--model", "sala", "--part"])
+    assert (first.tag, second.tag) == ("soak_sala_part_093005", "soak_sala_part_094205")
+    assert first.seed != second.seed
+    assert soak.make_timed_plans(first) != soak.make_timed_plans(second)
+    plain = soak.parse_args(["--model", "sala"])
+    assert (plain.tag, plain.seed, plain.part) == ("soak_sala", 0, False)
 
 
 def test_tiny_plan_covers_both_apis_and_aborts() -> None:
