@@ -66,8 +66,9 @@ def table(summary: dict) -> str:
             f"{'yes' if r['pool_back_to_start'] else 'NO'} | "
             f"{r['gpu_used_mib_before']} / {r['gpu_used_mib_after']} |")
     t = summary["total"]
+    parts = f"{t['parts']} part{'' if t['parts'] == 1 else 's'}"
     lines.append(
-        f"| total ({t['parts']} part{'' if t['parts'] == 1 else 's'}) | {t['minutes']} | {t['requests']} | {t['completed']} | "
+        f"| total ({parts}) | {t['minutes']} | {t['requests']} | {t['completed']} | "
         f"{t['aborted_by_client']} | {t['dropped_at_end']} | {t['retracted_requests']} / "
         f"{t['forced_retracted_requests']} | {t['errors']} | "
         f"{'yes' if t['every_pool_back_to_start'] else 'NO'} | |")
