@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ def free_port() -> int:
 
 class Server:
     """`python -m sglang.launch_server` in its own process group, log kept in a file."""
+
+    mode = "server"  # the label `started` gives it, for messages
 
     def __init__(
         self, model_dir: Path, log_path: Path, *flags: str, env: dict | None = None
@@ -98,6 +100,16 @@ class Server:
         r = requests.get(self.url + "/v1/loads", timeout=30)
         r.raise_for_status()
         return r.json()["loads"][0]
+
+    def wait_for_load(self, what: str, until: Callable[[dict], bool],
+                      timeout: float = 30) -> dict:
+        """Polls /v1/loads (republished after every prefill chunk, every 15 decode steps and
+        when idle) until `until` holds for it; returns that row."""
+        deadline = time.time() + timeout
+        while not until(row := self.load()):
+            assert time.time() < deadline, f"{self.mode}: not {what} after {timeout} s: {row}"
+            time.sleep(0.05)
+        return row
 
     def assert_pools_free(self, settle_s: float = 3, timeout_s: float = 20) -> dict:
         """After the requests: the server alive, no leak reported by the strict idle checks it

@@ -23,7 +23,6 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -117,16 +116,6 @@ def _abort(server, **body) -> None:
     requests.post(server.url + "/abort_request", json=body, timeout=30).raise_for_status()
 
 
-def _wait_for_load(server, what: str, until: Callable[[dict], bool], timeout: float = 30) -> dict:
-    """Polls /v1/loads (republished after every prefill chunk, every 15 decode steps and when
-    idle) until `until` holds for it."""
-    deadline = time.time() + timeout
-    while not until(row := server.load()):
-        assert time.time() < deadline, f"{server.mode}: not {what} after {timeout} s: {row}"
-        time.sleep(0.05)
-    return row
-
-
 def _aborts_logged(server, rid: str) -> list[str]:
     """The scheduler's abort lines for this rid."""
     return [line for line in server.tail(10**8).splitlines()
@@ -161,12 +150,12 @@ def test_disconnect_while_queued_aborts_the_queued_request(server, reference) ->
         answers = [pool.submit(_generate, server, rid, _prompt(SHORT_PROMPT + i, vocab), ENDLESS)
                    for i, rid in enumerate(running)]
         try:
-            _wait_for_load(server, "both slots running", lambda row: row["num_running_reqs"] == 2)
+            server.wait_for_load("both slots running", lambda row: row["num_running_reqs"] == 2)
             with _stream(server, queued, _prompt(SHORT_PROMPT, vocab), ENDLESS):
-                _wait_for_load(server, "queued", lambda row: row["num_waiting_reqs"] == 1)
+                server.wait_for_load("queued", lambda row: row["num_waiting_reqs"] == 1)
             _wait_for_abort(server, "queued", queued)
             # the queue is empty, and the two running requests go on
-            row = _wait_for_load(server, "without the queued request",
+            row = server.wait_for_load("without the queued request",
                                  lambda row: row["num_waiting_reqs"] == 0)
             assert row["num_running_reqs"] == 2, row
             assert all(not _aborts_logged(server, rid) for rid in running)
@@ -182,7 +171,7 @@ def test_disconnect_between_prefill_chunks_aborts_the_chunked_request(server, re
     rid = _rid("prefill")
     with _stream(server, rid, _prompt(LONG_PROMPT, reference.config.vocab_size), 4):
         # a chunk's KV held: the prefill has begun, ~2,000 chunks to go
-        row = _wait_for_load(server, "prefilling", lambda row: row["num_used_tokens"] > 0)
+        row = server.wait_for_load("prefilling", lambda row: row["num_used_tokens"] > 0)
     print(f"{server.mode}: disconnected with {row['num_waiting_uncached_tokens']} prompt tokens "
           "left to prefill")
     # logged only while the request is still the chunked one: its prefill had not finished
@@ -208,7 +197,7 @@ def test_abort_request_by_rid_ends_that_request(server, reference) -> None:
     with ThreadPoolExecutor(1) as pool:
         answer = pool.submit(_generate, server, rid,
                              _prompt(SHORT_PROMPT, reference.config.vocab_size), ENDLESS)
-        _wait_for_load(server, "running", lambda row: row["num_running_reqs"] == 1)
+        server.wait_for_load("running", lambda row: row["num_running_reqs"] == 1)
         _abort(server, rid=rid)
         meta = answer.result(timeout=60)["meta_info"]
     assert meta["finish_reason"]["type"] == "abort", meta
@@ -224,10 +213,10 @@ def test_abort_all_ends_running_and_queued_requests(server, reference) -> None:
         for i, rid in enumerate(rids[:2]):
             answers[rid] = pool.submit(_generate, server, rid, _prompt(SHORT_PROMPT + i, vocab),
                                        ENDLESS)
-        _wait_for_load(server, "both slots running", lambda row: row["num_running_reqs"] == 2)
+        server.wait_for_load("both slots running", lambda row: row["num_running_reqs"] == 2)
         answers[rids[2]] = pool.submit(_generate, server, rids[2], _prompt(SHORT_PROMPT, vocab),
                                        ENDLESS)
-        _wait_for_load(server, "queued", lambda row: row["num_waiting_reqs"] == 1)
+        server.wait_for_load("queued", lambda row: row["num_waiting_reqs"] == 1)
         _abort(server, abort_all=True)
         metas = {rid: answer.result(timeout=60)["meta_info"] for rid, answer in answers.items()}
     assert all(meta["finish_reason"]["type"] == "abort" for meta in metas.values()), metas

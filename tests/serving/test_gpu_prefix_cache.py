@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -156,16 +155,6 @@ def test_suffixes_diverging_from_a_cached_prompt(server, reference, baseline,
         assert cached == expected[name], (name, cached, expected)
 
 
-def _wait_until_decoding(server, timeout_s: float = 60) -> None:
-    """Until the server's one request has finished its prefill (the scheduler's running batch
-    holds decoding requests only): a fixed sleep was too short where the prefill compiled
-    kernels first (a fresh eager server: the match then found the donor's chunks only)."""
-    deadline = time.time() + timeout_s
-    while server.load()["num_running_reqs"] < 1:
-        assert time.time() < deadline, "the donor never reached its decode"
-        time.sleep(0.05)
-
-
 def test_a_prefix_inserted_by_a_request_still_decoding(server, reference, baseline) -> None:
     server.flush_cache()
     rng = random.Random(3)
@@ -173,7 +162,11 @@ def test_a_prefix_inserted_by_a_request_still_decoding(server, reference, baseli
     donor = _prompt(rng, 700, vocab)
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(_ask, server, donor, 0, 1500)
-        _wait_until_decoding(server)
+        # until its prefill is over (the running batch holds decoding requests only): a fixed
+        # sleep was too short where the prefill compiled kernels first (a fresh eager server,
+        # whose match then found the donor's chunks only)
+        server.wait_for_load("decoding the donor", lambda row: row["num_running_reqs"] >= 1,
+                             timeout=60)
         prompt = donor + _tokens(rng, 60, vocab)
         result = _ask(server, prompt, len(donor))
         assert not running.done(), "the donor finished first: its decode was too short"
