@@ -537,16 +537,24 @@ def log_findings(log: str) -> dict:
     }
 
 
+def pool_back_to_start(record: dict) -> bool:
+    """After the idle wait: no request left and every KV slot free, in a pool of its starting
+    size."""
+    before, after = record.get("load_before") or {}, record.get("load_after") or {}
+    return bool(
+        before.get("num_used_tokens") == after.get("num_used_tokens") == 0
+        and after.get("num_running_reqs") == after.get("num_waiting_reqs") == 0
+        and after.get("max_total_num_tokens") == before.get("max_total_num_tokens")
+    )
+
+
 def passed(record: dict) -> bool:
     """No request failed, and after the idle wait the server is alive and healthy, reported no
-    leak, and has no request left and every KV slot free, in a pool of its starting size."""
-    before, after = record.get("load_before") or {}, record.get("load_after") or {}
+    leak, and its pool is back to its start (`pool_back_to_start`)."""
     return bool(
         record["errors"] == 0 and record.get("server_alive_after_idle")
         and record.get("health_after") == 200 and not record["leak_lines_in_log"]
-        and before.get("num_used_tokens") == after.get("num_used_tokens") == 0
-        and after.get("num_running_reqs") == after.get("num_waiting_reqs") == 0
-        and after.get("max_total_num_tokens") == before.get("max_total_num_tokens")
+        and pool_back_to_start(record)
     )
 
 

@@ -13,7 +13,11 @@ import json
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+if __name__ == "__main__":  # run as a file: `benchmarks` imports from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS  # noqa: E402
+from benchmarks.soak import pool_back_to_start  # noqa: E402
+
 TOTAL_NAME = "soak_sala_parts_total.json"
 # Summed over the parts.
 COUNTS = ("requests", "completed", "aborted_by_client", "dropped_at_end", "errors",
@@ -22,7 +26,6 @@ COUNTS = ("requests", "completed", "aborted_by_client", "dropped_at_end", "error
 
 def part_row(path: Path, record: dict) -> dict:
     """One part: what it served and whether it left the server as it found it."""
-    before, after = record.get("load_before") or {}, record.get("load_after") or {}
     return {
         "file": path.name,
         "date": record.get("date"),
@@ -31,9 +34,7 @@ def part_row(path: Path, record: dict) -> dict:
         **{k: record.get(k) or 0 for k in COUNTS},
         "passed": bool(record.get("passed")),
         "server_alive_after_idle": bool(record.get("server_alive_after_idle")),
-        "pool_back_to_start": (after.get("num_used_tokens") == 0
-                               and after.get("max_total_num_tokens")
-                               == before.get("max_total_num_tokens")),
+        "pool_back_to_start": pool_back_to_start(record),
         "gpu_used_mib_before": record.get("gpu_used_mib_before"),
         "gpu_used_mib_after": record.get("gpu_used_mib_after"),
     }

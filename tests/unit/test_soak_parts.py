@@ -9,7 +9,8 @@ from benchmarks import soak_parts
 
 
 def _part(path: Path, date: str, seconds: float, errors: int, used_after: int) -> Path:
-    load = {"num_used_tokens": 0, "max_total_num_tokens": 3253056}
+    load = {"num_used_tokens": 0, "num_running_reqs": 0, "num_waiting_reqs": 0,
+            "max_total_num_tokens": 3253056}
     path.write_text(json.dumps({
         "date": date, "device": "NVIDIA H100 80GB HBM3", "seconds": seconds, "requests": 90,
         "completed": 17, "aborted_by_client": 8, "dropped_at_end": 64, "errors": errors,
