@@ -5,7 +5,10 @@ Used by the GPU tests, the benchmarks and `sala-sglang check`.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import uuid
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -248,8 +251,6 @@ def check_served(reference: Any, prompt: list[int], result: dict, bf16: bool = F
                  **label: Any) -> dict:
     """Assert one served greedy generation agrees with the reference (SPEC section 4, the
     tolerances above); prints the report as one JSON line with `label`, and returns it."""
-    import json
-
     try:
         report = served_vs_reference(reference, prompt, result,
                                      q_noise=BF16_Q_NOISE if bf16 else FP16_Q_NOISE)
@@ -285,10 +286,6 @@ def _assert_within_tolerances(report: dict, bf16: bool) -> None:
 
 
 def _dump_failed(label: dict, prompt: list[int], result: dict) -> None:
-    import json
-    import os
-    import uuid
-
     folder = os.environ.get(FAILED_DUMP_ENV)
     if folder:
         os.makedirs(folder, exist_ok=True)
