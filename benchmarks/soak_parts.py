@@ -54,25 +54,26 @@ def summarize(paths: list[Path]) -> dict:
     return {"parts": rows, "total": total}
 
 
+def _line(label: str, counts: dict, pool_back: bool, gpu_cell: str) -> str:
+    """One table line: a part's row or the totals (the same count keys); the last cell as
+    given, spaces included."""
+    return (f"| {label} | {counts['minutes']} | {counts['requests']} | {counts['completed']} | "
+            f"{counts['aborted_by_client']} | {counts['dropped_at_end']} | "
+            f"{counts['retracted_requests']} / {counts['forced_retracted_requests']} | "
+            f"{counts['errors']} | {'yes' if pool_back else 'NO'} |{gpu_cell}|")
+
+
 def table(summary: dict) -> str:
     """The summary as a markdown table, one line per part and the totals."""
     head = ("| part | minutes | requests | completed | aborted | dropped at end | retracted "
             "(pool full / forced) | errors | pool back | GPU MiB before / after |")
     lines = [head, "|" + "---|" * 10]
-    for r in summary["parts"]:
-        lines.append(
-            f"| {r['file']} | {r['minutes']} | {r['requests']} | {r['completed']} | "
-            f"{r['aborted_by_client']} | {r['dropped_at_end']} | {r['retracted_requests']} / "
-            f"{r['forced_retracted_requests']} | {r['errors']} | "
-            f"{'yes' if r['pool_back_to_start'] else 'NO'} | "
-            f"{r['gpu_used_mib_before']} / {r['gpu_used_mib_after']} |")
+    lines += [_line(r["file"], r, r["pool_back_to_start"],
+                    f" {r['gpu_used_mib_before']} / {r['gpu_used_mib_after']} ")
+              for r in summary["parts"]]
     t = summary["total"]
     parts = f"{t['parts']} part{'' if t['parts'] == 1 else 's'}"
-    lines.append(
-        f"| total ({parts}) | {t['minutes']} | {t['requests']} | {t['completed']} | "
-        f"{t['aborted_by_client']} | {t['dropped_at_end']} | {t['retracted_requests']} / "
-        f"{t['forced_retracted_requests']} | {t['errors']} | "
-        f"{'yes' if t['every_pool_back_to_start'] else 'NO'} | |")
+    lines.append(_line(f"total ({parts})", t, t["every_pool_back_to_start"], " "))
     return "\n".join(lines)
 
 
