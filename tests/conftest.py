@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -211,3 +211,21 @@ def server_logs(tmp_path_factory: pytest.TempPathFactory):
 def server_mode_params(modes: dict, marks: dict) -> list:
     """A module-scoped server fixture's params: each server mode with its markers."""
     return [pytest.param(m, marks=marks[m]) for m in sorted(modes)]
+
+
+@pytest.fixture(autouse=True)
+def distribution_over_the_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test is one test of `sala_sglang.testing.compare`: SPEC section 4's fp16 mean and
+    p99 are held over all the positions its served requests scored (a prefix-cache hit's request
+    may score a dozen)."""
+    from sala_sglang.testing.compare import begin_test, end_test
+
+    failed = request.session.testsfailed
+    positions = begin_test()
+    yield
+    end_test(positions)
+    # a test that already failed has said why; its partial distribution would only add noise
+    if request.session.testsfailed == failed:
+        summary = positions.check()
+        if summary["positions"]:
+            print({"test_positions": summary})

@@ -9,6 +9,8 @@ import json
 import math
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -132,6 +134,14 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
     Returns the worst and mean logprob errors, the number of confident token flips (reference
     top-1/top-2 margin >= 0.1 but a different served choice), and the count of positions.
     """
+    return _served_vs_reference(reference, prompt, result, q_noise, trials, max_trials,
+                                tie_rel)[0]
+
+
+def _served_vs_reference(reference: Any, prompt: list[int], result: dict, q_noise: float,
+                         trials: int, max_trials: int,
+                         tie_rel: float | None) -> tuple[dict, torch.Tensor]:
+    """served_vs_reference's report, and every position's |dlogprob| (excused ones included)."""
     import torch
 
     meta = result["meta_info"]
@@ -223,7 +233,7 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
         "excused_worst_err": float(err[excused].max()) if excused.any() else 0.0,
         "tie_excused": int(tie_excused.sum()),
         "near_ties": near_ties,
-    }
+    }, err
 
 
 # SPEC section 4 for the served test modes. In bf16 the logits themselves are rounded to bf16
@@ -232,12 +242,13 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
 # to BF16_MAX_LOGPROB_ERR per position and BF16_MEAN_LOGPROB_ERR on average.
 BF16_MAX_LOGPROB_ERR = 0.15
 BF16_MEAN_LOGPROB_ERR = 0.02
-# SPEC section 4's fp16 distribution over each checked request's positions, excused ones included
-# (measured on the group-16, block-64 geometry). Where the noisy reference itself is spread wider
-# on the same sequence (the tiny checkpoint's 16-token blocks, 4 of them selected: over a
-# 2199-position decode, noise alone gave mean 0.010-0.018 and p99 0.14-0.22), its worst trial is
-# the bound. The 99th percentile is held only over P99_MIN_POSITIONS or more positions (below, it
-# is the maximum, which the per-position rule already holds).
+# SPEC section 4's fp16 distribution over each test's positions, excused ones included (measured
+# on the group-16, block-64 geometry). Where the noisy reference itself is spread wider on the
+# same sequences (the tiny checkpoint's 16-token blocks, 4 of them selected: over a 2199-position
+# decode, noise alone gave mean 0.010-0.018 and p99 0.14-0.22), its worst trial is the bound. The
+# 99th percentile is held only over P99_MIN_POSITIONS or more positions (below, it is the
+# maximum, which the per-position rule already holds). A test gathers its requests' positions in
+# `one_test()`; a request checked outside one is a test of its own.
 FP16_MEAN_LOGPROB_ERR = 0.01
 FP16_P99_LOGPROB_ERR = 0.08
 P99_MIN_POSITIONS = 100
@@ -247,13 +258,74 @@ FP16_Q_NOISE = 1e-3
 BF16_Q_NOISE = 8e-3
 
 
+class TestPositions:
+    """The fp16 |dlogprob| of every position one test checked, with the widest noisy-reference
+    spread seen on its requests: a prefix-cache hit's request may score a dozen positions, too
+    few for a mean on their own."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self) -> None:
+        self._errors: list[torch.Tensor] = []
+        self.noisy_mean_err = 0.0
+        self.noisy_p99_err = 0.0
+
+    def add(self, errors: torch.Tensor, noisy_mean_err: float, noisy_p99_err: float) -> None:
+        self._errors.append(errors)
+        self.noisy_mean_err = max(self.noisy_mean_err, noisy_mean_err)
+        self.noisy_p99_err = max(self.noisy_p99_err, noisy_p99_err)
+
+    def check(self) -> dict:
+        """Assert SPEC section 4's fp16 mean and p99 over every position added; returns them."""
+        if not self._errors:
+            return {"positions": 0}
+        import torch
+
+        err = torch.cat(self._errors)
+        summary = {"positions": len(err), "all_mean_err": float(err.mean()),
+                   "all_p99_err": float(err.quantile(0.99)),
+                   "noisy_mean_err": self.noisy_mean_err, "noisy_p99_err": self.noisy_p99_err}
+        assert summary["all_mean_err"] <= max(FP16_MEAN_LOGPROB_ERR, self.noisy_mean_err), summary
+        if len(err) >= P99_MIN_POSITIONS:
+            assert summary["all_p99_err"] <= max(FP16_P99_LOGPROB_ERR, self.noisy_p99_err), summary
+        return summary
+
+
+_open_tests: list[TestPositions] = []
+
+
+def begin_test() -> TestPositions:
+    """Open a test: the positions of every fp16 `check_served` until `end_test` join it."""
+    positions = TestPositions()
+    _open_tests.append(positions)
+    return positions
+
+
+def end_test(positions: TestPositions) -> None:
+    _open_tests.remove(positions)
+
+
+@contextmanager
+def one_test() -> Iterator[TestPositions]:
+    """A test around the block: SPEC section 4's distribution is held over every position
+    checked inside it on leaving (not after an exception)."""
+    positions = begin_test()
+    try:
+        yield positions
+    finally:
+        end_test(positions)
+    print(json.dumps({"test_positions": positions.check()}))
+
+
 def check_served(reference: Any, prompt: list[int], result: dict, bf16: bool = False,
                  **label: Any) -> dict:
     """Assert one served greedy generation agrees with the reference (SPEC section 4, the
-    tolerances above); prints the report as one JSON line with `label`, and returns it."""
+    tolerances above); prints the report as one JSON line with `label`, and returns it. In fp16
+    its positions join the innermost open `one_test()`, else the distribution is held over this
+    request alone."""
     try:
-        report = served_vs_reference(reference, prompt, result,
-                                     q_noise=BF16_Q_NOISE if bf16 else FP16_Q_NOISE)
+        report, errors = _served_vs_reference(
+            reference, prompt, result, BF16_Q_NOISE if bf16 else FP16_Q_NOISE, 16, 64, None)
     except Exception as exc:
         print(json.dumps({**label, "prompt_len": len(prompt), "error": repr(exc),
                           "meta_keys": sorted(result.get("meta_info", {}))}))
@@ -261,6 +333,11 @@ def check_served(reference: Any, prompt: list[int], result: dict, bf16: bool = F
     print(json.dumps({**label, "prompt_len": len(prompt), **report}))
     try:
         _assert_within_tolerances(report, bf16)
+        if not bf16:
+            positions = _open_tests[-1] if _open_tests else TestPositions()
+            positions.add(errors, report["noisy_mean_err"], report["noisy_p99_err"])
+            if not _open_tests:
+                positions.check()
     except AssertionError:
         _dump_failed(label, prompt, result)
         raise
@@ -268,6 +345,7 @@ def check_served(reference: Any, prompt: list[int], result: dict, bf16: bool = F
 
 
 def _assert_within_tolerances(report: dict, bf16: bool) -> None:
+    """The per-position rules (and bf16's mean): what every request must meet on its own."""
     assert report["confident_flips"] == 0, report
     # A selection bug shows as more near-tie misses than rounding-sized noise on the reference's
     # stage-1 inputs causes by itself, so that count is the cap: a fixed 10% sat below what
@@ -278,11 +356,6 @@ def _assert_within_tolerances(report: dict, bf16: bool) -> None:
         assert report["mean_logprob_err"] <= BF16_MEAN_LOGPROB_ERR, report
     else:
         assert report["max_logprob_err"] <= LOGPROB_TOL, report
-        mean_bound = max(FP16_MEAN_LOGPROB_ERR, report["noisy_mean_err"])
-        assert report["all_mean_err"] <= mean_bound, report
-        if report["positions"] >= P99_MIN_POSITIONS:
-            p99_bound = max(FP16_P99_LOGPROB_ERR, report["noisy_p99_err"])
-            assert report["all_p99_err"] <= p99_bound, report
 
 
 def _dump_failed(label: dict, prompt: list[int], result: dict) -> None:
