@@ -10,9 +10,11 @@
   prompt shorter than dense_len is computed densely and a longer one sparsely, so the same tokens
   give different KV and states in the two classes: dense-class requests get their own namespace
   in the radix tree.
-- Speculative decoding (NGRAM): drafts are verified as chains; the lightning verify keeps the
-  chains' keys and values (not SGLang's state per draft token, skipped in the pools and their
-  sizing) and the commit replays the accepted ones, through SGLang's post-verify hook.
+- Speculative decoding (NGRAM): drafts are verified as chains (`ngram_context`, which also
+  slices the corpus's context tails; steps with nothing drafted run as plain decode steps,
+  `plain_decode_steps`); the lightning verify keeps the chains' keys and values (not SGLang's
+  state per draft token, skipped in the pools and their sizing) and the commit replays the
+  accepted ones, through SGLang's post-verify hook.
 - Idle state check: SGLang's idle invariant checker covers the KV pool and the request slots, and
   the recurrent-state slots only when a prefix cache manages them; under --disable-radix-cache
   this adds the state slots (under `SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE=1` a leak stops
@@ -161,20 +163,6 @@ def commit_verified_drafts(original: Any, backend: Any, *args: Any, **kwargs: An
     if commit is None:
         return original(backend, *args, **kwargs)
     return commit(*args, **kwargs)
-
-
-def verify_chain_drafts(result: Any, worker: Any, *args: Any, **kwargs: Any) -> Any:
-    """After `NGRAMWorker._prepare_draft_tokens`: each request's drafts verified as one chain
-    (token j sees tokens 0..j), whatever tree the n-gram corpus built; the corpus pads a short
-    match with tokens hung off the root, which would fork the lightning state."""
-    if not isinstance(worker.model_runner.model_config.hf_config, MiniCPMSALAConfig):
-        return result
-    import numpy as np
-
-    drafts, mask = result
-    n = worker.draft_token_num
-    chain = np.tril(np.ones((n, n), dtype=mask.dtype)).ravel()
-    return drafts, np.tile(chain, mask.size // chain.size).reshape(mask.shape)
 
 
 def extra_buffer_for_minicpm_sala(original: Any, view: Any, model_arch: str) -> bool:

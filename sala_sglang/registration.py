@@ -25,7 +25,16 @@ from sala_sglang.hooks import (
     keep_no_state_per_draft_token,
     namespace_request_class,
     reject_out_of_vocab_ids,
-    verify_chain_drafts,
+)
+from sala_sglang.ngram_context import (
+    draft_chains_from_context_tails,
+    grow_corpus_from_context_tails,
+)
+from sala_sglang.plain_decode_steps import (
+    capture_plain_decode_graphs,
+    decode_when_nothing_drafted,
+    no_host_lengths_for_sala,
+    verify_without_full_mask,
 )
 from sala_sglang.server_args import (
     ARCHITECTURE,
@@ -196,7 +205,35 @@ def _register_server_hooks() -> None:
         # it loads sgl_kernel's CUDA ops: on a machine without CUDA there is no NGRAM worker
         HookRegistry.register(
             "sglang.srt.speculative.ngram_worker.NGRAMWorker._prepare_draft_tokens",
-            verify_chain_drafts,
+            draft_chains_from_context_tails,
+            HookType.AROUND,
+        )
+        HookRegistry.register(
+            "sglang.srt.speculative.ngram_worker.NGRAMWorker._update_ngram_corpus",
+            grow_corpus_from_context_tails,
+            HookType.AROUND,
+        )
+        HookRegistry.register(
+            "sglang.srt.speculative.ngram_worker.NGRAMWorker.forward_batch_generation",
+            decode_when_nothing_drafted,
+            HookType.AROUND,
+        )
+        HookRegistry.register(
+            "sglang.srt.speculative.ngram_worker.NGRAMWorker.__init__",
+            verify_without_full_mask,
+            HookType.AFTER,
+        )
+    # The scheduler calls it by the name it imported.
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler.decide_needs_cpu_seq_lens",
+        no_host_lengths_for_sala,
+        HookType.AROUND,
+    )
+    # Both the first capture and the recapture after a weight update.
+    for method in ("init_cuda_graphs", "init_decode_cuda_graph"):
+        HookRegistry.register(
+            f"sglang.srt.model_executor.model_runner.ModelRunner.{method}",
+            capture_plain_decode_graphs,
             HookType.AFTER,
         )
     HookRegistry.register(

@@ -38,7 +38,13 @@ from sala_sglang.reference.lightning import lightning_slopes
 class LightningBackend(MambaAttnBackendBase):
     """Chunked varlen prefill and a fused decode step over the state pool, in place."""
 
-    def __init__(self, model_runner) -> None:
+    # lengths are read on the device only, so the overlap scheduler need not wait for each
+    # step's lengths on the host before preparing the next
+    needs_cpu_seq_lens = False
+
+    def __init__(self, model_runner, verify: bool = True) -> None:
+        """`verify=False`: a backend that never verifies drafts (the plain decode graphs beside
+        NGRAM's verify graphs), with no verify buffers."""
         super().__init__(model_runner)
         if self.topk > 1:
             raise NotImplementedError(
@@ -73,14 +79,14 @@ class LightningBackend(MambaAttnBackendBase):
         self.device_facts = DeviceFacts.of(self.device)
         self.prefer_impl = KernelOverrides.from_env().impl
         self.plan: LightningPlan | None = None
-        self._init_verify(model_runner)
+        self._init_verify(model_runner, verify)
 
-    def _init_verify(self, model_runner) -> None:
+    def _init_verify(self, model_runner, verify: bool) -> None:
         """Speculative verify: each layer's keys and values of the verified chains, kept until
         the commit replays the accepted ones (`commit_verified_drafts`)."""
         server_args = model_runner.server_args
         self.draft_len = (server_args.speculative_num_draft_tokens
-                          if server_args.speculative_algorithm else None)
+                          if verify and server_args.speculative_algorithm else None)
         self.verify_kv: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.draft_len is None:
             return

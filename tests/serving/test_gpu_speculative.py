@@ -122,6 +122,18 @@ def test_concurrent_requests_with_full_partial_and_no_acceptance(server, plain,
     assert max(lengths) > 1.0, f"no draft was ever accepted: {lengths}"
 
 
+def test_steps_with_nothing_drafted_ran_as_plain_decode_steps(server) -> None:
+    """Random prompts leave some steps with no n-gram match in any request of the batch: those
+    ran as plain decode steps (sala_sglang.plain_decode_steps, logged once), some of them
+    launched before their corpus query (a streak), under CUDA graphs on the decode graphs
+    captured beside the verify graphs; the tests above checked their tokens."""
+    log = server.log_path.read_text(errors="replace")
+    assert "ran as a plain decode step" in log
+    assert "ran before its corpus query" in log
+    captured = "decode graphs captured beside the NGRAM verify graphs" in log
+    assert captured == (server.mode != "eager"), server.mode
+
+
 def test_pools_are_free_afterwards(server) -> None:
     server.flush_cache()
     server.assert_pools_free()

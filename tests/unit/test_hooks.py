@@ -293,26 +293,6 @@ def test_post_verify_commit_goes_to_our_lightning_backend() -> None:
     assert calls == [("ours", (1, 2)), ("sglang", (3,))]
 
 
-def test_ngram_drafts_are_verified_as_one_chain_per_request() -> None:
-    """The corpus pads a 2-token match of a 4-token draft with tokens hung off the root (row 3
-    sees tokens 0 and 3 only); every row j of the chain sees tokens 0..j."""
-    import numpy as np
-
-    from sala_sglang.hooks import verify_chain_drafts
-
-    tree = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]], dtype=np.uint8)
-    drafts = np.arange(8)
-    worker = SimpleNamespace(draft_token_num=4, model_runner=SimpleNamespace(
-        model_config=SimpleNamespace(hf_config=MiniCPMSALAConfig())))
-    out_drafts, mask = verify_chain_drafts((drafts, np.tile(tree.ravel(), 2)), worker)
-    assert out_drafts is drafts and mask.dtype == tree.dtype and mask.shape == (32,)
-    assert mask.flags.writeable  # SGLang copies it into a tensor with torch.from_numpy
-    assert (mask.reshape(2, 4, 4) == np.tril(np.ones((4, 4), dtype=np.uint8))).all()
-    other = SimpleNamespace(draft_token_num=4, model_runner=SimpleNamespace(
-        model_config=SimpleNamespace(hf_config=object())))
-    assert verify_chain_drafts((drafts, tree.ravel()), other)[1] is not None
-
-
 # ---- output logprobs of a request retracted before its first token --------------------------
 def _stream(req) -> list[list[float]]:
     """What SGLang's streamer sends for `req` in one pass: its output-logprob slices."""
