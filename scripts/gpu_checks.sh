@@ -39,8 +39,9 @@
 # NGRAM speculative decoding, a server without speculation and one per draft depth, one after the
 # other on the same GPU, one result file:
 #   spec-bench (32K and 128K documents: a prompt repeating one span, greedy, and sampled random
-#   ids that no draft matches; --draft-tokens 4 and 8)  spec-sweep-a, spec-sweep-b (draft tokens 2, 3,
-#   5 and 6, 7, 9 against plain decode, the never-matching workload at 32K only)
+#   ids that no draft matches; --draft-tokens 4 and 8)  spec-bench-128k (128K, T = 4 only)
+#   spec-sweep-a, spec-sweep-b (draft tokens 2, 3, 5 and 6, 7, 9 against plain decode, the
+#   repeating workload at 32K only)
 # Two GPUs (issue 19; a kind with two GPUs, e.g. nvidia-h100-x2):
 #   two-gpus (the tiny model at --tp-size 2 in graph, eager and dense_as_sparse modes and at
 #   --dp-size 2: served = reference, 1 and 8 concurrent requests, every replica's pools free)
@@ -204,12 +205,18 @@ for part in "$@"; do
         spec-bench) run "$part" long_context --workload speculative --lengths 32768 131072 \
                         --draft-tokens 4 8 --decode-tokens 512 --concurrency \
                         --tag speculative_sala_32k_128k ;;
+        # The headline pair alone (issue 18: never-matching within 5%, repeating >= 1.8x): 128K,
+        # T = 4, against the plain server; two server starts, ~6 minutes.
+        spec-bench-128k) run "$part" long_context --workload speculative --lengths 131072 \
+                             --draft-tokens 4 --decode-tokens 512 --concurrency \
+                             --tag speculative_sala_128k_t4 ;;
         # Draft depths 1-8 (issue 18): a verify step's cost over a plain decode step, measured
-        # on the never-matching workload alone (32K, 256 tokens) so that four server starts fit
-        # one call; the plain server starts in each part for ratios from one run.
+        # on the repeating workload alone (its steps verify; never-matching ones run as plain
+        # decode steps) at 32K, 256 tokens, so that four server starts fit one call; the plain
+        # server starts in each part for ratios from one run.
         spec-sweep-a|spec-sweep-b)
             if [ "$part" = spec-sweep-a ]; then depths=(2 3 5); else depths=(6 7 9); fi
-            run "$part" long_context --workload speculative --spec-workloads never_matching \
+            run "$part" long_context --workload speculative --spec-workloads repeating \
                 --lengths 32768 --draft-tokens "${depths[@]}" --decode-tokens 256 --concurrency \
                 --tag "speculative_sala_depths_${part#spec-sweep-}" ;;
         # The four two-GPU modes in two halves side by side on both GPUs (SHARED_GPU pools), each
@@ -246,6 +253,7 @@ for part in "$@"; do
                 "profile-prefill," \
                 "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare-sala," \
                 "compare-dense, serving-cuda, serving-segments, prefix-bench-a, prefix-bench-b, spec-bench," \
+                "spec-bench-128k," \
                 "spec-sweep-a, spec-sweep-b," \
                 "soar-sala-a, soar-sala-b, soar-cmp-sala, soar-cmp-dense-a, soar-cmp-dense-b," \
                 "two-gpus, two-gpus-bench-tp, two-gpus-bench-dp)"
