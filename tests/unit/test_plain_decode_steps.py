@@ -288,3 +288,57 @@ def test_sala_s_ngram_verify_builds_no_full_mask(monkeypatch) -> None:
     assert module.USE_FULL_MASK
     verify_without_full_mask(None, _worker())
     assert not module.USE_FULL_MASK
+
+
+def test_decode_graphs_are_captured_beside_the_verify_graphs_for_sala_under_ngram(
+        monkeypatch) -> None:
+    import sglang.srt.layers.attention.hybrid_linear_attn_backend as hybrid_module
+    import sglang.srt.model_executor.runner.decode_cuda_graph_runner as runner_module
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    import sala_sglang.attention.lightning_backend as lightning_module
+    from sala_sglang.plain_decode_steps import capture_plain_decode_graphs
+
+    built = []
+
+    class Lightning:
+        def __init__(self, runner, verify=True):
+            self.verify = verify
+
+    class Hybrid:
+        def __init__(self, full, linear, layers):
+            self.full, self.linear, self.layers = full, linear, layers
+
+    class DecodeRunner:
+        def __init__(self, runner, attn_backend=None):
+            # captured while the model runner reads as not speculating: one token a request
+            built.append((runner.spec_algorithm, attn_backend))
+
+    monkeypatch.setattr(lightning_module, "LightningBackend", Lightning)
+    monkeypatch.setattr(hybrid_module, "HybridLinearAttnBackend", Hybrid)
+    monkeypatch.setattr(runner_module, "DecodeCudaGraphRunner", DecodeRunner)
+    sparse = object()
+    runner = SimpleNamespace(
+        spec_algorithm=SpeculativeAlgorithm.NGRAM, decode_cuda_graph_runner="verify graphs",
+        model_config=SimpleNamespace(hf_config=MiniCPMSALAConfig()),
+        attn_backend=SimpleNamespace(full_attn_backend=sparse, full_attn_layers=[0, 5]))
+    capture_plain_decode_graphs(None, runner)
+    [(spec, backend)] = built
+    assert spec == SpeculativeAlgorithm.NONE and runner.spec_algorithm.is_ngram()
+    assert backend.full is sparse and backend.layers == [0, 5] and not backend.linear.verify
+    routed = runner.decode_cuda_graph_runner
+    assert isinstance(routed, GraphRunnersByMode) and routed.verify == "verify graphs"
+    # called again on a runner that holds the router: its verify graphs are kept, the plain
+    # ones captured anew (never a router inside a router)
+    runner.decode_cuda_graph_runner = GraphRunnersByMode("new verify graphs", "old plain")
+    capture_plain_decode_graphs(None, runner)
+    assert runner.decode_cuda_graph_runner.verify == "new verify graphs" and len(built) == 2
+
+    # no graphs (eager), no NGRAM, or another model: nothing captured
+    for changed in ({"decode_cuda_graph_runner": None},
+                    {"spec_algorithm": SpeculativeAlgorithm.NONE},
+                    {"model_config": SimpleNamespace(hf_config=object())}):
+        other = SimpleNamespace(**{**vars(runner), **changed})
+        before = other.decode_cuda_graph_runner
+        capture_plain_decode_graphs(None, other)
+        assert other.decode_cuda_graph_runner is before and len(built) == 2
