@@ -13,9 +13,7 @@ from sglang.srt.distributed import tensor_model_parallel_all_reduce
 from sglang.srt.layers.activation import SiluAndMul
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.linear import (
-    ColumnParallelLinear,
     MergedColumnParallelLinear,
-    QKVParallelLinear,
     RowParallelLinear,
 )
 from sglang.srt.layers.logits_processor import LogitsProcessor, LogitsProcessorOutput
@@ -82,9 +80,9 @@ class MiniCPMSALASparseAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads // tp_size
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj, self.o_gate, self.o_proj = _gated_projections(
+        self.qkv_gate_proj, self.o_proj = _gated_projections(
             config, self.head_dim, config.num_attention_heads, config.num_key_value_heads,
-            "o_gate", quant_config, prefix,
+            quant_config, prefix,
         )
         self.attn = _radix_attention(
             self.num_heads, self.head_dim, self.num_kv_heads, layer_id, quant_config, prefix
@@ -93,10 +91,9 @@ class MiniCPMSALASparseAttention(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, forward_batch: ForwardBatch
     ) -> torch.Tensor:
-        qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkvg, _ = self.qkv_gate_proj(hidden_states)
+        q, k, v, gate = qkvg.split([self.q_size, self.kv_size, self.kv_size, self.q_size], dim=-1)
         attn = self.attn(q, k, v, forward_batch)
-        gate, _ = self.o_gate(hidden_states)
         out, _ = self.o_proj(attn * torch.sigmoid(gate))
         return out
 
@@ -117,9 +114,8 @@ class MiniCPMSALALightningAttention(nn.Module):
         self.head_dim = config.lightning_head_dim
         self.num_heads = config.lightning_nh // self.tp_size
         self.inner_size = self.num_heads * self.head_dim
-        self.qkv_proj, self.z_proj, self.o_proj = _gated_projections(
-            config, self.head_dim, config.lightning_nh, config.lightning_nkv, "z_proj",
-            quant_config, prefix,
+        self.qkv_gate_proj, self.o_proj = _gated_projections(
+            config, self.head_dim, config.lightning_nh, config.lightning_nkv, quant_config, prefix
         )
         # per-head weights [head_dim], the same on every TP rank; applied by lightning_qk_norm_rope
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -144,8 +140,8 @@ class MiniCPMSALALightningAttention(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, forward_batch: ForwardBatch
     ) -> torch.Tensor:
-        qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.inner_size] * 3, dim=-1)
+        qkvz, _ = self.qkv_gate_proj(hidden_states)
+        q, k, v, z = qkvz.split([self.inner_size] * 4, dim=-1)
         # q and k are read from the projection's output and written once, normalised and
         # rotated; v stays a slice of it, which the backend's kernels read in place
         q, k = lightning_qk_norm_rope(
@@ -154,7 +150,6 @@ class MiniCPMSALALightningAttention(nn.Module):
         )
         o = self.attn(q.view(-1, self.inner_size), k.view(-1, self.inner_size), v, forward_batch)
         o = self._output_norm(o.view(-1, self.inner_size))
-        z, _ = self.z_proj(hidden_states)
         out, _ = self.o_proj(o * torch.sigmoid(z))
         return out
 
@@ -250,16 +245,20 @@ class MiniCPMSALAModel(nn.Module):
 
 
 class MiniCPMSALAForCausalLM(nn.Module):
-    # Checkpoint names -> fused SGLang parameters.
+    # Checkpoint names -> fused SGLang parameters. A mixer's output gate is `z_proj` in the
+    # Lightning layers and `o_gate` in the sparse ones; either is the fourth part of its layer's
+    # q/k/v/gate projection.
     stacked_params_mapping = (
-        (".qkv_proj", ".q_proj", "q"),
-        (".qkv_proj", ".k_proj", "k"),
-        (".qkv_proj", ".v_proj", "v"),
+        (".qkv_gate_proj", ".q_proj", 0),
+        (".qkv_gate_proj", ".k_proj", 1),
+        (".qkv_gate_proj", ".v_proj", 2),
+        (".qkv_gate_proj", ".z_proj", 3),
+        (".qkv_gate_proj", ".o_gate", 3),
         (".gate_up_proj", ".gate_proj", 0),
         (".gate_up_proj", ".up_proj", 1),
     )
     packed_modules_mapping = {
-        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "qkv_gate_proj": ["q_proj", "k_proj", "v_proj", "z_proj", "o_gate"],
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
 
@@ -323,21 +322,19 @@ def _gated_projections(
     head_dim: int,
     num_heads: int,
     num_kv_heads: int,
-    gate_name: str,
     quant_config: Optional[QuantizationConfig],
     prefix: str,
-) -> tuple[QKVParallelLinear, ColumnParallelLinear, RowParallelLinear]:
-    """Fused q/k/v, the sigmoid output gate and the output projection of either mixer, TP-sharded
-    by head (num_heads and num_kv_heads are the global counts)."""
+) -> tuple[MergedColumnParallelLinear, RowParallelLinear]:
+    """Either mixer's q, k, v and sigmoid output gate as one projection (one GEMM a layer: at
+    decode two weight reads of a layer become one), and its output projection; TP-sharded by
+    head (num_heads and num_kv_heads are the global counts, which the tp size divides, so each
+    rank's k and v rows are whole kv heads)."""
     linear = dict(bias=False, quant_config=quant_config)
-    inner = num_heads * head_dim
+    inner, kv = num_heads * head_dim, num_kv_heads * head_dim
     return (
-        QKVParallelLinear(
-            config.hidden_size, head_dim, num_heads, num_kv_heads,
-            prefix=add_prefix("qkv_proj", prefix), **linear,
-        ),
-        ColumnParallelLinear(
-            config.hidden_size, inner, prefix=add_prefix(gate_name, prefix), **linear
+        MergedColumnParallelLinear(
+            config.hidden_size, [inner, kv, kv, inner],
+            prefix=add_prefix("qkv_gate_proj", prefix), **linear,
         ),
         RowParallelLinear(inner, config.hidden_size, prefix=add_prefix("o_proj", prefix), **linear),
     )
