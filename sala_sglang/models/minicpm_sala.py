@@ -173,7 +173,6 @@ class MiniCPMSALADecoderLayer(nn.Module):
         prefix: str,
     ) -> None:
         super().__init__()
-        self.residual_scale = config.residual_scale
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         mixer_cls = (
@@ -194,21 +193,19 @@ class MiniCPMSALADecoderLayer(nn.Module):
         """hidden_states: the previous MLP's output (the scaled embedding for layer 0, whose
         residual is None) -> (this MLP's output, the residual stream before it is added).
 
-        Each sublayer's output times the muP residual_scale joins the stream inside SGLang's fused
-        add+RMSNorm. (Keeping the stream divided by residual_scale instead, with eps / scale^2,
-        is the same model and saves the two multiplies, but served the tiny checkpoint with 3x the
-        mean logprob error on the H100, at sparse prompts only; see benchmarks/NOTES.md.)"""
+        Each sublayer's output joins the stream inside SGLang's fused add+RMSNorm; the muP
+        residual_scale it is multiplied by first is folded into the weights of the projection
+        that ends it (`MiniCPMSALAForCausalLM.load_weights`), so it costs no kernel here. (Keeping
+        the stream divided by residual_scale instead, with eps / scale^2, is the same model but
+        served the tiny checkpoint with 3x the mean logprob error on the H100, at sparse prompts
+        only; see benchmarks/NOTES.md.)"""
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
-            hidden_states, residual = self.input_layernorm(
-                hidden_states * self.residual_scale, residual
-            )
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states, forward_batch)
-        hidden_states, residual = self.post_attention_layernorm(
-            hidden_states * self.residual_scale, residual
-        )
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
 
@@ -240,8 +237,13 @@ class MiniCPMSALAModel(nn.Module):
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual, forward_batch)
-        hidden_states, _ = self.norm(hidden_states * self.config.residual_scale, residual)
+        # the last MLP's output comes scaled by residual_scale (folded into its down_proj)
+        hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
+
+
+# The projections whose outputs join the residual stream.
+RESIDUAL_OUTPUT_WEIGHTS = (".self_attn.o_proj.weight", ".mlp.down_proj.weight")
 
 
 class MiniCPMSALAForCausalLM(nn.Module):
@@ -314,6 +316,12 @@ class MiniCPMSALAForCausalLM(nn.Module):
                 param = params[target]
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(target)
+        # muP: every sublayer's output is multiplied by residual_scale before it joins the
+        # residual stream; folded into the weights of the projections that end the sublayers
+        # (one rounding, in the served dtype), the forward spends no kernel on it
+        for target in loaded:
+            if target.endswith(RESIDUAL_OUTPUT_WEIGHTS):
+                params[target].data.mul_(self.config.residual_scale)
         return loaded
 
 
