@@ -28,6 +28,7 @@ from sglang.srt.utils import add_prefix
 from torch import nn
 
 from sala_sglang.config import SPARSE_MIXER, MiniCPMSALAConfig
+from sala_sglang.ops.lightning_output import lightning_output_gate
 from sala_sglang.ops.lightning_qk import lightning_qk_norm_rope
 
 
@@ -149,14 +150,16 @@ class MiniCPMSALALightningAttention(nn.Module):
             positions, self.rotary_emb.cos_sin_cache,
         )
         o = self.attn(q.view(-1, self.inner_size), k.view(-1, self.inner_size), v, forward_batch)
-        o = self._output_norm(o.view(-1, self.inner_size))
-        out, _ = self.o_proj(o * torch.sigmoid(z))
+        o = o.view(-1, self.inner_size)
+        if self.tp_size == 1:
+            gated = lightning_output_gate(o, z, self.o_norm.weight, self.o_norm.variance_epsilon)
+        else:
+            gated = self._output_norm(o) * torch.sigmoid(z)
+        out, _ = self.o_proj(gated)
         return out
 
     def _output_norm(self, o: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
-            return self.o_norm(o)
-        # The mean square spans every rank's heads.
+        """RMSNorm over the layer's heads, which tensor parallelism spreads over the ranks."""
         of = o.float()
         sq_sum = tensor_model_parallel_all_reduce(of.pow(2).sum(-1, keepdim=True))
         mean_sq = sq_sum / (self.inner_size * self.tp_size)

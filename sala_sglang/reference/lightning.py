@@ -137,6 +137,14 @@ def lightning_qk_reference(
                  for x, w in ((q, q_weight), (k, k_weight)))
 
 
+def lightning_output_gate_reference(
+    o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """A Lightning layer's output before o_proj (SPEC 2.1 step 4; ops/lightning_output.py):
+    o, z [T, N], weight [N] -> RMSNorm(o) * weight, times sigmoid(z), in o's dtype."""
+    return rms_norm(o, weight, eps) * torch.sigmoid(z)
+
+
 def lightning_verify_reference(
     q: torch.Tensor,
     k: torch.Tensor,
