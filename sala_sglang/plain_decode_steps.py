@@ -20,6 +20,11 @@ Under CUDA graphs SGLang captures only verify graphs for NGRAM, so decode graphs
 beside them (`capture_plain_decode_graphs`, on their own lightning backend without verify
 buffers and the shared sparse backend, whose graph state is nothing) and the model runner's
 graph runner is routed by forward mode (`GraphRunnersByMode`).
+
+The host must not hold the GPU up between such steps: while the same requests keep finding
+nothing, a step is launched before its corpus query (`decode_when_nothing_drafted`), and the
+scheduler keeps no host copy of the lengths under NGRAM for this model, since its verify builds
+no per-request mask from them (`verify_without_full_mask`, `no_host_lengths_for_sala`).
 """
 
 from __future__ import annotations
