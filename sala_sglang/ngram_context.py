@@ -42,12 +42,17 @@ def _serves_sala(worker: Any) -> bool:
     return isinstance(worker.model_runner.model_config.hf_config, MiniCPMSALAConfig)
 
 
+def _accepted_pending(worker: Any, batch: Any) -> bool:
+    """Whether the previous step's accepted tokens are missing from `req.output_ids`: under the
+    overlap scheduler its results are processed one step behind (grammar batches excepted)."""
+    return worker.enable_overlap and not batch.has_grammar
+
+
 def _tails(worker: Any, batch: Any) -> list[list[int]]:
-    """Each request's context tail as the worker's corpus sees it. Under the overlap scheduler
-    the previous step's accepted tokens are not yet in `req.output_ids` (its results are
-    processed one step behind): they come from the worker's host copy of that step's result."""
+    """Each request's context tail as the worker's corpus sees it; accepted tokens not yet in
+    `req.output_ids` come from the worker's host copy of the previous step's result."""
     n, stride = worker.max_trie_depth, worker.draft_token_num
-    pending = worker.enable_overlap and not batch.has_grammar
+    pending = _accepted_pending(worker, batch)
     tails = []
     for i, req in enumerate(batch.reqs):
         accepted = (worker.prev_token_ids[i * stride: i * stride + worker.prev_accept_lens[i]]
@@ -73,7 +78,7 @@ def draft_chains_from_context_tails(original: Any, worker: Any, batch: Any, *arg
     worker.prev_accept_lens = lens.tolist()
     worker.ngram_corpus.synchronize()
     tails = _tails(worker, batch)
-    pending = worker.enable_overlap and not batch.has_grammar
+    pending = _accepted_pending(worker, batch)
     totals = [len(req.origin_input_ids) + len(req.output_ids)
               + (worker.prev_accept_lens[i] if pending else 0)
               for i, req in enumerate(batch.reqs)]

@@ -74,23 +74,23 @@ def decode_when_nothing_drafted(original: Any, worker: Any, batch: Any, *args: A
         last = batch.spec_info.accept_tokens.view(len(rids), width)[:, 0]
         stage_accepted_on_host(worker, batch.spec_info)
         result = plain_decode_step(worker, batch, last, on_publish)
-        drafts = worker._prepare_draft_tokens(batch)[0]
+        drafted = drafted_requests(worker._prepare_draft_tokens(batch)[0], width).any()
         _log_once(worker, "an NGRAM step ran before its corpus query (nothing drafted in a row)")
     else:
         prepared = worker._prepare_draft_tokens(batch)
-        drafts = prepared[0]
-        if drafted_requests(drafts, width).any():
+        if drafted_requests(prepared[0], width).any():
             worker._prepare_draft_tokens = lambda _batch: prepared
             try:
                 return original(worker, batch, *args, **kwargs)
             finally:
                 del worker._prepare_draft_tokens
+        drafted = False
         tokens = worker.draft_tokens_batch[len(rids)]
-        tokens.copy_(torch.from_numpy(drafts), non_blocking=True)
+        tokens.copy_(torch.from_numpy(prepared[0]), non_blocking=True)
         result = plain_decode_step(worker, batch, tokens.view(len(rids), width)[:, 0], on_publish)
     _after_step(worker, batch)
     _log_once(worker, "an NGRAM step with nothing drafted ran as a plain decode step")
-    if worker.enable_overlap and not drafted_requests(drafts, width).any():
+    if worker.enable_overlap and not drafted:
         worker._sala_streak = rids
     return result
 

@@ -98,14 +98,17 @@ def _swapped_stage1(row: int, layer: int, group: int, chosen: int, passed: int) 
     return swapped
 
 
+# Noisy-reference trials run when a position misses, and the most run while one is unexplained
+# (see served_vs_reference).
+NOISE_TRIALS, MAX_NOISE_TRIALS = 16, 64
 # At most this many missed positions are searched for selection near ties: each candidate pair
 # costs one reference forward pass, and more misses than this are not rounding.
 MAX_TIE_ROWS = 8
 
 
 def served_vs_reference(reference: Any, prompt: list[int], result: dict,
-                        q_noise: float = 1e-3, trials: int = 16, max_trials: int = 64,
-                        tie_rel: float | None = None) -> dict:
+                        q_noise: float = 1e-3, trials: int = NOISE_TRIALS,
+                        max_trials: int = MAX_NOISE_TRIALS, tie_rel: float | None = None) -> dict:
     """Compare one served greedy generation with the reference, teacher-forced (SPEC section 4).
 
     Block selection is discrete (SPEC section 4 tests it with a score tolerance), so near ties
@@ -138,9 +141,10 @@ def served_vs_reference(reference: Any, prompt: list[int], result: dict,
                                 tie_rel)[0]
 
 
-def _served_vs_reference(reference: Any, prompt: list[int], result: dict, q_noise: float,
-                         trials: int, max_trials: int,
-                         tie_rel: float | None) -> tuple[dict, torch.Tensor]:
+def _served_vs_reference(reference: Any, prompt: list[int], result: dict,
+                         q_noise: float = 1e-3, trials: int = NOISE_TRIALS,
+                         max_trials: int = MAX_NOISE_TRIALS,
+                         tie_rel: float | None = None) -> tuple[dict, torch.Tensor]:
     """served_vs_reference's report, and every position's |dlogprob| (excused ones included)."""
     import torch
 
@@ -325,7 +329,7 @@ def check_served(reference: Any, prompt: list[int], result: dict, bf16: bool = F
     request alone."""
     try:
         report, errors = _served_vs_reference(
-            reference, prompt, result, BF16_Q_NOISE if bf16 else FP16_Q_NOISE, 16, 64, None)
+            reference, prompt, result, q_noise=BF16_Q_NOISE if bf16 else FP16_Q_NOISE)
     except Exception as exc:
         print(json.dumps({**label, "prompt_len": len(prompt), "error": repr(exc),
                           "meta_keys": sorted(result.get("meta_info", {}))}))
