@@ -116,9 +116,12 @@ def child_stdout(script: str) -> str:
     """Run script in a fresh interpreter and return what it printed: an error path of `_C` that
     brings the interpreter down (a segfault was seen on the H100 image) then fails one test
     instead of ending the whole session."""
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-2000:]}"
+    # Unbuffered, and both streams in the message: what was printed before a crash says which
+    # call brought it down (or that all returned and the interpreter died on its way out).
+    out = subprocess.run([sys.executable, "-u", "-X", "faulthandler", "-c", script],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, \
+        f"exit {out.returncode}; stdout: {out.stdout[-2000:]!r}; stderr: {out.stderr[-2000:]}"
     return out.stdout
 
 
