@@ -57,6 +57,22 @@ def test_measured_choice_per_op(smem) -> None:
     assert (p.compress, p.select, p.attention) == ("cuda", "triton", "triton")
 
 
+@pytest.mark.parametrize("tokens,decode,attention", [
+    (1, True, "cuda"), (8, True, "cuda"),  # 2 and 16 (token, kv head) pairs
+    (9, True, "triton"), (32, True, "triton"),  # 18 and 64
+    (0, True, "cuda"),  # an idle batch: nothing runs either way
+    (1, False, "triton"), (8, False, "triton"),  # extend (a short prompt's chunk) stays Triton
+])
+def test_decode_attention_takes_cuda_for_small_batches(smem, tokens: int, decode: bool,
+                                                       attention: str) -> None:
+    assert released_plan(tokens, decode=decode).attention == attention
+    # the environment's choice and an explicit impl still win
+    triton = KernelOverrides(impl="triton")
+    assert released_plan(tokens, decode=decode, overrides=triton).attention == "triton"
+    assert released_plan(tokens, decode=decode, impl="triton").attention == "triton"
+    assert released_plan(tokens, decode=decode, device=NO_EXTENSION).attention == "triton"
+
+
 def test_selection_takes_cuda_where_8_token_ctas_fill_the_gpu(smem) -> None:
     assert released_plan(8192).select == "cuda"  # a prefill chunk
     assert released_plan(528).select == "cuda"  # 132 CTAs of 8 tokens

@@ -24,8 +24,13 @@ from sala_sglang.ops.overrides import IMPLS, KernelOverrides
 # and the CUDA attention raise to fill the SMs; extend runs unsplit.
 DECODE_SPLITS = 8
 # Which kernel serves compression and attention when both can, measured on an H100 (see
-# benchmarks/NOTES.md): CUDA compression is ~3-5x faster, Triton attention faster in prefill.
+# benchmarks/README.md, "CUDA kernels against our Triton ones"): CUDA compression is 2.4-4.9x
+# faster everywhere, Triton attention ~2x faster in prefill.
 CUDA_FASTER = {"compress": True, "attention": False}
+# In decode and verify the CUDA attention, whose split-K is raised to fill the SMs, is faster while
+# a batch has at most this many (token, kv head) pairs: 1.22x at batch 1 (2 pairs), 1.16x at
+# batch 8 (16), 0.96x at batch 32 (64), at 128K on an H100.
+CUDA_ATTENTION_DECODE_PAIRS = 16
 # Tokens per CTA of the CUDA selection's token-tiled kernel (its compiled variants, largest
 # first). The fused CUDA selection wins once 8-token CTAs fill every SM (prefill chunks); below
 # that the Triton kernels win (decode batches). See benchmarks/NOTES.md.
@@ -130,7 +135,8 @@ def make_plan(
     return SparsePlan(
         compress=choose("compress_new_windows", CUDA_FASTER["compress"]),
         select=select,
-        attention=choose("block_sparse_attention", CUDA_FASTER["attention"]),
+        attention=choose("block_sparse_attention", CUDA_FASTER["attention"] or (
+            decode and tokens * groups <= CUDA_ATTENTION_DECODE_PAIRS)),
         required=impl is not None,
         select_tile_tokens=tile,
         select_warps=warps,
