@@ -112,6 +112,10 @@ def load_events(path: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--context", type=int, default=32768, help="prompt tokens before decoding")
+    p.add_argument("--server-context", type=int, default=None,
+                   help="the server's --context-length (default: the prompt and its decode): "
+                        "decode selection scans the server's whole block width, so a server "
+                        "started for more tokens decodes the same prompt more slowly")
     p.add_argument("--steps", type=int, default=32, help="decode steps profiled")
     p.add_argument("--server-args", default="", help="extra flags for sglang.launch_server")
     p.add_argument("--sampled", action="store_true",
@@ -126,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="sala-profile-"))
     model_dir, tok_dir = prepare_model_dir(shape, work)
     new_tokens = 64 + 4 * args.steps
+    server_context = max(args.server_context or 0, args.context + new_tokens + 64)
     flags = [*COMMON_FLAGS, *shape.server_flags, "--context-length",
-             str(args.context + new_tokens + 64), "--tokenizer-path", str(tok_dir),
+             str(server_context), "--tokenizer-path", str(tok_dir),
              *args.server_args.split()]
     sampling = SAMPLED if args.sampled else None
     record = {**header("profile_decode", args.tag), "context": args.context, "server_flags": flags,

@@ -20,7 +20,8 @@
 #   bash scripts/gpu_checks.sh soak-real        # real config, random weights: 8K-1M prompts for
 #                                               # 4.5 minutes, 10% dropped, a forced retraction
 #                                               # every 100 steps, pools free after
-#   bash scripts/gpu_checks.sh profile          # where a decode step's time goes (real config)
+#   bash scripts/gpu_checks.sh profile          # where a decode step's time goes (real config,
+#                                               # 128K of context, a server for 256K)
 #   bash scripts/gpu_checks.sh profile-verify   # the same, sampled, plain and NGRAM T=4 (128K)
 #   bash scripts/gpu_checks.sh profile-prefill  # where one 8192-token prefill chunk's time goes
 #                                               # at 128K, 512K and 1M of context (real config)
@@ -139,7 +140,9 @@ for part in "$@"; do
         # One part of the 30-minute soak (issue 20): its own tag and seed; soak_parts.py sums.
         soak-real) run "$part" python benchmarks/soak.py --model sala --minutes 4.5 \
                        --force-retract-every 100 --part --out "$out" ;;
-        profile) run profile python benchmarks/profile_decode.py --out "$out" ;;
+        # Issue 17's decode point: 128K of context in a server started for 256K.
+        profile) run profile python benchmarks/profile_decode.py --context 131072 \
+                     --server-context 262144 --tag profile_decode_sala_128k_in_256k --out "$out" ;;
         # Where an NGRAM verify's extra time goes (issue 18: 1.62x a decode step at 128K when no
         # draft matches): the same sampled request profiled without speculation, then with
         # NGRAM T=4, two server starts, ~7 minutes.

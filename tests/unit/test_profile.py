@@ -297,18 +297,21 @@ def test_a_warm_up_miss_stops_before_any_context(monkeypatch: pytest.MonkeyPatch
     assert json.loads(path.read_text())["warmup"]["error"] == "cached_tokens 0, expected 16384"
 
 
-@pytest.mark.parametrize("argv, sampling, speculative", [
-    ([], None, False),
+@pytest.mark.parametrize("argv, sampling, speculative, context_length", [
+    ([], None, False, 8192 + 64 + 4 * 32 + 64),
     (["--sampled", "--server-args",
       "--speculative-algorithm NGRAM --speculative-num-draft-tokens 4"],
-     {"temperature": 1.0, "top_k": -1, "top_p": 1.0}, True),
-], ids=["greedy_plain", "sampled_ngram"])
+     {"temperature": 1.0, "top_k": -1, "top_p": 1.0}, True, 8448),
+    (["--server-context", "262144"], None, False, 262144),
+    (["--server-context", "4096"], None, False, 8448),  # never below what the request needs
+], ids=["greedy_plain", "sampled_ngram", "server_for_256k", "server_context_too_small"])
 def test_profile_decode_sends_the_profiled_request_as_asked(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: list[str], sampling: dict | None,
-    speculative: bool,
+    speculative: bool, context_length: int,
 ) -> None:
     """--sampled samples the profiled request at temperature 1 (the warm-up stays greedy), and a
-    server with speculation counts its decode rate in tokens; the record says which."""
+    server with speculation counts its decode rate in tokens; --server-context starts the server
+    for more tokens than the request needs; the record says which."""
     sent: list[tuple[int, dict | None, bool]] = []
 
     class FakeServer:
@@ -343,3 +346,5 @@ def test_profile_decode_sends_the_profiled_request_as_asked(
     assert sent == [(4096, None, False), (8192, sampling, speculative)]
     record = json.loads(next(tmp_path.glob("profile_decode_sala_*.json")).read_text())
     assert record["sampling"] == (sampling or "greedy")
+    flags = record["server_flags"]
+    assert flags[flags.index("--context-length") + 1] == str(context_length)
