@@ -23,6 +23,7 @@
 #   bash scripts/gpu_checks.sh profile          # where a decode step's time goes (real config,
 #                                               # 128K of context, a server for 256K)
 #   bash scripts/gpu_checks.sh profile-verify   # the same, sampled, plain and NGRAM T=4 (128K)
+#   bash scripts/gpu_checks.sh kernels-decode-attention  # decode attention split sweep, both kernels
 #   bash scripts/gpu_checks.sh profile-prefill  # where one 8192-token prefill chunk's time goes
 #                                               # at 128K, 512K and 1M of context (real config)
 # The long-context benchmark (real configs) in parts that each fit one call; results merge by
@@ -140,6 +141,11 @@ for part in "$@"; do
         # One part of the 30-minute soak (issue 20): its own tag and seed; soak_parts.py sums.
         soak-real) run "$part" python benchmarks/soak.py --model sala --minutes 4.5 \
                        --force-retract-every 100 --part --out "$out" ;;
+        # Decode attention at 128K, batch 1, 8 and 32: both kernels at 4-96 splits (CUDA-graph
+        # replays) against the served plan; the data of the plan's decode rules. ~2 minutes.
+        kernels-decode-attention) run "$part" python benchmarks/kernels/sparse_attention.py \
+                                      --decode-attention-only --batches 1 8 32 \
+                                      --tag kernels_decode_attention_splits --out "$out" ;;
         # Issue 17's decode point: 128K of context in a server started for 256K.
         profile) run profile python benchmarks/profile_decode.py --context 131072 \
                      --server-context 262144 --tag profile_decode_sala_128k_in_256k --out "$out" ;;

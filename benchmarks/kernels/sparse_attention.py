@@ -19,6 +19,8 @@ width (--decode-widths: a 128K and a 1M server's), as serving's decode plan runs
 path before the chunked top-k and the stage-1 split fill (`select_before.py`: DECODE_SPLITS,
 block keys + torch.topk) on the same inputs, then each half alone (both tails on the same window
 probabilities must give identical blocks); with --sweep, the top-k chunk and stage-1 splits.
+Decode attention (--decode-attention-only): both kernels at 4-96 splits on batch 1/8/32 at
+--decode-context, against the split counts and kernel serving's decode plan picks.
 Checks in the same run: attention outputs against a float64 reference on sampled rows and against
 each other given the same selection; selected blocks against the reference block scores and as
 overlap with the anchor's. Rates count only the needed FLOPs (4 * heads * head_dim * attended keys
@@ -26,6 +28,7 @@ per query; 2 * heads * head_dim * visible windows for stage-1) against measured_
 
     python benchmarks/kernels/sparse_attention.py [--baseline OLD_SPARSE_PY] [--flashinfer-aot DIR]
     python benchmarks/kernels/sparse_attention.py --decode-selection-only [--sweep]
+    python benchmarks/kernels/sparse_attention.py --decode-attention-only --batches 1 8 32
 """
 
 from __future__ import annotations
@@ -445,6 +448,40 @@ def bench_decode_selection(rec: Record, inp: SparseInputs, case: str, width: int
         rec.log(f"  sweep decode stage-1 splits={n}: {ms} ms")
 
 
+# Split counts of the decode attention sweep: 96 selected blocks give 24 splits of 4 blocks (the
+# CUDA plan's floor of ATTENTION_MIN_BLOCKS_PER_SPLIT), 96 splits of one block.
+DECODE_ATTENTION_SPLITS = (4, 8, 12, 16, 24, 32, 48, 96)
+
+
+def sweep_decode_attention(rec: Record, inp: SparseInputs, case: str, scale: float,
+                           iters: int) -> None:
+    """Both attention kernels on one decode batch at each split count (CUDA-graph replays), against
+    what serving's plan picks, each output against the Triton kernel's at DECODE_SPLITS: the data
+    for the plan's decode split rules and its CUDA/Triton choice (CUDA_ATTENTION_DECODE_PAIRS)."""
+    sel = select_ours(inp, scale, DECODE_SPLITS)()
+    served = make_plan(inp.cfg, tokens=inp.q.shape[0], groups=inp.k.shape[1],
+                       head_dim=inp.q.shape[2], width=width_of(inp), decode=True,
+                       device=DeviceFacts.of(inp.q.device))
+    want = attend_planned(inp, sel, scale, plan_for(inp, DECODE_SPLITS, "triton"))
+    t = timed_row(lambda: attend_planned(inp, sel, scale, served), iters)
+    rec.add(section="decode attend", case=case,
+            impl=f"served plan: {served.attention}, {served.attention_splits} / "
+                 f"{served.cuda_attention_splits} splits", **t)
+    for impl in ("triton", "cuda") if _cuda.available() else ("triton",):
+        for n in DECODE_ATTENTION_SPLITS:
+            plan = dataclasses.replace(plan_for(inp, n, impl), attention_splits=n,
+                                       cuda_attention_splits=n)
+
+            def fn(plan: SparsePlan = plan) -> torch.Tensor:
+                return attend_planned(inp, sel, scale, plan)
+
+            t = timed_row(fn, iters)
+            err = round(rel_err(fn(), want), 5)
+            rec.data["sweeps"].append(dict(op="decode attend", case=case, impl=impl, splits=n,
+                                           rel_err_vs_triton=err, **t))
+            rec.log(f"  sweep decode attend {impl} splits={n}: {t['ms']} ms (rel err {err})")
+
+
 def bench_infllm_stage1(rec: Record, inp: SparseInputs, case: str, scale: float) -> None:
     """OpenBMB's CUDA stage-1 as sgl_kernel ships it. Run last: its argument conventions are read
     off OpenBMB's callers, not documented, and a fault there must not cost the other numbers."""
@@ -630,6 +667,8 @@ def main() -> None:
                         "and a 1M server's (max context / block size)")
     p.add_argument("--decode-selection-only", action="store_true",
                    help="only the decode selection rows (--batches x --decode-widths)")
+    p.add_argument("--decode-attention-only", action="store_true",
+                   help="only the decode attention split sweep (--batches at --decode-context)")
     p.add_argument("--shared", type=float, default=0.5,
                    help="query direction shared across tokens for the correlated 128K case")
     p.add_argument("--baseline", type=Path, help="an older sparse.py to time beside ours")
@@ -659,6 +698,18 @@ def main() -> None:
         spec.loader.exec_module(baseline)
     anchors.use_prebuilt_flashinfer(args.flashinfer_aot)
     fi = ["fa2", "fa3"]
+    if args.decode_attention_only:
+        GRAPH_TIMING["on"] = True
+        for batch in args.batches:
+            case = f"decode {args.decode_context // 1024}K b{batch}"
+            rec.log(case)
+            inp = decode_batch(cfg, args.decode_context, batch, hq, g, d, "cuda")
+            sweep_decode_attention(rec, inp, case, scale, 20)
+            rec.save()
+            del inp
+            torch.cuda.empty_cache()
+        print_table(rec)
+        return
     if args.decode_selection_only:
         GRAPH_TIMING["on"] = True
         for batch in args.batches:
