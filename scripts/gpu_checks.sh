@@ -139,7 +139,9 @@ for part in "$@"; do
         soak) run soak python benchmarks/soak.py --out "$out" ;;
         # Startup 160-185 s on a fresh machine, 270 s of requests, ~40 s of checks: ~8.5 min.
         # One part of the 30-minute soak (issue 20): its own tag and seed; soak_parts.py sums.
-        soak-real) run "$part" python benchmarks/soak.py --model sala --minutes 4.5 \
+        # SOAK_MINUTES: a machine still warm from a call before starts the server faster (its
+        # JIT caches are there), so a part there can send traffic longer.
+        soak-real) run "$part" python benchmarks/soak.py --model sala --minutes "${SOAK_MINUTES:-4.5}" \
                        --force-retract-every 100 --part --out "$out" ;;
         # Decode attention at 128K, batch 1, 8 and 32: both kernels at 4-96 splits (CUDA-graph
         # replays) against the served plan; the data of the plan's decode rules. ~2 minutes.
