@@ -456,10 +456,11 @@ def tied_probabilities(cfg: SparseConfig, width: int, positions: list[int],
 
 def _positions(cfg: SparseConfig, width: int) -> list[int]:
     """Tokens near the start (fewer eligible blocks than n_sel: -1 padding), on block edges, past
-    n_sel blocks, and in the last block of the width."""
+    n_sel blocks, halfway (a query block in a middle chunk: the later chunks are skipped) and in
+    the last block of the width."""
     bs, last = cfg.block_size, width * cfg.block_size - 1
     n_sel_span = cfg.num_selected_blocks * bs
-    wanted = [0, bs, 3 * bs + 5, n_sel_span - 1, n_sel_span + bs // 2, last]
+    wanted = [0, bs, 3 * bs + 5, n_sel_span - 1, n_sel_span + bs // 2, last // 2, last]
     return sorted({p for p in wanted if p <= last})
 
 

@@ -255,49 +255,57 @@ def _block_topk_kernel(
     names its block. Block b pools windows [RATIO * b - 1, RATIO * b + RATIO) (missing ones count
     0); forced blocks score +inf; blocks after the query's own get no score bits (key = inverted
     index >= 1), blocks past the width key 0, below every block. FINAL (the width is one chunk):
-    the blocks themselves, else the chunk's keys best first for `_merge_topk_kernel`."""
+    the blocks themselves, else the chunk's keys best first for `_merge_topk_kernel`. A chunk
+    wholly after the query's block holds no scored block: the merge never reads it, so it is
+    skipped (decode in a server started for far more tokens than the request has)."""
     t = tl.program_id(0)
     g = tl.program_id(1)
     chunk = tl.program_id(2)
-    b = chunk * CHUNK + tl.arange(0, CHUNK)
-    w_row = w_ptr + t.to(tl.int64) * stride_wt + g * stride_wg
-    score = tl.zeros([CHUNK], tl.float32)
-    for j in tl.static_range(RATIO + 1):
-        c = b * RATIO - 1 + j
-        score = tl.maximum(score, tl.load(w_row + c, mask=(c >= 0) & (c < n_windows), other=0.0))
     qb = tl.load(tpos_ptr + t) // BS
-    forced = (b < INIT) | ((b >= qb - LOCAL) & (b <= qb))
-    score = tl.where(forced, float("inf"), score)
-    inverted = tl.full([CHUNK], 0xFFFFFFFF, tl.int64) - b.to(tl.int64)
-    bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-    key = tl.where(b <= qb, ((bits + 1) << 32) | inverted, inverted)
-    top = tl.topk(tl.where(b < width, key, 0), KP)
-    out_row = out_ptr + t.to(tl.int64) * stride_ot + g * stride_og
-    if FINAL:
-        _store_blocks(out_row, top, KP, NSEL)
-    else:
-        tl.store(out_row + chunk * KP + tl.arange(0, KP), top)
+    if (chunk == 0) | (chunk * CHUNK <= qb):
+        b = chunk * CHUNK + tl.arange(0, CHUNK)
+        w_row = w_ptr + t.to(tl.int64) * stride_wt + g * stride_wg
+        score = tl.zeros([CHUNK], tl.float32)
+        for j in tl.static_range(RATIO + 1):
+            c = b * RATIO - 1 + j
+            score = tl.maximum(score, tl.load(w_row + c, mask=(c >= 0) & (c < n_windows),
+                                              other=0.0))
+        forced = (b < INIT) | ((b >= qb - LOCAL) & (b <= qb))
+        score = tl.where(forced, float("inf"), score)
+        inverted = tl.full([CHUNK], 0xFFFFFFFF, tl.int64) - b.to(tl.int64)
+        bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+        key = tl.where(b <= qb, ((bits + 1) << 32) | inverted, inverted)
+        top = tl.topk(tl.where(b < width, key, 0), KP)
+        out_row = out_ptr + t.to(tl.int64) * stride_ot + g * stride_og
+        if FINAL:
+            _store_blocks(out_row, top, KP, NSEL)
+        else:
+            tl.store(out_row + chunk * KP + tl.arange(0, KP), top)
 
 
 @triton.jit(do_not_specialize=["n_chunks"])
 def _merge_topk_kernel(
-    cand_ptr, out_ptr, n_chunks, stride_ct, stride_cg, stride_ot, stride_og,
-    KP: tl.constexpr, NSEL: tl.constexpr,
+    cand_ptr, tpos_ptr, out_ptr, n_chunks, stride_ct, stride_cg, stride_ot, stride_og,
+    BS: tl.constexpr, CHUNK: tl.constexpr, KP: tl.constexpr, NSEL: tl.constexpr,
 ):
     """The best KP of every chunk's best KP keys (each list sorted, best first): the best KP of
     two sorted lists are the elementwise max of one and the other reversed, a bitonic sequence
-    that one bitonic merge sorts."""
+    that one bitonic merge sorts. Only the chunks up to the query's block's: every block of a
+    later one is after the query's, keyed below every scored block, so its place in the list
+    would be padding (-1) all the same, and `_block_topk_kernel` did not write it."""
     t = tl.program_id(0)
     g = tl.program_id(1)
+    qb = tl.load(tpos_ptr + t) // BS
+    last = tl.minimum(n_chunks, tl.maximum(qb // CHUNK + 1, 1))
     row = cand_ptr + t.to(tl.int64) * stride_ct + g * stride_cg
     i = tl.arange(0, KP)
     best = tl.load(row + i)
     # each next list is loaded a merge ahead, its latency hidden behind the merge (launched for 2
-    # chunks or more, so the second list is there)
+    # chunks or more, so the second list's memory is there, written or not)
     nxt = tl.load(row + KP + (KP - 1 - i))
-    for c in range(1, n_chunks):
+    for c in range(1, last):
         rising = nxt
-        nxt = tl.load(row + (c + 1) * KP + (KP - 1 - i), mask=c + 1 < n_chunks, other=0)
+        nxt = tl.load(row + (c + 1) * KP + (KP - 1 - i), mask=c + 1 < last, other=0)
         best = tl.bitonic_merge(tl.maximum(best, rising), descending=True)
     _store_blocks(out_ptr + t.to(tl.int64) * stride_ot + g * stride_og, best, KP, NSEL)
 
@@ -366,7 +374,7 @@ def _top_blocks(probs: torch.Tensor, token_pos: torch.Tensor, cfg: SparseConfig,
     )
     if chunks > 1:
         _merge_topk_kernel[(tokens, groups)](
-            cand, out, chunks, cand.stride(0), cand.stride(1), out.stride(0), out.stride(1),
-            KP=kp, NSEL=n_sel, num_warps=1,
+            cand, token_pos, out, chunks, cand.stride(0), cand.stride(1), out.stride(0),
+            out.stride(1), BS=cfg.block_size, CHUNK=chunk, KP=kp, NSEL=n_sel, num_warps=1,
         )
     return out
