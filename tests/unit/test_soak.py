@@ -43,7 +43,8 @@ def test_the_gpu_checks_soak_real_part_runs_the_sala_mode_within_one_call() -> N
     line = re.search(r"soak-real\) run \"\$part\" python benchmarks/soak.py (.*?);;", script,
                      re.S)
     flags = line.group(1).replace("\\\n", " ").replace('"$out"', "out")
-    flags = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", flags)  # ${SOAK_MINUTES:-4.5}: a fresh machine.s part
+    # ${SOAK_MINUTES:-4.5}: the default, a fresh machine's part
+    flags = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", flags)
     args = soak.parse_args(shlex.split(flags))
     assert args.model == "sala" and args.force_retract_every > 0
     assert 185 + args.minutes * 60 + soak.IDLE_S + 60 <= 600
