@@ -31,6 +31,7 @@
 #   sweep-sala-short (32K-256K, then bench_serving: 16 prompts of 32K-128K, concurrency 8 and
 #   unlimited)  sweep-sala-long (512K, 1M)  sweep-dense (32K-512K)  serving-dense (bench_serving)
 #   compare-sala, compare-dense (both models at 64K-256K, back to back on one machine)
+#   targets-256k (issue 17's TTFT at 256K and decode at 128K, one server for 256K)
 # The prefix cache (issue 16), each part one server with the cache and one with
 # --disable-radix-cache, one after the other on the same GPU, one result file:
 #   prefix-bench-a (4-turn conversations about 128K and 512K-token documents, then
@@ -148,6 +149,10 @@ for part in "$@"; do
         kernels-decode-attention) run "$part" python benchmarks/kernels/sparse_attention.py \
                                       --decode-attention-only --batches 1 8 32 \
                                       --tag kernels_decode_attention_splits --out "$out" ;;
+        # Issue 17's points alone: TTFT at 128K and 256K, decode at 128K in a server for 256K
+        # (one server start, two cold prefills; ~4 minutes).
+        targets-256k) run "$part" long_context --model sala --lengths 131072 262144 \
+                          --concurrency --tag long_context_sala_128k_256k ;;
         # Issue 17's decode point: 128K of context in a server started for 256K.
         profile) run profile python benchmarks/profile_decode.py --context 131072 \
                      --server-context 262144 --tag profile_decode_sala_128k_in_256k --out "$out" ;;
