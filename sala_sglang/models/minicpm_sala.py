@@ -30,6 +30,7 @@ from torch import nn
 from sala_sglang.config import SPARSE_MIXER, MiniCPMSALAConfig
 from sala_sglang.ops.lightning_output import lightning_output_gate
 from sala_sglang.ops.lightning_qk import lightning_qk_norm_rope
+from sala_sglang.ops.sigmoid_gate import sigmoid_gate
 
 
 class MiniCPMSALAMLP(nn.Module):
@@ -95,7 +96,7 @@ class MiniCPMSALASparseAttention(nn.Module):
         qkvg, _ = self.qkv_gate_proj(hidden_states)
         q, k, v, gate = qkvg.split([self.q_size, self.kv_size, self.kv_size, self.q_size], dim=-1)
         attn = self.attn(q, k, v, forward_batch)
-        out, _ = self.o_proj(attn * torch.sigmoid(gate))
+        out, _ = self.o_proj(sigmoid_gate(attn.view(-1, self.q_size), gate))
         return out
 
 
@@ -154,7 +155,7 @@ class MiniCPMSALALightningAttention(nn.Module):
         if self.tp_size == 1:
             gated = lightning_output_gate(o, z, self.o_norm.weight, self.o_norm.variance_epsilon)
         else:
-            gated = self._output_norm(o) * torch.sigmoid(z)
+            gated = sigmoid_gate(self._output_norm(o), z)
         out, _ = self.o_proj(gated)
         return out
 

@@ -29,6 +29,7 @@ from sala_sglang.reference.sparse import (
     BlockScorer,
     block_scores,
     compress_keys,
+    sigmoid_gate_reference,
     sparse_layer_attention,
 )
 
@@ -175,7 +176,7 @@ class SparseAttention(nn.Module):
             scale=1.0 / math.sqrt(self.head_dim),
             stage1=stage1,
         )
-        gated = attn.reshape(t, -1) * torch.sigmoid(self.o_gate(x))
+        gated = sigmoid_gate_reference(attn.reshape(t, -1), self.o_gate(x))
         return self.o_proj(gated)
 
 

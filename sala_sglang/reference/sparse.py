@@ -202,3 +202,9 @@ def sparse_layer_attention(
         selected = select_blocks(stage1(qs, k1, ps, cfg), cfg.num_selected_blocks)
         out[sparse] = sparse_attention(qs, k, v, ps, selected, cfg.block_size, scale)
     return out
+
+
+def sigmoid_gate_reference(a: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """A mixer's output before its projection (SPEC 2.2 step "Output"; ops/sigmoid_gate.py):
+    a, gate [T, N] -> a * sigmoid(gate) in a's dtype."""
+    return a * torch.sigmoid(gate)
