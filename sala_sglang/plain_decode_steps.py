@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from sala_sglang.config import MiniCPMSALAConfig
-from sala_sglang.ngram_context import stage_accepted_on_host
+from sala_sglang.ngram_context import serves_sala, stage_accepted_on_host
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,6 @@ def drafted_requests(drafts: np.ndarray, draft_len: int) -> np.ndarray:
     corpus fills what it did not match with token 0, so any non-zero later token is a draft (a
     real draft of token 0 only is taken as none: that step is then a plain one, still correct)."""
     return (drafts.reshape(-1, draft_len)[:, 1:] != 0).any(axis=1)
-
-
-def _serves_sala(worker: Any) -> bool:
-    return isinstance(worker.model_runner.model_config.hf_config, MiniCPMSALAConfig)
 
 
 def decode_when_nothing_drafted(original: Any, worker: Any, batch: Any, *args: Any,
@@ -65,7 +61,7 @@ def decode_when_nothing_drafted(original: Any, worker: Any, batch: Any, *args: A
     the query's answer (the same context the step would have been drafted from) decides whether
     the next step asks first. A match that starts there is drafted one step late."""
     streak, worker._sala_streak = getattr(worker, "_sala_streak", None), None
-    if (not _serves_sala(worker) or not batch.forward_mode.is_decode()
+    if (not serves_sala(worker) or not batch.forward_mode.is_decode()
             or batch.has_grammar):
         return original(worker, batch, *args, **kwargs)
     on_publish = kwargs.get("on_publish", args[0] if args else None)
@@ -186,7 +182,7 @@ def verify_without_full_mask(result: Any, worker: Any, *args: Any, **kwargs: Any
     """After `NGRAMWorker.__init__`: for MiniCPM-SALA the verify builds no [T, seq_len + T]
     mask per request from the host's lengths (`ngram_worker.USE_FULL_MASK`): the sparse and
     lightning backends read no mask, causal by position along each chain."""
-    if _serves_sala(worker):
+    if serves_sala(worker):
         from sglang.srt.speculative import ngram_worker
 
         ngram_worker.USE_FULL_MASK = False
