@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sala_sglang.ops.sigmoid_gate import accumulation_type, check_gate_operands, store_gated
+
 
 @triton.jit
 def _output_gate_kernel(
@@ -31,8 +33,7 @@ def _output_gate_kernel(
     out_ty = out_ptr.dtype.element_ty
     normed = (o * inv_rms * tl.load(w_ptr + cols, mask=live, other=0.0).to(ACC)).to(out_ty)
     z = tl.load(z_ptr + token * stride_z + cols, mask=live, other=0.0).to(ACC)
-    gate = (1.0 / (1.0 + tl.exp(-z))).to(out_ty)
-    tl.store(out_ptr + token * N + cols, (normed.to(ACC) * gate.to(ACC)).to(out_ty), mask=live)
+    store_gated(out_ptr + token * N + cols, normed.to(ACC), z, live)
 
 
 def lightning_output_gate(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
@@ -40,15 +41,10 @@ def lightning_output_gate(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor
     """o, z [T, N] (any row stride, unit stride within a row), weight [N] -> [T, N] contiguous in
     o's dtype: RMSNorm(o) * weight (eps), times sigmoid(z), each rounded to o's dtype as separate
     kernels would round it. Math in fp32 (fp64 for fp64 inputs)."""
-    if o.dim() != 2 or z.shape != o.shape or z.dtype != o.dtype:
-        raise ValueError(f"lightning_output_gate: o {o.dtype} {tuple(o.shape)}, z {z.dtype} "
-                         f"{tuple(z.shape)}: expected both [T, N] of one dtype")
+    check_gate_operands("lightning_output_gate", "o", o, "z", z)
     if weight.shape != (o.shape[1],):
         raise ValueError(f"lightning_output_gate: weight {tuple(weight.shape)}: expected "
                          f"[{o.shape[1]}]")
-    if o.stride(-1) != 1 or z.stride(-1) != 1:
-        raise ValueError(f"lightning_output_gate: o strides {o.stride()}, z strides "
-                         f"{z.stride()}: expected unit stride in the last dimension")
     tokens, width = o.shape
     out = torch.empty(tokens, width, dtype=o.dtype, device=o.device)
     if tokens == 0:
@@ -56,7 +52,7 @@ def lightning_output_gate(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor
     block = triton.next_power_of_2(width)
     _output_gate_kernel[(tokens,)](
         o, z, weight.contiguous(), out, eps, o.stride(0), z.stride(0),
-        N=width, BLOCK=block, ACC=tl.float64 if o.dtype == torch.float64 else tl.float32,
+        N=width, BLOCK=block, ACC=accumulation_type(o.dtype),
         num_warps=max(1, min(16, block // 256)),
     )
     return out

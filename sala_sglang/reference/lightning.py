@@ -16,6 +16,7 @@ import torch
 
 from sala_sglang.reference.norms import compute_dtype, rms_norm
 from sala_sglang.reference.rope import apply_rope
+from sala_sglang.reference.sparse import sigmoid_gate_reference
 
 
 def _alibi_power_of_two(n: int) -> list[float]:
@@ -142,7 +143,7 @@ def lightning_output_gate_reference(
 ) -> torch.Tensor:
     """A Lightning layer's output before o_proj (SPEC 2.1 step 4; ops/lightning_output.py):
     o, z [T, N], weight [N] -> RMSNorm(o) * weight, times sigmoid(z), in o's dtype."""
-    return rms_norm(o, weight, eps) * torch.sigmoid(z)
+    return sigmoid_gate_reference(rms_norm(o, weight, eps), z)
 
 
 def lightning_verify_reference(

@@ -21,6 +21,7 @@ from torch import nn
 from sala_sglang.config import LINEAR_MIXER, SPARSE_MIXER, MiniCPMSALAConfig, SparseConfig
 from sala_sglang.reference.lightning import (
     lightning_chunked,
+    lightning_output_gate_reference,
     lightning_qk_reference,
     lightning_slopes,
 )
@@ -224,7 +225,8 @@ class LightningAttention(nn.Module):
         o, state = lightning_chunked(
             q, k, v, self.slopes, 1.0 / math.sqrt(self.head_dim), initial_state=state
         )
-        o = self.o_norm(o.reshape(t, -1)) * torch.sigmoid(self.z_proj(x))
+        o = lightning_output_gate_reference(o.reshape(t, -1), self.z_proj(x), self.o_norm.weight,
+                                            self.o_norm.eps)
         return self.o_proj(o), state
 
 
