@@ -5,9 +5,13 @@ with SIGSEGV (test_compress / test_lightning's bad-argument tests, benchmarks/NO
 project's CPU machines the same pattern raises. Each test below is one step of that path in its own
 interpreter, so the set that fails on a GPU says which step kills it: loading the extension and
 touching the GPU; a host-only op (no tensor argument, the dispatcher's catch-all kernel) raising;
-a CUDA op raising, the interpreter then leaving through os._exit (no teardown), or normally."""
+the CUDA ops' own host code raising on CPU tensors, redispatched to their CUDA kernels before any
+CUDA context exists (this one also runs on a CPU machine where `_C` is built); a CUDA op raising,
+the interpreter then leaving through os._exit (no teardown), or normally."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 from conftest import child_stdout, needs_extension
@@ -28,6 +32,26 @@ try:
     torch.ops.sala_sglang.compress_new_windows(k, out, rt, idx, idx, idx, 32, 16, 64, 4)
 except RuntimeError as exc:
     print("caught:", str(exc).splitlines()[0])
+"""
+# The compiled CUDA kernels of two ops called with CPU tensors: their first TORCH_CHECK (device)
+# fails in host code nvcc compiled, with no CUDA context created.
+REDISPATCHED = """
+cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+idx = torch.zeros(1, dtype=torch.int32)
+k = torch.randn(64, 2, 128, dtype=torch.bfloat16)
+q = torch.randn(2, 4, 64, dtype=torch.bfloat16)
+for op, args in (
+    (torch.ops.sala_sglang.compress_new_windows.default,
+     (k, torch.zeros(1, 4, 2, 128, dtype=torch.bfloat16), torch.zeros(2, 64, dtype=torch.int32),
+      idx, idx, idx, 32, 16, 64, 4)),
+    (torch.ops.sala_sglang.lightning_decode.default,
+     (q, q, q, torch.zeros(2, 4, 64, 64), idx, torch.rand(4), 0.1)),
+):
+    try:
+        op.redispatch(cuda_only, *args)
+    except RuntimeError as exc:
+        print("caught:", str(exc).splitlines()[0])
+print("cuda initialized:", torch.cuda.is_initialized())
 """
 # One step each; every script prints what it survived.
 STEPS = {
@@ -50,6 +74,15 @@ EXPECTED = {
     "cuda_op_raises_then_hard_exit": "compress_new_windows: out must be",
     "cuda_op_raises": "compress_new_windows: out must be",
 }
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sala_sglang._C") is None,
+                    reason="sala_sglang._C is not built")
+def test_child_survives_host_code_raising_without_cuda() -> None:
+    out = child_stdout(PRELUDE + REDISPATCHED)
+    assert "compress_new_windows: k_buffer must be a CUDA tensor" in out, out
+    assert "lightning_decode: q must be a CUDA tensor" in out, out
+    assert "cuda initialized: False" in out, out
 
 
 @pytest.mark.gpu
