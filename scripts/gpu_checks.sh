@@ -15,6 +15,9 @@
 #   bash scripts/gpu_checks.sh side-by-side     # ops and every served module above, in parallel
 #   bash scripts/gpu_checks.sh aborts           # client drops while queued, between prefill
 #                                               # chunks, while decoding; /abort_request
+#   PREBUILT_C=.prebuilt/_C.cpython-312-x86_64-linux-gnu.so.xz bash scripts/gpu_checks.sh op-errors
+#                                               # op errors with this machine's _C, then with one
+#                                               # from scripts/prebuild_extension.sh
 #   bash scripts/gpu_checks.sh speculative      # NGRAM chains served = reference = plain decode
 #   bash scripts/gpu_checks.sh soak             # 1000 requests, 10% aborted, pools free after
 #   bash scripts/gpu_checks.sh soak-real        # real config, random weights: 8K-1M prompts for
@@ -124,6 +127,28 @@ for part in "$@"; do
             for pid in "${pids[@]}"; do wait "$pid" || status=1; done
             cat "$out"/{ops,prefix-cache,serving-graph,serving-parallel,retraction,aborts}.out ;;
         aborts) run "$part" pytest_gpu tests/serving/test_gpu_aborts.py ;;
+        # The op-error tests (a bad argument to a `_C` op must come back as a RuntimeError) with
+        # this machine's `_C`, then, given PREBUILT_C (an .xz from scripts/prebuild_extension.sh),
+        # with that one in its place (this machine's is put back after); first the compilers and
+        # the C++ runtime this machine's build records and loads. ~1.5 minutes.
+        op-errors)
+            c++ --version | head -1; nvcc --version | tail -1
+            so=$(python -c "import torch, sala_sglang._C as m; print(m.__file__)") \
+                || { echo "=== $part FAILED: sala_sglang._C does not load"; status=1; continue; }
+            readelf -p .comment "$so" | grep -v "^$\|String dump" | sort | uniq -c
+            python -c "import torch, sala_sglang._C; print(sorted({l.split()[-1] for l in \
+                open('/proc/self/maps').read().splitlines() if any(s in l for s in \
+                ('stdc++', 'gcc_s', 'unwind', 'libc++'))}))"
+            tests=(tests/ops/test_extension_errors.py
+                   tests/ops/test_compress.py::test_cuda_op_names_the_bad_argument
+                   tests/ops/test_lightning.py::test_cuda_decode_names_the_bad_argument)
+            run "$part-built-here" pytest_gpu "${tests[@]}"
+            if [ -n "${PREBUILT_C:-}" ]; then
+                mv "$so" "$so.built-here"
+                xz -dc "$PREBUILT_C" >"$so"
+                run "$part-prebuilt" pytest_gpu "${tests[@]}"
+                mv "$so.built-here" "$so"
+            fi ;;
         # NGRAM chains (graph, eager, graph without the prefix cache) side by side, and the
         # verify/commit op tests
         speculative)
@@ -265,7 +290,7 @@ for part in "$@"; do
         # minutes with machine setup.
         two-gpus-bench-dp) run "$part" python benchmarks/two_gpus.py --parts dp --out "$out" \
                                --server-args=--disable-prefill-cuda-graph ;;
-        *) echo "unknown part: $part (ops, http, serving-graph, serving-other, prefix-cache, retraction, aborts, soak, soak-real, profile, profile-verify," \
+        *) echo "unknown part: $part (ops, http, serving-graph, serving-other, prefix-cache, retraction, aborts, op-errors, soak, soak-real, profile, profile-verify," \
                 "profile-prefill," \
                 "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare-sala," \
                 "compare-dense, serving-cuda, serving-segments, prefix-bench-a, prefix-bench-b, spec-bench," \
