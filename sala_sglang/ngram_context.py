@@ -38,9 +38,9 @@ def chain_masks(mask: np.ndarray, draft_len: int) -> np.ndarray:
     return np.tile(chain, mask.size // chain.size).reshape(mask.shape)
 
 
-def serves_sala(worker: Any) -> bool:
-    """Whether a speculative worker serves MiniCPM-SALA."""
-    return isinstance(worker.model_runner.model_config.hf_config, MiniCPMSALAConfig)
+def serves_sala(model_runner: Any) -> bool:
+    """Whether a model runner (a speculative worker's `model_runner`) serves MiniCPM-SALA."""
+    return isinstance(model_runner.model_config.hf_config, MiniCPMSALAConfig)
 
 
 def _accepted_pending(worker: Any, batch: Any) -> bool:
@@ -66,7 +66,7 @@ def draft_chains_from_context_tails(original: Any, worker: Any, batch: Any, *arg
                                     **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
     """Around `NGRAMWorker._prepare_draft_tokens(batch)`: for MiniCPM-SALA, the corpus is asked
     with sliced context tails, and the drafts come back as chains."""
-    if not serves_sala(worker):
+    if not serves_sala(worker.model_runner):
         return original(worker, batch, *args, **kwargs)
     staged = worker.__dict__.pop("_sala_accepted_on_host", None)
     if staged is None:
@@ -120,7 +120,7 @@ class _Done:
 def grow_corpus_from_context_tails(original: Any, worker: Any, batch: Any, *args: Any,
                                    **kwargs: Any) -> None:
     """Around `NGRAMWorker._update_ngram_corpus(batch)`: the same sliced tails go in."""
-    if not serves_sala(worker):
+    if not serves_sala(worker.model_runner):
         return original(worker, batch, *args, **kwargs)
     worker.ngram_corpus.batch_put(_tails(worker, batch))
     return None

@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from sala_sglang.config import MiniCPMSALAConfig
 from sala_sglang.ngram_context import serves_sala, stage_accepted_on_host
 
 logger = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ def decode_when_nothing_drafted(original: Any, worker: Any, batch: Any, *args: A
     the query's answer (the same context the step would have been drafted from) decides whether
     the next step asks first. A match that starts there is drafted one step late."""
     streak, worker._sala_streak = getattr(worker, "_sala_streak", None), None
-    if (not serves_sala(worker) or not batch.forward_mode.is_decode()
+    if (not serves_sala(worker.model_runner) or not batch.forward_mode.is_decode()
             or batch.has_grammar):
         return original(worker, batch, *args, **kwargs)
     on_publish = kwargs.get("on_publish", args[0] if args else None)
@@ -182,7 +181,7 @@ def verify_without_full_mask(result: Any, worker: Any, *args: Any, **kwargs: Any
     """After `NGRAMWorker.__init__`: for MiniCPM-SALA the verify builds no [T, seq_len + T]
     mask per request from the host's lengths (`ngram_worker.USE_FULL_MASK`): the sparse and
     lightning backends read no mask, causal by position along each chain."""
-    if serves_sala(worker):
+    if serves_sala(worker.model_runner):
         from sglang.srt.speculative import ngram_worker
 
         ngram_worker.USE_FULL_MASK = False
@@ -235,7 +234,7 @@ def capture_plain_decode_graphs(result: Any, runner: Any, *args: Any, **kwargs: 
     NGRAM, capture decode graphs beside SGLang's verify graphs for MiniCPM-SALA."""
     captured = runner.decode_cuda_graph_runner
     if (captured is None or not runner.spec_algorithm.is_ngram()
-            or not isinstance(runner.model_config.hf_config, MiniCPMSALAConfig)):
+            or not serves_sala(runner)):
         return result
     from sglang.srt.layers.attention.hybrid_linear_attn_backend import HybridLinearAttnBackend
     from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
