@@ -6,8 +6,9 @@ project's CPU machines the same pattern raises. Each test below is one step of t
 interpreter, so the set that fails on a GPU says which step kills it: loading the extension and
 touching the GPU; a host-only op (no tensor argument, the dispatcher's catch-all kernel) raising;
 the CUDA ops' own host code raising on CPU tensors, redispatched to their CUDA kernels before any
-CUDA context exists (this one also runs on a CPU machine where `_C` is built); a CUDA op raising,
-the interpreter then leaving through os._exit (no teardown), or normally."""
+CUDA context exists (this one also runs on a CPU machine where `_C` is built); test_compress's
+bad-argument script, the interpreter then leaving through os._exit (no teardown), where
+test_compress's own test leaves it normally."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import importlib.util
 
 import pytest
 from conftest import child_stdout, needs_extension
+from test_compress import BAD_ARGUMENTS as COMPRESS_BAD_ARGUMENTS
 
 PRELUDE = """
 import os
@@ -22,17 +24,6 @@ import torch
 import sala_sglang._C  # noqa: F401
 """
 
-# A CUDA op given an fp16 `out` for bf16 keys: its first TORCH_CHECK fails.
-CUDA_OP_RAISES = """
-k = torch.randn(64, 2, 128, device="cuda", dtype=torch.bfloat16)
-idx = torch.zeros(1, device="cuda", dtype=torch.int32)
-rt = torch.zeros(2, 64, device="cuda", dtype=torch.int32)
-out = torch.zeros(1, 4, 2, 128, device="cuda", dtype=torch.float16)
-try:
-    torch.ops.sala_sglang.compress_new_windows(k, out, rt, idx, idx, idx, 32, 16, 64, 4)
-except RuntimeError as exc:
-    print("caught:", str(exc).splitlines()[0])
-"""
 # The compiled CUDA kernels of two ops called with CPU tensors: their first TORCH_CHECK (device)
 # fails in host code nvcc compiled, with no CUDA context created.
 REDISPATCHED = """
@@ -65,14 +56,12 @@ try:
 except RuntimeError as exc:
     print("caught:", str(exc).splitlines()[0])
 """,
-    "cuda_op_raises_then_hard_exit": CUDA_OP_RAISES + "os._exit(0)\n",
-    "cuda_op_raises": CUDA_OP_RAISES,
+    "cuda_op_raises_then_hard_exit": COMPRESS_BAD_ARGUMENTS + "os._exit(0)\n",
 }
 EXPECTED = {
     "load": "loaded 0.0",
     "host_op_raises": "head dim 96 not compiled",
     "cuda_op_raises_then_hard_exit": "compress_new_windows: out must be",
-    "cuda_op_raises": "compress_new_windows: out must be",
 }
 
 
