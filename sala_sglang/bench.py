@@ -43,7 +43,7 @@ import requests
 from sala_sglang.config import RELEASED_CONFIG_PATH, MiniCPMSALAConfig
 from sala_sglang.hooks import compressed_key_bytes_per_token
 from sala_sglang.server_args import MAX_DRAFT_TOKENS, RECOMMENDED_SERVE_FLAGS
-from sala_sglang.testing.server import Server
+from sala_sglang.testing.server import Server, flush_cache
 from sala_sglang.tiny import CORPUS_PATH, TINY_VOCAB_SIZE, TOKENIZER_CONFIG, TOKENIZER_PATH
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -676,12 +676,6 @@ def _turn(url: str, prompt: list[int], new_tokens: int) -> tuple[dict, list[int]
     answer = result.pop("output_ids", [])
     keep = ("ttft_s", "decode_tok_per_s", "cached_tokens", "error")
     return {k: result[k] for k in keep if result.get(k) is not None}, answer
-
-
-def flush_cache(url: str) -> None:
-    """Empties the server's prefix cache (SGLang waits up to 60 s for running requests to end),
-    so that nothing measured next finds what an earlier conversation left there."""
-    requests.post(url + "/flush_cache", params={"timeout": 60}, timeout=120).raise_for_status()
 
 
 def run_multiturn(args: argparse.Namespace) -> Path:

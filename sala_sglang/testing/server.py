@@ -32,6 +32,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def flush_cache(url: str) -> None:
+    """Empties the server's prefix cache, so that nothing sent next finds what earlier requests
+    left there. SGLang refuses (HTTP 400) while a request is queued or running, and a response can
+    reach the client a step before the scheduler lets its request go, so it is asked to wait up to
+    60 s for the scheduler to go idle instead."""
+    requests.post(url + "/flush_cache", params={"timeout": 60}, timeout=120).raise_for_status()
+
+
 class Server:
     """`python -m sglang.launch_server` in its own process group, log kept in a file."""
 
@@ -129,8 +137,7 @@ class Server:
             time.sleep(1)
 
     def flush_cache(self) -> None:
-        """Empty the prefix cache (SGLang refuses while requests are running)."""
-        requests.post(self.url + "/flush_cache", timeout=60).raise_for_status()
+        flush_cache(self.url)
 
     def generate(self, input_ids: list[int], max_new_tokens: int, **extra: Any) -> dict:
         body = {
