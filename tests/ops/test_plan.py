@@ -173,10 +173,12 @@ def test_extend_is_unsplit_and_tiles_tokens(smem) -> None:
 def test_decode_splits_and_cuda_attention_fills_the_sms(smem) -> None:
     p = released_plan(32, decode=True)
     assert (p.triton_token_tile, p.triton_select_splits, p.attention_splits) == (1, 8, 8)
-    # 32 tokens x 2 heads: 264 CTAs // 64 = 4 splits wanted, below the floor of 8
+    # 32 tokens x 2 heads: 132 CTAs // 64 = 2 splits wanted, below the floor of 8
     assert p.cuda_attention_splits == 8
-    # batch 1: 132 wanted, at most 96 // 4 = 24 (4 selected blocks per split)
+    # batch 1: 66 wanted, at most 96 // 4 = 24 (4 selected blocks per split)
     assert released_plan(1, decode=True).cuda_attention_splits == 24
+    # batch 4: 132 // 8 = 16 splits, one wave
+    assert released_plan(4, decode=True).cuda_attention_splits == 16
     assert released_plan(1, decode=True, n_sel=1).cuda_attention_splits == 8  # dense batch
     assert released_plan(0, decode=True).cuda_attention_splits == 8  # idle
     # 70 tokens x 2 heads leave no room to raise 2 splits

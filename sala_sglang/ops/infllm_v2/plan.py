@@ -57,9 +57,11 @@ TRITON_KEY_CHUNK = 1024
 # 16 KiB per program at 128 splits, as much as the K1 tile it scores.
 SELECT_PROGRAMS_PER_SM = 2
 SELECT_MAX_SPLITS = 128
-# CUDA attention in decode splits further, up to this many CTAs per SM (a second, mostly empty
-# wave would cost a whole CTA time), each split keeping at least this many selected blocks.
-ATTENTION_CTAS_PER_SM = 2
+# CUDA attention in decode splits further, up to this many CTAs per SM, each split keeping at least
+# this many selected blocks. One wave: at 128K on an H100, batch 8 took 34.9 us at 8 splits (128
+# CTAs) against 37.1 us at 16, and batch 1 19.2-19.5 us at 24-32 splits against 20.4 at 48
+# (benchmarks/results/kernels_decode_attention_splits_h100_2026-12-07.json).
+ATTENTION_CTAS_PER_SM = 1
 ATTENTION_MIN_BLOCKS_PER_SPLIT = 4
 
 
