@@ -142,7 +142,21 @@ for part in "$@"; do
             tests=(tests/ops/test_extension_errors.py
                    tests/ops/test_compress.py::test_cuda_op_names_the_bad_argument
                    tests/ops/test_lightning.py::test_cuda_decode_names_the_bad_argument)
-            run "$part-built-here" pytest_gpu "${tests[@]}"
+            if ! run "$part-built-here" pytest_gpu "${tests[@]}"; then
+                # Where the throw dies: the host-only op's step under cuda-gdb (the image's only
+                # debugger), and what this machine built with, kept for reading elsewhere.
+                python -c "import sysconfig as s; [print(v, '=', s.get_config_var(v)) for v in \
+                    ('CC', 'CXX', 'CFLAGS', 'LDSHARED', 'LDFLAGS')]"
+                grep -h "^cflags\|^post_cflags\|^cuda_post_cflags\|^ldflags" build/temp.*/build.ninja
+                readelf -d "$so" | grep "NEEDED\|FLAGS"
+                xz -c "$so" >"$out/_C-built-here.so.xz"
+                PYTHONPATH=tests:tests/ops python -c "from test_extension_errors import PRELUDE, \
+                    STEPS; print(PRELUDE + STEPS['host_op_raises'])" >"$out/host_op_raises.py"
+                timeout 120 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt \
+                    -ex "info sharedlibrary" -ex "x/8i \$pc" \
+                    --args python "$out/host_op_raises.py" >"$out/$part-backtrace.log" 2>&1
+                grep -A40 "SIGSEGV" "$out/$part-backtrace.log" | head -60
+            fi
             if [ -n "${PREBUILT_C:-}" ]; then
                 mv "$so" "$so.built-here"
                 xz -dc "$PREBUILT_C" >"$so"
