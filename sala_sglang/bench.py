@@ -245,16 +245,32 @@ MODELS = {
 }
 
 
+def benchmark_tokenizer(vocab_size: int) -> dict:
+    """The tiny BPE's tokenizer.json with an added token for every id of the model's vocabulary
+    above its own, so that whatever a random-weight model generates decodes to text:
+    bench_serving stops a request's TTFT clock at the first streamed chunk whose text is not
+    empty, and ids the tiny BPE lacks decode to nothing. Its base vocabulary (what bench_serving's
+    random-id prompts are drawn from) and its encoding of text are the tiny BPE's: the added
+    tokens are private-use characters, which no prompt holds."""
+    tokenizer = json.loads(TOKENIZER_PATH.read_text())
+    tokenizer["added_tokens"] += [
+        {"id": i, "content": f"\ue000{i}", "single_word": False, "lstrip": False,
+         "rstrip": False, "normalized": False, "special": False}
+        for i in range(TINY_VOCAB_SIZE, vocab_size)]
+    return tokenizer
+
+
 def prepare_model_dir(shape: ModelShape, workdir: Path) -> tuple[Path, Path]:
     """A checkpoint directory with the config only (weights: --load-format dummy), and a separate
-    tokenizer directory (the tiny BPE, smaller than either vocabulary) for the server and for
-    bench_serving's random-id prompts."""
+    tokenizer directory (benchmark_tokenizer's) for the server and for bench_serving's prompts."""
     model, tok = workdir / shape.name, workdir / "tokenizer"
     model.mkdir(parents=True, exist_ok=True)
     tok.mkdir(parents=True, exist_ok=True)
     shutil.copy(shape.config_path, model / "config.json")
+    vocab_size = json.loads(shape.config_path.read_text())["vocab_size"]
+    tokenizer = json.dumps(benchmark_tokenizer(vocab_size))
     for directory in (model, tok):
-        shutil.copy(TOKENIZER_PATH, directory / "tokenizer.json")
+        (directory / "tokenizer.json").write_text(tokenizer)
         (directory / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
     return model, tok
 

@@ -293,6 +293,24 @@ def test_soar_workload_loads_in_bench_servings_custom_dataset(tmp_path: Path) ->
         (r["input_tokens"], r["output_tokens"]) for r in rows)
 
 
+def test_benchmark_tokenizer_decodes_every_model_id_to_text(tmp_path: Path) -> None:
+    """bench_serving times a request's first token by its first non-empty streamed text: every id
+    a random-weight model can generate decodes to text, while the prompts (random ids below the
+    base vocabulary, corpus text) stay those of the tiny tokenizer."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from sala_sglang.tiny import CORPUS_PATH, TINY_VOCAB_SIZE, TOKENIZER_PATH
+
+    model_dir, tok_dir = prepare_model_dir(MODELS["sala"], tmp_path)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    assert (tok.vocab_size, len(tok)) == (TINY_VOCAB_SIZE, vocab)
+    assert all(tok.decode([i]) for i in (TINY_VOCAB_SIZE, 40000, vocab - 1))
+    text = CORPUS_PATH.read_text()[:5000]
+    assert tok.encode(text) == Tokenizer.from_file(str(TOKENIZER_PATH)).encode(text).ids
+
+
 def test_bench_soar_mode_parses_and_needs_a_gpu(capsys: pytest.CaptureFixture) -> None:
     from sala_sglang.cli import build_parser, main
 
