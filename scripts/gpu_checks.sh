@@ -147,7 +147,9 @@ for part in "$@"; do
                 # debugger), and what this machine built with, kept for reading elsewhere.
                 python -c "import sysconfig as s; [print(v, '=', s.get_config_var(v)) for v in \
                     ('CC', 'CXX', 'CFLAGS', 'LDSHARED', 'LDFLAGS')]"
-                grep -h "^cflags\|^post_cflags\|^cuda_post_cflags\|^ldflags" build/temp.*/build.ninja
+                # (pip's editable build may have compiled in a temporary folder it removed)
+                find . /tmp -name build.ninja -path "*temp*" 2>/dev/null | head -1 | xargs -r grep -h \
+                    "^cflags\|^post_cflags\|^cuda_post_cflags\|^ldflags"
                 readelf -d "$so" | grep "NEEDED\|FLAGS"
                 xz -c "$so" >"$out/_C-built-here.so.xz"
                 PYTHONPATH=tests:tests/ops python -c "from test_extension_errors import PRELUDE, \
