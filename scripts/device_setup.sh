@@ -9,8 +9,21 @@ for pid in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/nu
 done
 source .device-kit/setup.sh || return 1
 # SALA_SGLANG_CUDA=0 when sala_sglang/_C was built elsewhere for this Python and torch and carried
-# (saves the nvcc build of a fresh machine); otherwise the install builds it.
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null || return 1
+# (saves the nvcc build of a fresh machine); otherwise the install builds it. A warm machine keeps
+# the previous call's ignored build outputs: when its editable install still points at this
+# checkout and its `_C` was built from the same csrc and build files (hash kept in build/),
+# installing again would only rebuild the same extension (~35 s a call).
+_sala_build_hash=$(cat csrc/* setup.py pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat build/sala-installed.sha256 2>/dev/null)" = "$_sala_build_hash" ] && python3 -c "
+import os, sys, torch, sala_sglang, sala_sglang._C
+sys.exit(os.path.dirname(os.path.realpath(sala_sglang.__file__)) != os.path.realpath('sala_sglang'))
+" 2>/dev/null; then
+    echo "device_setup: sala-sglang already installed here from this csrc (${_sala_build_hash:0:12})"
+else
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null || return 1
+    mkdir -p build && echo "$_sala_build_hash" >build/sala-installed.sha256
+fi
+unset _sala_build_hash
 # sglang.bench_serving imports `datasets`, which the kit lacks: carry its wheels (datasets, dill,
 # multiprocess) as .whl/ to run the benchmark's serving part.
 if ls .whl/*.whl >/dev/null 2>&1; then
