@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+if __name__ == "__main__":  # run as a file: `sala_sglang` imports from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sala_sglang.server_args import RECOMMENDED_SERVE_FLAGS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,6 +42,8 @@ def load_runs(results: Path) -> dict[str, dict]:
     return {label: run for label, run in runs.items() if run["points"]}
 
 
+# The chunk size the benchmarks serve with (OpenBMB's, and the recommended flags').
+DEFAULT_CHUNK = RECOMMENDED_SERVE_FLAGS[RECOMMENDED_SERVE_FLAGS.index("--chunked-prefill-size") + 1]
 # Environment variables that choose kernels in the server (recorded in each result's "env").
 KERNEL_OVERRIDES = ("SALA_SGLANG_KERNELS", "SALA_SGLANG_SELECT_TILE", "SALA_SGLANG_SELECT_SEGMENT")
 
@@ -44,15 +51,21 @@ KERNEL_OVERRIDES = ("SALA_SGLANG_KERNELS", "SALA_SGLANG_SELECT_TILE", "SALA_SGLA
 def _label(record: dict) -> str:
     """'sala (minicpm_flashinfer)', or 'sala fp8 (minicpm_flashinfer)' for a run served with
     --quantization: quantized weights are another model, never merged with the bf16 points. A
-    run with kernel overrides in its environment ('sala kernels=triton (...)') is a comparison,
-    not the default configuration, and is kept apart the same way."""
-    flags = [f for flag in record.get("server_flags", []) for f in flag.split("=", 1)]
-    quant = next((flags[i + 1] for i, f in enumerate(flags[:-1]) if f == "--quantization"), None)
+    run with kernel overrides in its environment ('sala kernels=triton (...)'), without the
+    prefix cache ('sala no-radix-cache (...)') or with another chunk size than the recommended
+    one ('sala chunk=16384 (...)') is a comparison, not the default configuration, and is kept
+    apart the same way."""
+    flags = [part for flag in record.get("server_flags", [])
+             for part in flag.replace("=", " ", 1).split()]
+    values = {f: flags[i + 1] for i, f in enumerate(flags[:-1]) if f.startswith("--")}  # last wins
+    variants = [values["--quantization"]] if "--quantization" in values else []
+    variants += ["no-radix-cache"] if "--disable-radix-cache" in flags else []
+    if values.get("--chunked-prefill-size", DEFAULT_CHUNK) != DEFAULT_CHUNK:
+        variants.append(f"chunk={values['--chunked-prefill-size']}")
     env = record.get("env", {})
-    overrides = [f"{k.removeprefix('SALA_SGLANG_').lower()}={env[k]}"
+    variants += [f"{k.removeprefix('SALA_SGLANG_').lower()}={env[k]}"
                  for k in KERNEL_OVERRIDES if k in env]
-    name = " ".join([record["model"].split(":")[0], *([quant] if quant else []), *overrides])
-    return f"{name} ({record['attention_backend']})"
+    return f"{' '.join([record['model'].split(':')[0], *variants])} ({record['attention_backend']})"
 
 
 def plot(runs: dict[str, dict], results: Path) -> list[Path]:

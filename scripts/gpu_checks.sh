@@ -33,6 +33,7 @@
 # model in benchmarks/plot_long_context.py, the newest point of a length winning:
 #   sweep-sala-short (32K-256K, then bench_serving: 16 prompts of 32K-128K, concurrency 8 and
 #   unlimited)  sweep-sala-long (512K, 1M)  sweep-dense (32K-512K)  serving-dense (bench_serving)
+#   sweep-1m-no-radix-cache, sweep-1m-chunk16k (1M without the prefix cache, with 16K chunks)
 #   compare-sala, compare-dense (both models at 64K-256K, back to back on one machine)
 #   targets-256k (issue 17's TTFT at 256K and decode at 128K, one server for 256K)
 # The prefix cache (issue 16), each part one server with the cache and one with
@@ -217,6 +218,15 @@ for part in "$@"; do
                               --tag long_context_sala_32k_to_256k ;;
         sweep-sala-long) run "$part" long_context --model sala --lengths 524288 1048576 \
                              --concurrency --tag long_context_sala_512k_1m ;;
+        # 1M served without the prefix cache, then with 16384-token chunks: what SGLang's radix
+        # cache costs between chunks (benchmarks/radix_cache_chunks.py), beside sweep-sala-long's
+        # 1M point; one server each, ~5 minutes a part.
+        sweep-1m-no-radix-cache) run "$part" long_context --model sala --lengths 1048576 \
+                                     --concurrency --server-args=--disable-radix-cache \
+                                     --tag long_context_sala_1m_no_radix_cache ;;
+        sweep-1m-chunk16k) run "$part" long_context --model sala --lengths 1048576 --concurrency \
+                               "--server-args=--chunked-prefill-size 16384" \
+                               --tag long_context_sala_1m_chunk16k ;;
         sweep-dense) run "$part" long_context "${DENSE[@]}" --lengths 32768 65536 131072 262144 \
                          524288 --concurrency --tag long_context_qwen3-8b_flashinfer ;;
         # Both models at 64K-256K on one machine, for ratios from one run; together they overrun
@@ -308,7 +318,7 @@ for part in "$@"; do
                                --server-args=--disable-prefill-cuda-graph ;;
         *) echo "unknown part: $part (ops, http, serving-graph, serving-other, prefix-cache, retraction, aborts, op-errors, soak, soak-real, profile, profile-verify," \
                 "profile-prefill," \
-                "sweep-sala-short, sweep-sala-long, sweep-dense, serving-dense, compare-sala," \
+                "sweep-sala-short, sweep-sala-long, sweep-1m-no-radix-cache, sweep-1m-chunk16k, sweep-dense, serving-dense, compare-sala," \
                 "compare-dense, serving-cuda, serving-segments, prefix-bench-a, prefix-bench-b, spec-bench," \
                 "spec-bench-128k," \
                 "spec-sweep-a, spec-sweep-b," \

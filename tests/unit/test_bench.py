@@ -122,6 +122,20 @@ def test_a_run_with_kernel_overrides_is_kept_apart(tmp_path: Path) -> None:
     assert "| 128K | 5.50 | 107.0 | 60% |" in plot.table(runs)
 
 
+def test_runs_without_the_cache_or_with_other_chunks_are_kept_apart(tmp_path: Path) -> None:
+    point = [{"input_tokens": 1048576, "ttft_s": 74.0, "decode_tok_per_s": 87.0, "mfu": 0.38}]
+    flags = ["--chunked-prefill-size", "8192", "--load-format", "dummy"]
+    variants = {"a": [], "b": ["--disable-radix-cache"], "c": ["--chunked-prefill-size=16384"],
+                "d": ["--chunked-prefill-size", "8192"]}  # d: the default given again
+    for day, (name, extra) in enumerate(variants.items(), start=1):
+        record = {**_record("sala", "m", point, date=f"2026-12-0{day}"),
+                  "server_flags": [*flags, *extra]}
+        (tmp_path / f"long_context_sala_{name}.json").write_text(json.dumps(record))
+    runs = plot.load_runs(tmp_path)
+    assert sorted(runs) == ["sala (m)", "sala chunk=16384 (m)", "sala no-radix-cache (m)"]
+    assert runs["sala (m)"]["files"] == ["long_context_sala_a.json", "long_context_sala_d.json"]
+
+
 def test_a_result_file_is_named_by_what_device_and_date(tmp_path: Path) -> None:
     record = {"date": "2026-11-23T05:08:01+00:00", "device": "NVIDIA H100 80GB HBM3"}
     assert write_result(record, "long_context_sala", tmp_path).name == (
