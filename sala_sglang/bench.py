@@ -267,8 +267,7 @@ def prepare_model_dir(shape: ModelShape, workdir: Path) -> tuple[Path, Path]:
     model.mkdir(parents=True, exist_ok=True)
     tok.mkdir(parents=True, exist_ok=True)
     shutil.copy(shape.config_path, model / "config.json")
-    vocab_size = json.loads(shape.config_path.read_text())["vocab_size"]
-    tokenizer = json.dumps(benchmark_tokenizer(vocab_size))
+    tokenizer = json.dumps(benchmark_tokenizer(shape.raw_config["vocab_size"]))
     for directory in (model, tok):
         (directory / "tokenizer.json").write_text(tokenizer)
         (directory / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
