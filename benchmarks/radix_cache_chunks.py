@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
-    record = {**header("radix_cache_chunks", args.tag), "cpu": cpu_name(),
-              "python": platform.python_version(), "rows": []}
+    record = {**header("radix_cache_chunks", args.tag), "cpu": cpu_name(), "rows": []}
     for chunk in args.chunks:
         for length in args.lengths:
             times = chunked_caching_times(length, chunk)
